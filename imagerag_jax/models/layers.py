@@ -1,0 +1,287 @@
+"""Building blocks shared by the UNet and the VAE: resnets, transformers, resampling, attention.
+
+Submodule attribute names mirror the diffusers/transformers state-dict names (``to_out_0`` for
+``to_out.0``) so that weight conversion is a mechanical rename; see ``weights/from_torch.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "einsum")
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    implementation: str = "auto",
+    upcast: bool = False,
+    causal: bool = False,
+) -> jax.Array:
+    """Scaled dot-product attention on (batch, tokens, heads, head_dim) tensors.
+
+    The single place where attention is computed, so that a backend kernel (cuDNN flash on GPU,
+    a fused XLA kernel elsewhere) can be chosen by a config field. ``causal`` lets query i see
+    keys 0..i only (the CLIP text encoder), with the same top-left alignment on every path.
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown attention implementation {implementation!r}; "
+            f"choose one of {ATTENTION_IMPLEMENTATIONS}"
+        )
+    out_dtype = q.dtype
+    if upcast:
+        # SD 2.x (768) was trained with fp32 attention scores; keep them so under bf16 compute.
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    if implementation == "auto":
+        # On CPU, XLA's generic dot_product_attention is measurably slower than a plain
+        # matmul/softmax/matmul (DESIGN section 9); elsewhere let XLA pick its best kernel.
+        implementation = "einsum" if jax.default_backend() == "cpu" else "xla"
+    if implementation == "einsum":
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+        if causal:
+            # finfo.min, not -inf: a finite fill can never turn a softmax row into NaN.
+            visible = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+            scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
+        weights = jax.nn.softmax(scores.astype(jnp.float32) if upcast else scores, axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    else:
+        out = jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation=None if implementation == "xla" else "cudnn"
+        )
+    return out.astype(out_dtype)
+
+
+def group_norm(num_groups: int, epsilon: float, name: str | None = None, dtype: Dtype = jnp.float32) -> nn.GroupNorm:
+    """GroupNorm with the two-pass variance PyTorch uses (the fast E[x^2]-E[x]^2 loses digits)."""
+    return nn.GroupNorm(
+        num_groups=num_groups, epsilon=epsilon, use_fast_variance=False, dtype=dtype, name=name
+    )
+
+
+def layer_norm(epsilon: float = 1e-5, name: str | None = None, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+    """LayerNorm with PyTorch's two-pass variance."""
+    return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, dtype=dtype, name=name)
+
+
+def conv(features: int, kernel: int, name: str | None = None, stride: int = 1, padding: Any = None, dtype: Dtype = jnp.float32) -> nn.Conv:
+    """NHWC convolution with PyTorch-style symmetric 'same' padding by default."""
+    if padding is None:
+        pad = (kernel - 1) // 2
+        padding = ((pad, pad), (pad, pad))
+    return nn.Conv(
+        features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, name=name
+    )
+
+
+def timestep_embedding(
+    timesteps: jax.Array,
+    dim: int,
+    flip_sin_to_cos: bool = True,
+    freq_shift: float = 0.0,
+    max_period: float = 10000.0,
+) -> jax.Array:
+    """Sinusoidal timestep features as in diffusers' ``get_timestep_embedding`` (float32)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """Two-layer MLP on the sinusoidal features (diffusers ``TimestepEmbedding``)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Dense(self.features, dtype=self.dtype, name="linear_1")(x)
+        return nn.Dense(self.features, dtype=self.dtype, name="linear_2")(nn.silu(x))
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv residual block with optional timestep conditioning."""
+
+    out_channels: int
+    groups: int = 32
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        h = nn.silu(group_norm(self.groups, self.eps, "norm1", self.dtype)(x))
+        h = conv(self.out_channels, 3, "conv1", dtype=self.dtype)(h)
+        if temb is not None:
+            t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+            h = h + t[:, None, None, :]
+        h = nn.silu(group_norm(self.groups, self.eps, "norm2", self.dtype)(h))
+        h = conv(self.out_channels, 3, "conv2", dtype=self.dtype)(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, "conv_shortcut", dtype=self.dtype)(x)
+        return x + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution; ``asymmetric_pad`` reproduces the VAE's (0,1,0,1) padding."""
+
+    out_channels: int
+    asymmetric_pad: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        padding = ((0, 1), (0, 1)) if self.asymmetric_pad else ((1, 1), (1, 1))
+        return conv(self.out_channels, 3, "conv", stride=2, padding=padding, dtype=self.dtype)(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 convolution."""
+
+    out_channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv(self.out_channels, 3, "conv", dtype=self.dtype)(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with diffusers' projection names (to_q, to_k, to_v, to_out_0)."""
+
+    heads: int
+    dim_head: int
+    out_features: int | None = None
+    qkv_bias: bool = False
+    upcast: bool = False
+    implementation: str = "auto"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        context = x if context is None else context
+        inner = self.heads * self.dim_head
+        dense = lambda n, name, bias: nn.Dense(n, use_bias=bias, dtype=self.dtype, name=name)
+        split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.dim_head)
+        q = split(dense(inner, "to_q", self.qkv_bias)(x))
+        k = split(dense(inner, "to_k", self.qkv_bias)(context))
+        v = split(dense(inner, "to_v", self.qkv_bias)(context))
+        out = attention(q, k, v, implementation=self.implementation, upcast=self.upcast)
+        out = out.reshape(*out.shape[:-2], inner)
+        return dense(self.out_features or x.shape[-1], "to_out_0", True)(out)
+
+
+class GEGLU(nn.Module):
+    """Gated-GELU projection (diffusers ``GEGLU``: one matmul, split into value and gate)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.Dense(self.features * 2, dtype=self.dtype, name="proj")(x)
+        value, gate = jnp.split(h, 2, axis=-1)
+        return value * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward with 4x expansion (names ``net_0.proj`` and ``net_2``)."""
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dim = x.shape[-1]
+        h = GEGLU(dim * self.mult, dtype=self.dtype, name="net_0")(x)
+        return nn.Dense(dim, dtype=self.dtype, name="net_2")(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention and feed-forward, each pre-LayerNorm and residual."""
+
+    heads: int
+    dim_head: int
+    upcast_attention: bool = False
+    attention_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        attn = lambda name: Attention(
+            self.heads, self.dim_head, upcast=self.upcast_attention,
+            implementation=self.attention_impl, dtype=self.dtype, name=name,
+        )
+        x = x + attn("attn1")(layer_norm(name="norm1", dtype=self.dtype)(x))
+        x = x + attn("attn2")(layer_norm(name="norm2", dtype=self.dtype)(x), context)
+        return x + FeedForward(dtype=self.dtype, name="ff")(layer_norm(name="norm3", dtype=self.dtype)(x))
+
+
+class Transformer2D(nn.Module):
+    """Spatial transformer: GroupNorm, projection in (linear or 1x1 conv), blocks, projection out."""
+
+    heads: int
+    dim_head: int
+    depth: int = 1
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    attention_impl: str = "auto"
+    groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        inner = self.heads * self.dim_head
+        residual = x
+        x = group_norm(self.groups, 1e-6, "norm", self.dtype)(x)
+        if self.use_linear_projection:
+            x = nn.Dense(inner, dtype=self.dtype, name="proj_in")(x.reshape(b, h * w, c))
+        else:
+            x = conv(inner, 1, "proj_in", dtype=self.dtype)(x).reshape(b, h * w, inner)
+        for i in range(self.depth):
+            x = BasicTransformerBlock(
+                self.heads, self.dim_head, self.upcast_attention, self.attention_impl,
+                dtype=self.dtype, name=f"transformer_blocks_{i}",
+            )(x, context)
+        if self.use_linear_projection:
+            x = nn.Dense(c, dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)
+        else:
+            x = conv(c, 1, "proj_out", dtype=self.dtype)(x.reshape(b, h, w, inner))
+        return x + residual
+
+
+def heads_and_dim(channels: int, num_heads: int | None, head_dim: int | None) -> tuple[int, int]:
+    """Resolve (heads, dim_head) from either a head count or a head width."""
+    if num_heads:
+        if channels % num_heads:
+            raise ValueError(f"{channels} channels cannot be split into {num_heads} heads")
+        return num_heads, channels // num_heads
+    if head_dim and channels % head_dim == 0:
+        return channels // head_dim, head_dim
+    raise ValueError(f"cannot derive attention heads for {channels} channels (heads={num_heads}, dim={head_dim})")
+
+
+def per_block(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
+    """Broadcast an int config value to one entry per block; check tuple lengths."""
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(value)
+    if len(value) != n:
+        raise ValueError(f"{name} has {len(value)} entries but there are {n} blocks")
+    return value

@@ -1,0 +1,19 @@
+"""Weight import from (and export to) PyTorch checkpoints: the public API of DESIGN section 3."""
+
+from imagerag_jax.weights.convert import WeightLoadError
+from imagerag_jax.weights.from_torch import (
+    Pipeline,
+    load_pipeline,
+    load_text_encoder,
+    load_unet,
+    load_vae,
+)
+
+__all__ = [
+    "Pipeline",
+    "WeightLoadError",
+    "load_pipeline",
+    "load_text_encoder",
+    "load_unet",
+    "load_vae",
+]

@@ -1,0 +1,243 @@
+"""PyTorch state dicts -> Flax parameter trees, by name, with one clear error for any mismatch.
+
+Flax modules in this package name their submodules after the PyTorch state-dict keys with
+``name.N`` written ``name_N``, so a key maps to a parameter path mechanically:
+``down_blocks.0.resnets.1.conv1.weight`` -> ``down_blocks_0/resnets_1/conv1/kernel``.
+Tensors are streamed one at a time so that peak host memory stays near the converted size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+
+TensorStream = Iterable[tuple[str, np.ndarray]]
+MAX_LISTED = 20
+WEIGHT_NAMES = ("kernel", "scale", "embedding")
+
+
+class WeightLoadError(ValueError):
+    """Raised when a checkpoint does not match the module it is loaded into."""
+
+
+def _listing(title: str, items: Sequence[str]) -> str:
+    """Format up to MAX_LISTED items and the total count."""
+    shown = "\n    ".join(items[:MAX_LISTED])
+    more = f"\n    ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return f"  {title} ({len(items)}):\n    {shown}{more}"
+
+
+def torch_key_to_path(key: str) -> tuple[str, ...]:
+    """``a.b.0.c.weight`` -> ('a', 'b_0', 'c', 'weight'): numeric parts join their parent."""
+    parts: list[str] = []
+    for part in key.split("."):
+        if part.isdigit() and parts:
+            parts[-1] = f"{parts[-1]}_{part}"
+        else:
+            parts.append(part)
+    return tuple(parts)
+
+
+def _to_flax(array: np.ndarray, leaf: str) -> np.ndarray:
+    """Reorder a PyTorch weight into the Flax layout of the given leaf kind."""
+    if leaf == "kernel" and array.ndim == 4:
+        return np.transpose(array, (2, 3, 1, 0))  # OIHW -> HWIO
+    if leaf == "kernel" and array.ndim == 2:
+        return array.T  # (out, in) -> (in, out)
+    return array
+
+
+def _from_flax(array: np.ndarray, leaf: str) -> np.ndarray:
+    """Inverse of ``_to_flax`` (Flax layout -> PyTorch layout)."""
+    if leaf == "kernel" and array.ndim == 4:
+        return np.transpose(array, (3, 2, 0, 1))
+    if leaf == "kernel" and array.ndim == 2:
+        return array.T
+    return array
+
+
+def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Nested dict -> {path tuple: leaf}."""
+    out: dict[tuple[str, ...], Any] = {}
+    for name, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, prefix + (name,)))
+        else:
+            out[prefix + (name,)] = value
+    return out
+
+
+def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    """{path tuple: leaf} -> nested dict."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = value
+    return tree
+
+
+def torch_to_flax(
+    tensors: TensorStream,
+    target: Mapping[str, Any],
+    *,
+    component: str,
+    ignore: Sequence[str] = (),
+    dtype: Any = np.float32,
+) -> dict[str, Any]:
+    """Convert a stream of (torch key, array) into a param tree shaped like ``target``.
+
+    ``target`` is the module's parameter tree (arrays or ``jax.ShapeDtypeStruct`` from
+    ``jax.eval_shape``). Keys matching a regex in ``ignore`` are skipped (buffers such as
+    ``position_ids``). Every missing, unexpected or mis-shaped tensor is collected and reported
+    together in one ``WeightLoadError``.
+    """
+    wanted = flatten(target)
+    by_prefix: dict[tuple[str, ...], list[str]] = {}
+    for path in wanted:
+        by_prefix.setdefault(path[:-1], []).append(path[-1])
+    ignore_re = [re.compile(p) for p in ignore]
+    params: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    for key, array in tensors:
+        if any(r.search(key) for r in ignore_re):
+            continue
+        path = torch_key_to_path(key)
+        leaves = by_prefix.get(path[:-1], ())
+        if path[-1] == "weight":
+            leaf = next((n for n in WEIGHT_NAMES if n in leaves), None)
+        else:
+            leaf = path[-1] if path[-1] in leaves else None
+        if leaf is None:
+            unexpected.append(f"{key} {tuple(array.shape)}")
+            continue
+        flax_path = path[:-1] + (leaf,)
+        expected = tuple(wanted[flax_path].shape)
+        array = np.asarray(array)
+        if leaf == "kernel" and array.ndim == 4 and len(expected) == 2 and array.shape[2:] == (1, 1):
+            array = array[:, :, 0, 0]  # a linear layer stored as a 1x1 conv (LDM VAE attention)
+        value = _to_flax(array, leaf)
+        if value.shape != expected:
+            mismatched.append(f"{key}: checkpoint {tuple(array.shape)} vs module {expected}")
+            continue
+        # Converted per tensor so only one temporary copy is alive at a time.
+        params[flax_path] = jax.numpy.asarray(value, dtype=dtype)
+    missing = ["/".join(p) + f" {tuple(wanted[p].shape)}" for p in wanted if p not in params]
+    if missing or unexpected or mismatched:
+        parts = [f"{component}: checkpoint does not match the module"]
+        if missing:
+            parts.append(_listing("missing from checkpoint", missing))
+        if unexpected:
+            parts.append(_listing("unexpected in checkpoint", unexpected))
+        if mismatched:
+            parts.append(_listing("shape mismatch", mismatched))
+        raise WeightLoadError("\n".join(parts))
+    return unflatten(params)
+
+
+def flax_to_torch(params: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (torch key, array) pairs for a Flax param tree (inverse of ``torch_to_flax``)."""
+    for path, value in flatten(params).items():
+        leaf = path[-1]
+        value = _from_flax(np.asarray(value), leaf)
+        names = [re.sub(r"_(\d+)$", r".\1", p) for p in path[:-1]]
+        names.append("weight" if leaf in WEIGHT_NAMES else leaf)
+        yield ".".join(names), value
+
+
+# ---------------------------------------------------------------------------- reading files
+
+
+def _np_from_any(value: Any) -> np.ndarray:
+    """A torch tensor, jax array or numpy array as a float32-or-native numpy array."""
+    if hasattr(value, "detach"):
+        value = value.detach()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.numpy()
+    array = np.asarray(value)
+    if array.dtype.kind == "V" or str(array.dtype) == "bfloat16":
+        array = array.astype(np.float32)
+    return array
+
+
+def iter_safetensors(path: str, keys: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Stream tensors from a .safetensors file (bf16 is widened to fp32 via ml_dtypes)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="flax") as f:
+        for key in keys if keys is not None else f.keys():
+            yield key, _np_from_any(jax.device_get(f.get_tensor(key)))
+
+
+def iter_torch_file(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Stream tensors from a PyTorch pickle (.bin/.ckpt/.pt), memory-mapped."""
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - exercised only without torch
+        raise WeightLoadError(
+            f"{path} is a PyTorch pickle; install the [torch] extra to read it, or convert it to "
+            "safetensors"
+        ) from e
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    if isinstance(state, Mapping) and "state_dict" in state:
+        state = state["state_dict"]
+    for key, value in state.items():
+        if hasattr(value, "detach"):
+            yield key, _np_from_any(value)
+
+
+def iter_weight_file(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Stream tensors from a .safetensors or PyTorch weight file."""
+    if path.endswith(".safetensors"):
+        return iter_safetensors(path)
+    return iter_torch_file(path)
+
+
+WEIGHT_BASENAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
+
+
+def find_weight_files(folder: str) -> list[str]:
+    """The weight file(s) of a diffusers/transformers model folder (sharded or not)."""
+    for base in WEIGHT_BASENAMES:
+        for variant in ("", ".fp16", ".bf16"):
+            for ext in (".safetensors", ".bin"):
+                index = os.path.join(folder, f"{base}{variant}{ext}.index.json")
+                if os.path.exists(index):
+                    with open(index) as f:
+                        shards = sorted(set(json.load(f)["weight_map"].values()))
+                    return [os.path.join(folder, s) for s in shards]
+                single = os.path.join(folder, f"{base}{variant}{ext}")
+                if os.path.exists(single):
+                    return [single]
+    raise WeightLoadError(
+        f"no weight file in {folder}: expected one of "
+        + ", ".join(f"{b}.safetensors/.bin" for b in WEIGHT_BASENAMES)
+    )
+
+
+def iter_folder_tensors(folder: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Stream every tensor of a model folder's weight file(s)."""
+    for path in find_weight_files(folder):
+        yield from iter_weight_file(path)
+
+
+def renamed(tensors: TensorStream, rules: Sequence[tuple[str, str]]) -> Iterator[tuple[str, np.ndarray]]:
+    """Apply regex (pattern, replacement) rules to every key of a tensor stream."""
+    compiled = [(re.compile(p), r) for p, r in rules]
+    for key, value in tensors:
+        for pattern, repl in compiled:
+            key = pattern.sub(repl, key)
+        yield key, value
+
+
+def param_shapes(init: Callable[[], Any]) -> Any:
+    """Shapes of a module's params without allocating them (``jax.eval_shape`` of init)."""
+    return jax.eval_shape(init)["params"]

@@ -1,0 +1,44 @@
+"""imagerag-jax: retrieval-augmented one-step text-to-image generation (ImageRAGTurbo) in JAX/Flax."""
+
+import platform
+import sys
+
+from setuptools import find_packages, setup
+
+# ScaNN ships Linux x86_64 wheels only, and needs TensorFlow 2.20 beside it (2.21 breaks it).
+SCANN = ["scann==1.4.2"] if sys.platform.startswith("linux") and platform.machine() == "x86_64" else []
+
+RUNTIME = [
+    "jax>=0.7",
+    "flax>=0.10",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "ml_collections>=1.0",
+    "clu>=0.0.12",
+    "transformers>=4.45",
+    "tensorflow-cpu~=2.20.0",
+    "tensorflow-datasets>=4.9",
+    "safetensors>=0.4",
+    "numpy>=1.26",
+    "pillow>=10",
+    "tqdm>=4.66",
+    "scikit-learn>=1.4",
+    "bm25s>=0.2",
+    "absl-py>=2.1",
+] + SCANN
+
+TORCH = ["torch>=2.4", "diffusers>=0.31"]
+TEST = TORCH + ["pytest>=8", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"]
+
+setup(
+    name="imagerag-jax",
+    version="0.1.0",
+    description=__doc__,
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["imagerag_jax", "imagerag_jax.*"]),
+    install_requires=RUNTIME,
+    extras_require={"torch": TORCH, "test": TEST},
+    license="Apache-2.0",
+)

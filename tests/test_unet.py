@@ -76,20 +76,18 @@ def run_both(model, unet, params, batch=2, size=16, tokens=7, seed=0):
         {"use_linear_projection": False},
         {"upcast_attention": True},
         {"attention_head_dim": 4},
-        {"attention_head_dim": None, "num_attention_heads": (1, 2)},
+        {"attention_head_dim": (4, 1)},
         {
             "block_out_channels": (32, 32, 64),
             "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             "layers_per_block": 2,
+            "attention_head_dim": (1, 2, 4),
         },
     ],
-    ids=["linear-proj", "conv-proj", "upcast", "int-heads", "num-heads-tuple", "three-blocks"],
+    ids=["linear-proj", "conv-proj", "upcast", "int-heads", "tuple-heads-4-1", "three-blocks"],
 )
 def test_tiny_unet_parity(tmp_path, overrides):
-    overrides = {k: v for k, v in overrides.items()}
-    if overrides.get("attention_head_dim", 0) is None:
-        overrides.pop("attention_head_dim")
     model, path = make_unet_folder(tmp_path, **overrides)
     unet, params = weights.load_unet(path)
     out, ref = run_both(model, unet, params)

@@ -106,6 +106,7 @@ def torch_to_flax(
     params: dict[tuple[str, ...], np.ndarray] = {}
     unexpected: list[str] = []
     mismatched: list[str] = []
+    seen_mismatched: set[tuple[str, ...]] = set()
     for key, array in tensors:
         if any(r.search(key) for r in ignore_re):
             continue
@@ -126,10 +127,14 @@ def torch_to_flax(
         value = _to_flax(array, leaf)
         if value.shape != expected:
             mismatched.append(f"{key}: checkpoint {tuple(array.shape)} vs module {expected}")
+            seen_mismatched.add(flax_path)
             continue
         # Converted per tensor so only one temporary copy is alive at a time.
         params[flax_path] = jax.numpy.asarray(value, dtype=dtype)
-    missing = ["/".join(p) + f" {tuple(wanted[p].shape)}" for p in wanted if p not in params]
+    missing = [
+        "/".join(p) + f" {tuple(wanted[p].shape)}"
+        for p in wanted if p not in params and p not in seen_mismatched
+    ]
     if missing or unexpected or mismatched:
         parts = [f"{component}: checkpoint does not match the module"]
         if missing:

@@ -1,0 +1,233 @@
+"""tf.data input pipeline: this host's TFRecord files -> batches -> global `jax.Array`s on a mesh.
+
+    it = InputPipeline(data_dir, "train", global_batch_size=256, mesh=mesh, seed=0)
+    batch = next(it)                 # {"latent": [B, H, W, C] jax.Array sharded on the batch axes}
+    state = it.get_state()           # JSON-able; store it in the checkpoint
+    it.set_state(state)              # after a restart: the same next batches
+
+Per host: the split's *files* are divided by process (`files[process_index::process_count]`), so
+hosts read disjoint data without coordination. Each epoch e reads this host's files in an order
+shuffled with (seed, e), interleaves them deterministically, shuffles serialised records with a
+buffer seeded by (seed, e), then batches the per-host batch, parses whole batches (vectorised), casts
+floats to the output dtype and prefetches. Epochs are concatenated before batching, so batches
+may straddle epochs.
+
+Iterator state = number of batches consumed. The stream is a deterministic function of the seed,
+so restoring rebuilds the pipeline at epoch `consumed // examples_per_epoch` and skips the rest of
+that epoch's position as *serialised* records (no parsing, at most one epoch of reading); no
+shuffle buffer is stored in the checkpoint. The cost: the stream must not depend on anything else
+(same files, seed, batch size and process count; `set_state` checks).
+
+Corrupt data: the manifest is validated first (schema version, shapes, k, file sizes); a record
+that cannot be read or parsed raises `RecordError` naming the file and the record index.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from imagerag_jax.data import tfrecords
+
+STATE_VERSION = 1
+
+# Keep TF off accelerators: it only feeds the host; JAX owns the devices.
+try:
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
+except (RuntimeError, ValueError):  # Already initialised, or no such device type.
+    pass
+
+
+def host_files(files: Sequence[Any], process_index: int, process_count: int) -> list[Any]:
+    """This process's share of a split's files (round-robin: disjoint and covering)."""
+    if len(files) < process_count:
+        raise ValueError(f"{len(files)} files cannot be split over {process_count} processes; "
+                         "write at least one shard per host")
+    return list(files[process_index::process_count])
+
+
+class InputPipeline:
+    """Iterator of batches (global jax.Arrays with `mesh`, else host-local numpy dicts).
+
+    Args:
+      data_dir: directory of a TFRecord set written by `data.tfrecords` (manifest + shards).
+      split: e.g. "train".
+      global_batch_size: batch over all processes; each host reads global / process_count.
+      mesh: shard the batch over `batch_axes` of this mesh; None yields host-local numpy arrays.
+      batch_axes: mesh axes of the batch dimension (default: all mesh axes).
+      seed: shuffling seed (file order and record buffer).
+      shuffle_buffer: serialised records in the shuffle buffer (memory: buffer x record size).
+      num_epochs: None repeats forever; else stop after the batches every host can fill.
+      expected: schema expectations checked against the manifest (`Schema` or e.g. {"k": 4}).
+      dtype: output dtype of float fields (stored f16/f32 are cast; ids stay integers).
+      fields: output keys (default: every stored field except "prompt").
+      include_prompt: add "prompt" as a host-local numpy array of str (never a jax.Array).
+      process_index, process_count: default `jax.process_index()` / `jax.process_count()`.
+      cycle_length: files read concurrently.
+      prefetch: batches prepared ahead.
+    """
+
+    def __init__(self, data_dir: str, split: str, global_batch_size: int, *,
+                 mesh: jax.sharding.Mesh | None = None, batch_axes: Sequence[str] | None = None,
+                 seed: int = 0, shuffle_buffer: int = 512, num_epochs: int | None = None,
+                 expected: tfrecords.Schema | Mapping[str, Any] | None = None,
+                 dtype: Any = np.float32, fields: Sequence[str] | None = None,
+                 include_prompt: bool = False, process_index: int | None = None,
+                 process_count: int | None = None, cycle_length: int = 8, prefetch: int = 2):
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
+        if global_batch_size % self.process_count:
+            raise ValueError(f"global batch {global_batch_size} not divisible by "
+                             f"{self.process_count} processes")
+        self.manifest = tfrecords.validate_manifest(data_dir, split=split, expected=expected)
+        self.schema = tfrecords.Schema.from_dict(self.manifest["schema"])
+        self.split, self.seed, self.shuffle_buffer = split, seed, shuffle_buffer
+        self.global_batch_size = global_batch_size
+        self.per_host_batch = global_batch_size // self.process_count
+        self.num_epochs, self.cycle_length, self.prefetch = num_epochs, cycle_length, prefetch
+        self.dtype = np.dtype(dtype)
+        self.include_prompt = include_prompt
+        all_fields = [f for f in self.schema.fields if f != "prompt"]
+        self.fields = list(fields) if fields is not None else all_fields
+        unknown = set(self.fields) - set(all_fields)
+        if unknown:
+            raise ValueError(f"fields {sorted(unknown)} not in the schema's fields {all_fields}")
+
+        shards = tfrecords.split_files(data_dir, self.manifest, split)
+        mine = host_files(shards, self.process_index, self.process_count)
+        self.files = [p for p, _ in mine]
+        self.examples_per_epoch = sum(n for _, n in mine)
+        if self.examples_per_epoch < self.per_host_batch and num_epochs is not None:
+            logging.warning("Host %d has %d examples per epoch, fewer than its batch %d.",
+                            self.process_index, self.examples_per_epoch, self.per_host_batch)
+        if self.examples_per_epoch == 0:
+            raise ValueError(f"process {self.process_index}: the files {self.files} hold no examples")
+        self.total_batches = None
+        if num_epochs is not None:
+            # Every host must yield the same number of batches, or multi-host steps would deadlock.
+            per_host = [sum(n for _, n in host_files(shards, p, self.process_count))
+                        for p in range(self.process_count)]
+            self.total_batches = min(num_epochs * n // self.per_host_batch for n in per_host)
+
+        self.mesh = mesh
+        if mesh is not None:
+            axes = tuple(batch_axes) if batch_axes is not None else tuple(mesh.axis_names)
+            self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
+        self._consumed = 0
+        self._build()
+
+    # --- the tf.data graph ----------------------------------------------------------------------
+
+    def _epoch(self, epoch: tf.Tensor) -> tf.data.Dataset:
+        """Serialised records of one epoch of this host's files, deterministically shuffled."""
+        files = tf.random.experimental.stateless_shuffle(
+            tf.constant(self.files), seed=tf.stack([tf.constant(self.seed, tf.int64), epoch]))
+        ds = tf.data.Dataset.from_tensor_slices(files).interleave(
+            lambda f: tf.data.TFRecordDataset(f, buffer_size=8 << 20),
+            cycle_length=min(self.cycle_length, len(self.files)), block_length=1,
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if self.shuffle_buffer > 1:
+            ds = ds.shuffle(self.shuffle_buffer, seed=self.seed * 1_000_003 + epoch,
+                            reshuffle_each_iteration=False)
+        return ds
+
+    def _parse_batch(self, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+        ex = tfrecords.parse_example(serialized, self.schema)
+        out = {}
+        keep = self.fields + (["prompt"] if self.include_prompt else [])
+        for name in keep:
+            x = ex[name]
+            if x.dtype.is_floating:
+                # bfloat16: TF casts to float32 and numpy (ml_dtypes) finishes, as TF's bf16 numpy type
+                # is not ml_dtypes'.
+                x = tf.cast(x, tf.float32 if self.dtype.name == "bfloat16" else self.dtype.name)
+            out[name] = x
+        return out
+
+    def _build(self) -> None:
+        consumed_examples = self._consumed * self.per_host_batch
+        start_epoch, offset = divmod(consumed_examples, self.examples_per_epoch)
+        end_epoch = self.num_epochs if self.num_epochs is not None else np.iinfo(np.int64).max
+        ds = tf.data.Dataset.range(start_epoch, max(start_epoch, end_epoch)).flat_map(self._epoch)
+        ds = ds.skip(offset)  # raw records: cheap compared to parsing
+        ds = ds.batch(self.per_host_batch, drop_remainder=True)
+        if self.total_batches is not None:
+            ds = ds.take(max(0, self.total_batches - self._consumed))
+        ds = ds.map(self._parse_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.prefetch(self.prefetch)
+        opts = tf.data.Options()
+        opts.deterministic = True
+        opts.experimental_optimization.map_parallelization = True
+        ds = ds.with_options(opts)
+        self._dataset = ds
+        self._it = iter(ds)
+
+    # --- iteration ------------------------------------------------------------------------------
+
+    def __iter__(self) -> InputPipeline:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        try:
+            batch = next(self._it)
+        except tf.errors.OpError as e:
+            bad = tfrecords.find_bad_record(self.files, self.schema)
+            if bad is not None:
+                raise bad from e
+            raise
+        self._consumed += 1
+        out = {}
+        for name, value in batch.items():
+            x = value.numpy()
+            if name == "prompt":
+                out[name] = np.array([p.decode("utf-8") for p in x])
+                continue
+            if x.dtype.kind == "f" and x.dtype != self.dtype:
+                x = x.astype(self.dtype)
+            out[name] = x if self.mesh is None else self._to_global(name, x)
+        return out
+
+    def _to_global(self, name: str, x: np.ndarray) -> jax.Array:
+        if x.dtype == np.int64 and not jax.config.jax_enable_x64:
+            # Without x64 JAX would truncate silently; ids are small in practice, but check.
+            if x.size and (x.max() > np.iinfo(np.int32).max or x.min() < np.iinfo(np.int32).min):
+                raise OverflowError(f"{name}: ids beyond int32 need jax_enable_x64")
+            x = x.astype(np.int32)
+        return jax.make_array_from_process_local_data(self.sharding, x)
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-able position (batches consumed plus what the stream depends on)."""
+        return {"version": STATE_VERSION, "batches_consumed": self._consumed, "seed": self.seed,
+                "split": self.split, "per_host_batch": self.per_host_batch,
+                "process_index": self.process_index, "process_count": self.process_count,
+                "shuffle_buffer": self.shuffle_buffer,
+                "files": [f.rsplit("/", 1)[-1] for f in self.files]}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Restores a position from `get_state` (rebuilds the pipeline and skips to it)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"iterator state version {state.get('version')!r} != {STATE_VERSION}")
+        mine = self.get_state()
+        for key in ("seed", "split", "per_host_batch", "process_index", "process_count",
+                    "shuffle_buffer", "files"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"iterator state was saved with {key}={state.get(key)!r}, but this "
+                                 f"pipeline has {mine[key]!r}; the saved position does not apply")
+        self._consumed = int(state["batches_consumed"])
+        self._build()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch of this host (the smallest host bounds finite runs)."""
+        return self.examples_per_epoch // self.per_host_batch
+
+
+def make_pipeline(data_dir: str, split: str, global_batch_size: int, **kwargs) -> InputPipeline:
+    """`InputPipeline(...)` (kept as a function for configs that name a factory)."""
+    return InputPipeline(data_dir, split, global_batch_size, **kwargs)

@@ -1,0 +1,371 @@
+"""Image-text sources: iterables of (example_id, image uint8 [H, W, 3], caption).
+
+    FolderSource(root)                      images with same-named .txt captions
+    CaptionFileSource("pairs.jsonl")        JSONL or CSV rows of (path, caption[, id])
+    TFDSSource("coco_captions", "train", data_dir=..., image_key="image", caption_key="captions/text")
+    DigitsSource("train")                   scikit-learn's bundled digits, upsampled, captioned
+
+Ids are stable int64s: the source's own id column where there is one, else the position in a
+deterministic order (sorted paths, file order, TFDS split order; the original index for digits).
+Unreadable images are skipped, logged and counted in `source.skipped` (a `SkipCounter`), never
+silently dropped. All sources optionally center-crop and resize to `image_size` (square).
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import csv
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+Example = tuple[int, np.ndarray, str]
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class SkipCounter:
+    """Counts skipped items by reason, logs each skip and keeps a few examples per reason."""
+
+    def __init__(self, name: str, keep: int = 5):
+        self.name = name
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.examples: dict[str, list[str]] = collections.defaultdict(list)
+        self._keep = keep
+
+    def skip(self, item: str, reason: str, error: Exception | None = None) -> None:
+        """Records one skipped item."""
+        self.counts[reason] += 1
+        if len(self.examples[reason]) < self._keep:
+            self.examples[reason].append(item)
+        logging.warning("%s: skipping %s (%s%s)", self.name, item, reason,
+                        f": {error}" if error is not None else "")
+
+    @property
+    def total(self) -> int:
+        """Number of skipped items."""
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, int]:
+        """Counts by reason (for manifests)."""
+        return dict(self.counts)
+
+    def __repr__(self) -> str:
+        return f"SkipCounter({self.name!r}, {dict(self.counts)})"
+
+
+def to_rgb_uint8(image: Any) -> np.ndarray:
+    """A PIL image or array (gray, RGB, RGBA, palette) as uint8 [H, W, 3]."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    if isinstance(image, Image.Image):
+        if image.mode == "P":  # palettes may carry transparency; go through RGBA
+            image = image.convert("RGBA")
+        return np.asarray(image.convert("RGB"), np.uint8)
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"not an image array: shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {arr.dtype}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return np.ascontiguousarray(arr[..., :3])
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, ...) -> uint8 [H, W, 3]; raises on corrupt data."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # forces a full decode so that truncated files fail here
+        return to_rgb_uint8(im)
+
+
+def read_image_file(path: str) -> np.ndarray:
+    """Reads and decodes an image file -> uint8 [H, W, 3]."""
+    with open(path, "rb") as f:
+        return decode_image(f.read())
+
+
+def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Center-crops to a square and resizes to size x size (bicubic, antialiased)."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    h, w = image.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    crop = image[top:top + s, left:left + s]
+    if s == size:
+        return np.ascontiguousarray(crop)
+    return np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC), np.uint8)
+
+
+class Source(abc.ABC):
+    """Iterable of (example_id, image, caption); `skipped` counts what could not be read."""
+
+    def __init__(self, name: str, image_size: int | None = None):
+        self.skipped = SkipCounter(name)
+        self.image_size = image_size
+
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator[Example]:
+        """Yields (example_id, uint8 [H, W, 3], caption)."""
+
+    def _finish(self, image: np.ndarray) -> np.ndarray:
+        return image if self.image_size is None else center_crop_resize(image, self.image_size)
+
+    def _read(self, item: str, load: Any) -> np.ndarray | None:
+        """Runs `load()` (returns an image); None and a counted skip if it fails."""
+        try:
+            return self._finish(load())
+        except Exception as e:  # pylint: disable=broad-except
+            self.skipped.skip(item, "unreadable image", e)
+            return None
+
+
+class FolderSource(Source):
+    """Images under `root` (recursively) with captions in same-named `.txt` files."""
+
+    def __init__(self, root: str, *, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                 recursive: bool = True, image_size: int | None = None):
+        super().__init__(f"FolderSource({root})", image_size)
+        self.root = root
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root!r} does not exist")
+        exts = tuple(e.lower() for e in extensions)
+        paths = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            paths += [os.path.relpath(os.path.join(dirpath, f), root)
+                      for f in filenames if f.lower().endswith(exts)]
+            if not recursive:
+                break
+        # Sorted relative paths define the ids: stable for a fixed set of files.
+        self.paths = sorted(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self) -> Iterator[Example]:
+        for i, rel in enumerate(self.paths):
+            path = os.path.join(self.root, rel)
+            txt = os.path.splitext(path)[0] + ".txt"
+            if not os.path.exists(txt):
+                self.skipped.skip(path, "missing caption")
+                continue
+            with open(txt, encoding="utf-8") as f:
+                caption = f.read().strip()
+            image = self._read(path, lambda p=path: read_image_file(p))
+            if image is not None:
+                yield i, image, caption
+
+
+class CaptionFileSource(Source):
+    """Rows of a JSONL or CSV file naming an image path and its caption (optionally an id).
+
+    Relative paths are resolved against `root` (default: the file's directory).
+    """
+
+    def __init__(self, path: str, *, root: str | None = None, path_key: str = "path",
+                 caption_key: str = "caption", id_key: str | None = None,
+                 image_size: int | None = None):
+        super().__init__(f"CaptionFileSource({path})", image_size)
+        self.path, self.path_key, self.caption_key, self.id_key = path, path_key, caption_key, id_key
+        self.root = root if root is not None else os.path.dirname(os.path.abspath(path))
+        self.rows = self._load_rows()
+
+    def _load_rows(self) -> list[Mapping[str, Any]]:
+        with open(self.path, encoding="utf-8", newline="") as f:
+            if self.path.endswith((".jsonl", ".json")):
+                rows = [json.loads(line) for line in f if line.strip()]
+            elif self.path.endswith((".csv", ".tsv")):
+                rows = list(csv.DictReader(f, delimiter="\t" if self.path.endswith(".tsv") else ","))
+            else:
+                raise ValueError(f"{self.path}: expected .jsonl, .csv or .tsv")
+        for key in filter(None, (self.path_key, self.caption_key, self.id_key)):
+            if rows and key not in rows[0]:
+                raise KeyError(f"{self.path}: no column {key!r} (have {sorted(rows[0])})")
+        return rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[Example]:
+        for i, row in enumerate(self.rows):
+            path = os.path.join(self.root, str(row[self.path_key]))
+            example_id = int(row[self.id_key]) if self.id_key else i
+            image = self._read(path, lambda p=path: read_image_file(p))
+            if image is not None:
+                yield example_id, image, str(row[self.caption_key]).strip()
+
+
+def _get_path(features: Mapping[str, Any], key: str) -> Any:
+    """features["a/b"] -> features["a"]["b"] (TFDS nests features)."""
+    value: Any = features
+    for part in key.split("/"):
+        value = value[part]
+    return value
+
+
+class TFDSSource(Source):
+    """A TFDS dataset already prepared under `data_dir` (nothing is downloaded).
+
+    `caption_key` may name a nested feature ("captions/text"); a list of captions yields
+    element `caption_index`. Images are decoded here (not by TFDS) so that corrupt ones are
+    skipped and counted instead of stopping the job.
+    """
+
+    def __init__(self, name: str, split: str, data_dir: str, *, image_key: str = "image",
+                 caption_key: str = "caption", id_key: str | None = None,
+                 caption_index: int = 0, image_size: int | None = None):
+        super().__init__(f"TFDSSource({name}:{split})", image_size)
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+        self.name, self.split, self.data_dir = name, split, data_dir
+        self.image_key, self.caption_key, self.id_key = image_key, caption_key, id_key
+        self.caption_index = caption_index
+        # Unregistered names are found as prepared datasets in data_dir (read-only builder).
+        self.builder = tfds.builder(name, data_dir=data_dir)
+        self.builder.info.splits[split]  # pylint: disable=pointless-statement  # fails early
+
+    def __len__(self) -> int:
+        return self.builder.info.splits[self.split].num_examples
+
+    def __iter__(self) -> Iterator[Example]:
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+        decoders = {self.image_key: tfds.decode.SkipDecoding()}
+        ds = self.builder.as_dataset(split=self.split, shuffle_files=False, decoders=decoders,
+                                     read_config=tfds.ReadConfig(add_tfds_id=True))
+        for i, ex in enumerate(tfds.as_numpy(ds)):
+            caption = _get_path(ex, self.caption_key)
+            if isinstance(caption, np.ndarray):
+                if caption.size <= self.caption_index:
+                    self.skipped.skip(str(ex.get("tfds_id", i)), "no caption")
+                    continue
+                caption = caption.reshape(-1)[self.caption_index]
+            if isinstance(caption, bytes):
+                caption = caption.decode("utf-8")
+            example_id = int(_get_path(ex, self.id_key)) if self.id_key else i
+            raw = _get_path(ex, self.image_key)
+            image = self._read(str(ex.get("tfds_id", i)), lambda r=raw: decode_image(r))
+            if image is not None:
+                yield example_id, image, str(caption).strip()
+
+
+# --- scikit-learn's bundled digits ------------------------------------------------------------
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_TEMPLATES = (
+    "a handwritten digit {word}",
+    "the number {num} written by hand",
+    "a handwritten {word}",
+    "the digit {word}, written by hand",
+    "a hand-drawn number {word}",
+    "digit {num} in handwriting",
+    "an image of the handwritten number {word}",
+    "a scribbled {word}",
+)
+DIGITS_SPLITS = {"train": 0.5, "eval": 0.1, "database": 0.4}
+
+
+def digit_caption(label: int, variant: int) -> str:
+    """Caption `variant` (mod the number of templates) naming digit `label`."""
+    template = DIGIT_TEMPLATES[variant % len(DIGIT_TEMPLATES)]
+    return template.format(word=DIGIT_WORDS[label], num=label)
+
+
+def caption_digit(caption: str) -> int | None:
+    """The digit a caption names (word or numeral); None if it names none or several."""
+    found = {DIGIT_WORDS.index(w) for w in re.findall(r"[a-z]+", caption.lower())
+             if w in DIGIT_WORDS}
+    found |= {int(n) for n in re.findall(r"(?<![0-9])[0-9](?![0-9])", caption)}
+    return found.pop() if len(found) == 1 else None
+
+
+def digits_split_indices(seed: int = 0,
+                         fractions: Mapping[str, float] = DIGITS_SPLITS) -> dict[str, np.ndarray]:
+    """Deterministic, disjoint, covering, per-class stratified splits of the 1797 digits."""
+    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+    labels = load_digits().target
+    total = sum(fractions.values())
+    names = list(fractions)
+    out: dict[str, list[int]] = {n: [] for n in names}
+    rng = np.random.default_rng(seed)
+    for c in range(10):
+        idx = rng.permutation(np.nonzero(labels == c)[0])
+        bounds = np.round(np.cumsum([fractions[n] for n in names]) / total * len(idx)).astype(int)
+        for name, lo, hi in zip(names, np.concatenate([[0], bounds[:-1]]), bounds):
+            out[name].extend(idx[lo:hi].tolist())
+    return {n: np.sort(np.asarray(v, np.int64)) for n, v in out.items()}
+
+
+class DigitsSource(Source):
+    """scikit-learn's bundled 8x8 digits, upsampled to size x size RGB, with varied captions.
+
+    White ink on black like the originals. Ids are the indices into `load_digits()`, so splits
+    ("train", "eval", "database", or "all") share one id space and are disjoint.
+    """
+
+    def __init__(self, split: str = "train", *, size: int = 32, seed: int = 0,
+                 fractions: Mapping[str, float] = DIGITS_SPLITS):
+        super().__init__(f"DigitsSource({split})", None)
+        from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+        digits = load_digits()
+        self.split, self.size, self.seed = split, size, seed
+        self.all_labels = digits.target.astype(np.int64)
+        self._images8 = digits.images  # [1797, 8, 8] floats in 0..16
+        if split == "all":
+            self.ids = np.arange(len(self.all_labels), dtype=np.int64)
+        else:
+            splits = digits_split_indices(seed, fractions)
+            if split not in splits:
+                raise ValueError(f"unknown digits split {split!r}; have {sorted(splits)} or 'all'")
+            self.ids = splits[split]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Digit labels in iteration order."""
+        return self.all_labels[self.ids]
+
+    def label_of(self, example_id: int) -> int:
+        """The digit of an example id."""
+        return int(self.all_labels[example_id])
+
+    def image(self, example_id: int) -> np.ndarray:
+        """The upsampled uint8 [size, size, 3] image of an id."""
+        from PIL import Image  # pylint: disable=g-import-not-at-top
+        img8 = np.round(self._images8[example_id] * (255.0 / 16.0)).astype(np.uint8)
+        big = np.asarray(Image.fromarray(img8).resize((self.size, self.size), Image.BILINEAR))
+        return np.repeat(big[..., None], 3, axis=-1)
+
+    def caption(self, example_id: int) -> str:
+        """The caption of an id (template chosen deterministically from the seed and the id)."""
+        variant = int(np.random.default_rng([self.seed, int(example_id)]).integers(1 << 30))
+        return digit_caption(self.label_of(example_id), variant)
+
+    def __iter__(self) -> Iterator[Example]:
+        for i in self.ids:
+            yield int(i), self.image(i), self.caption(i)
+
+
+def make_source(config: Mapping[str, Any] | Any) -> Source:
+    """A source from a config dict / ConfigDict: {"kind": "folder"|"captions"|"tfds"|"digits", ...}.
+
+    The remaining keys are the constructor's arguments, e.g.
+    {"kind": "tfds", "name": "coco_captions", "split": "train", "data_dir": "/data/tfds",
+     "caption_key": "captions/text"}.
+    """
+    cfg = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+    kind = cfg.pop("kind")
+    kinds = {"folder": FolderSource, "captions": CaptionFileSource, "tfds": TFDSSource,
+             "digits": DigitsSource}
+    if kind not in kinds:
+        raise ValueError(f"unknown source kind {kind!r}; expected one of {sorted(kinds)}")
+    return kinds[kind](**cfg)

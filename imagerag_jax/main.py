@@ -1,0 +1,98 @@
+"""Command-line entry: ``python -m imagerag_jax.main SUBCOMMAND [--flags]``.
+
+Subcommands:
+  generate   text-to-image with a local SD 2.x / SD-Turbo checkpoint (diffusers folder or single file)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("weights", None, "diffusers pipeline folder or single-file .safetensors/.ckpt; "
+                    "unset: a tiny random-weight pipeline (checks the install; images are noise)")
+flags.DEFINE_multi_string("prompt", ["a photograph of an astronaut riding a horse"], "prompt(s)")
+flags.DEFINE_string("negative_prompt", "", "prompt for the unconditional branch of CFG")
+flags.DEFINE_integer("steps", 1, "denoising steps (1 = SD-Turbo one step at t=999)")
+flags.DEFINE_float("guidance", 0.0, "classifier-free guidance scale (<= 1 disables CFG)")
+flags.DEFINE_enum("sampler", "euler", ["euler", "ddim"], "multi-step sampler")
+flags.DEFINE_integer("seed", 0, "noise seed")
+flags.DEFINE_integer("batch", 1, "images to generate (prompts are cycled)")
+flags.DEFINE_integer("height", None, "image height in pixels (default 512, 64 for the random pipeline)")
+flags.DEFINE_integer("width", None, "image width in pixels (default: height)")
+flags.DEFINE_string("out", "out.png", "output PNG (a grid when --batch > 1)")
+flags.DEFINE_string("tokenizer", None, "tokenizer folder (needed with a single-file checkpoint)")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+
+SUBCOMMANDS = ("generate",)
+
+
+def generate() -> str:
+    """Load the pipeline, run the jitted sampler and write the PNG; returns its path."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from imagerag_jax import images, sampling, weights
+
+    weights_path, height = FLAGS.weights, FLAGS.height
+    if weights_path is None:
+        logging.warning("no --weights given: using a tiny random-weight pipeline; images are noise")
+        from imagerag_jax.weights import random_pipeline
+
+        tmp = tempfile.TemporaryDirectory(prefix="imagerag-random-")
+        weights_path = random_pipeline.write_random_pipeline(tmp.name)
+        height = height or 64
+    height = height or 512
+    width = FLAGS.width or height
+    dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
+    t0 = time.perf_counter()
+    pipe = weights.load_pipeline(weights_path, dtype=dtype, tokenizer_path=FLAGS.tokenizer)
+    if pipe.tokenizer is None:
+        raise app.UsageError(f"{weights_path} has no tokenizer/ folder: pass --tokenizer DIR")
+    logging.info("loaded %s in %.1f s", weights_path, time.perf_counter() - t0)
+    factor = pipe.vae.downsample_factor
+    if height % (factor * 2 ** (len(pipe.unet.block_out_channels) - 1)) or width % factor:
+        raise app.UsageError(f"--height/--width must be multiples of {factor * 2 ** (len(pipe.unet.block_out_channels) - 1)}")
+    prompts = images.caption_list(FLAGS.prompt, FLAGS.batch)
+    ids = jnp.asarray(pipe.tokenizer(prompts))
+    uncond_ids = jnp.asarray(pipe.tokenizer([FLAGS.negative_prompt] * len(prompts)))
+    noise = jax.random.normal(
+        jax.random.PRNGKey(FLAGS.seed), (len(prompts), height // factor, width // factor, 4)
+    )
+    t0 = time.perf_counter()
+    out = sampling.text_to_image(
+        pipe, ids, uncond_ids, noise, steps=FLAGS.steps, guidance=FLAGS.guidance,
+        sampler=FLAGS.sampler,
+    )
+    out = np.asarray(jax.device_get(out))
+    logging.info("generated %d image(s) in %.1f s (incl. compile)", len(out), time.perf_counter() - t0)
+    path = images.save_images(out, FLAGS.out)
+    print(f"wrote {path}")
+    return path
+
+
+def main(argv: list[str]) -> None:
+    """Dispatch the subcommand."""
+    if len(argv) < 2 or argv[1] not in SUBCOMMANDS:
+        raise app.UsageError(f"usage: python -m imagerag_jax.main {{{'|'.join(SUBCOMMANDS)}}} [--flags]")
+    if len(argv) > 2:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[2:])}")
+    from imagerag_jax.weights import WeightLoadError
+
+    try:
+        {"generate": generate}[argv[1]]()
+    except WeightLoadError as e:
+        # A wrong path or checkpoint is a user error: one clear message, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    app.run(main)

@@ -1,0 +1,10 @@
+"""The retrieval database format (memory-mapped) and nearest-neighbour search (ScaNN, exact, BM25)."""
+
+from imagerag_jax.retrieval.database import Database
+from imagerag_jax.retrieval.database import DatabaseError
+from imagerag_jax.retrieval.database import DatabaseSpec
+from imagerag_jax.retrieval.database import DatabaseWriter
+from imagerag_jax.retrieval.database import open_database
+from imagerag_jax.retrieval.index import exact_search
+from imagerag_jax.retrieval.index import Index
+from imagerag_jax.retrieval.index import recall_at_k

@@ -1,0 +1,362 @@
+"""The retrieval database on disk: append-only writer with resume, memory-mapped reader.
+
+Layout of a database directory (schema version 1)::
+
+  manifest.json          schema version, committed count, shapes, dtypes, source, model identities
+  latents.bin            [N, H, W, C]  float16   VAE latents (scaled, NHWC)
+  prompt_embeds.bin      [N, L, D]     float16   text-encoder last hidden states (L = 77)
+  pooled.bin             [N, D]        float32   L2-normalised pooled text embeddings
+  ids.bin                [N]           int64     stable example ids (unique)
+  captions.bin           utf-8 bytes of all captions, concatenated
+  caption_offsets.bin    [N + 1]       int64     caption i = captions.bin[off[i]:off[i + 1]]
+
+Arrays are headerless C-order files whose shapes and dtypes live in the manifest, so that appending
+is a plain file append (a `.npy` header would have to be rewritten on every batch). They are read
+with `np.memmap`; nothing is loaded until rows are gathered (`db.latents[rows]`).
+
+Commit protocol: the writer appends a batch to every file, flushes (and fsyncs), then atomically
+replaces the manifest with the new count. The manifest's `count` is the only commit point: a writer
+killed mid-batch leaves bytes past the committed rows, which a resuming writer truncates away.
+
+Building the database (encoding image-text pairs) is `data/precompute.py`'s job; this module only
+owns the format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "imagerag-jax-retrieval-db"
+MANIFEST = "manifest.json"
+
+# name -> (file name, stored dtype); captions are handled separately.
+ARRAYS = {
+    "latents": ("latents.bin", np.float16),
+    "prompt_embeds": ("prompt_embeds.bin", np.float16),
+    "pooled": ("pooled.bin", np.float32),
+    "ids": ("ids.bin", np.int64),
+}
+CAPTIONS = "captions.bin"
+CAPTION_OFFSETS = "caption_offsets.bin"
+
+
+class DatabaseError(ValueError):
+    """A database directory is missing, inconsistent, or does not match what was asked for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseSpec:
+    """Per-entry shapes of a database (without the leading N)."""
+
+    latent_shape: tuple[int, int, int]  # (H, W, C), NHWC
+    embed_shape: tuple[int, int]  # (L, D): tokens x width of the text encoder's hidden states
+    pooled_dim: int  # D of the pooled embedding
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Row shape of every array."""
+        return {
+            "latents": tuple(self.latent_shape),
+            "prompt_embeds": tuple(self.embed_shape),
+            "pooled": (self.pooled_dim,),
+            "ids": (),
+        }
+
+
+def _row_bytes(name: str, shape: Sequence[int]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(ARRAYS[name][1]).itemsize
+
+
+def _read_manifest(path: str) -> dict[str, Any]:
+    """Reads and checks the manifest of the database at `path`."""
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+        raise DatabaseError(f"retrieval database {path!r} does not exist")
+    if not os.path.exists(mpath):
+        raise DatabaseError(f"retrieval database {path!r} has no {MANIFEST}")
+    with open(mpath) as f:
+        try:
+            m = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DatabaseError(f"{mpath}: not valid JSON ({e})") from e
+    if m.get("format") != FORMAT_NAME:
+        raise DatabaseError(f"{mpath}: format is {m.get('format')!r}, expected {FORMAT_NAME!r}")
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise DatabaseError(
+            f"{mpath}: schema version {m.get('schema_version')!r} is not supported "
+            f"(this code reads version {SCHEMA_VERSION}); rebuild the database")
+    for key in ("count", "shapes", "dtypes"):
+        if key not in m:
+            raise DatabaseError(f"{mpath}: missing key {key!r}")
+    for name, (_, dtype) in ARRAYS.items():
+        if name not in m["shapes"]:
+            raise DatabaseError(f"{mpath}: no shape recorded for {name!r}")
+        if np.dtype(m["dtypes"].get(name)) != np.dtype(dtype):
+            raise DatabaseError(f"{mpath}: {name} dtype {m['dtypes'].get(name)!r} != {np.dtype(dtype)}")
+    return m
+
+
+def _write_manifest(path: str, manifest: dict[str, Any]) -> None:
+    """Atomically replaces the manifest (write to a temp file, fsync, rename)."""
+    tmp = os.path.join(path, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(path, MANIFEST))
+
+
+class DatabaseWriter:
+    """Appends entries to a database directory in batches; resumes from the committed count.
+
+    Usage (the builder job)::
+
+      with DatabaseWriter(path, spec, source="digits/database", text_encoder=..., vae=...) as w:
+        for batch in batches_after(w.count):      # skip what an earlier, killed run committed
+          w.append(captions, latents, prompt_embeds, pooled, ids)
+
+    A fresh directory is created; an existing one is resumed when its manifest matches `spec` and the
+    identity strings (else `DatabaseError`), or wiped when `overwrite=True`.
+    """
+
+    def __init__(self, path: str, spec: DatabaseSpec, *, source: str = "",
+                 text_encoder: str = "", vae: str = "", overwrite: bool = False,
+                 fsync: bool = True, extra: dict[str, Any] | None = None):
+        self.path = path
+        self.spec = spec
+        self._fsync = fsync
+        shapes = {k: list(v) for k, v in spec.shapes().items()}
+        identity = {"source": source, "text_encoder": text_encoder, "vae": vae}
+        exists = os.path.exists(os.path.join(path, MANIFEST))
+        if exists and overwrite:
+            for fname in [MANIFEST, CAPTIONS, CAPTION_OFFSETS] + [f for f, _ in ARRAYS.values()]:
+                if os.path.exists(os.path.join(path, fname)):
+                    os.remove(os.path.join(path, fname))
+            exists = False
+        os.makedirs(path, exist_ok=True)
+        if exists:
+            m = _read_manifest(path)
+            if m["shapes"] != shapes:
+                raise DatabaseError(
+                    f"{path}: cannot resume, manifest shapes {m['shapes']} != requested {shapes}")
+            for key, value in identity.items():
+                if m.get(key) != value:
+                    raise DatabaseError(
+                        f"{path}: cannot resume, manifest {key} {m.get(key)!r} != requested {value!r} "
+                        "(pass overwrite=True to rebuild)")
+            self.manifest = m
+            self._truncate_to(m["count"])
+            if m["count"]:
+                logging.info("Resuming retrieval database %s at %d committed entries.", path, m["count"])
+        else:
+            self.manifest = {
+                "format": FORMAT_NAME,
+                "schema_version": SCHEMA_VERSION,
+                "count": 0,
+                "shapes": shapes,
+                "dtypes": {k: np.dtype(dt).name for k, (_, dt) in ARRAYS.items()},
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                **identity,
+                "extra": extra or {},
+            }
+            self._truncate_to(0)
+            _write_manifest(path, self.manifest)
+
+    @property
+    def count(self) -> int:
+        """Number of committed entries."""
+        return int(self.manifest["count"])
+
+    def _file(self, fname: str) -> str:
+        return os.path.join(self.path, fname)
+
+    def _truncate_to(self, count: int) -> None:
+        """Drops bytes past `count` committed rows (left by a killed writer)."""
+        for name, (fname, _) in ARRAYS.items():
+            self._truncate_file(fname, count * _row_bytes(name, self.manifest["shapes"][name]))
+        offsets_file = self._file(CAPTION_OFFSETS)
+        if count == 0:
+            with open(offsets_file, "wb") as f:
+                f.write(np.zeros(1, np.int64).tobytes())
+            self._truncate_file(CAPTIONS, 0)
+            self._caption_end = 0
+            return
+        self._truncate_file(CAPTION_OFFSETS, (count + 1) * 8)
+        self._caption_end = int(np.fromfile(offsets_file, np.int64, count=1, offset=count * 8)[0])
+        self._truncate_file(CAPTIONS, self._caption_end)
+
+    def _truncate_file(self, fname: str, size: int) -> None:
+        path = self._file(fname)
+        have = os.path.getsize(path) if os.path.exists(path) else 0
+        if have < size:
+            raise DatabaseError(
+                f"{path}: has {have} bytes but the manifest commits {size}; the database is corrupt")
+        with open(path, "ab") as f:
+            f.truncate(size)
+
+    def append(self, captions: Sequence[str], latents: np.ndarray, prompt_embeds: np.ndarray,
+               pooled: np.ndarray, ids: np.ndarray | Sequence[int] | None = None) -> None:
+        """Appends and commits one batch; pooled embeddings are L2-normalised here.
+
+        Args:
+          captions: B strings.
+          latents: [B, H, W, C] VAE latents (cast to float16).
+          prompt_embeds: [B, L, D] text-encoder hidden states (cast to float16).
+          pooled: [B, D] pooled text embeddings (normalised, stored float32).
+          ids: B stable int64 ids; default: consecutive from the current count.
+        """
+        b = len(captions)
+        if ids is None:
+            ids = np.arange(self.count, self.count + b, dtype=np.int64)
+        pooled = np.asarray(pooled, np.float32)
+        pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+        arrays = {"latents": latents, "prompt_embeds": prompt_embeds, "pooled": pooled, "ids": ids}
+        for name, value in arrays.items():
+            value = np.asarray(value)
+            want = (b, *self.manifest["shapes"][name])
+            if value.shape != want:
+                raise DatabaseError(f"append: {name} has shape {value.shape}, expected {want}")
+            if name == "ids" and value.dtype.kind not in "iu":
+                raise DatabaseError(f"append: ids must be integers, got {value.dtype}")
+            arrays[name] = np.ascontiguousarray(value, ARRAYS[name][1])
+        if len(np.unique(arrays["ids"])) != b:
+            raise DatabaseError("append: duplicate ids within the batch")
+        encoded = [c.encode("utf-8") for c in captions]
+        ends = self._caption_end + np.cumsum([len(e) for e in encoded], dtype=np.int64)
+
+        # Data first, manifest last: a crash in between leaves uncommitted tail bytes only.
+        for name, (fname, _) in ARRAYS.items():
+            self._append_bytes(fname, arrays[name].tobytes())
+        self._append_bytes(CAPTIONS, b"".join(encoded))
+        self._append_bytes(CAPTION_OFFSETS, ends.tobytes())
+        if b:
+            self._caption_end = int(ends[-1])
+        self.manifest["count"] = self.count + b
+        _write_manifest(self.path, self.manifest)
+
+    def _append_bytes(self, fname: str, data: bytes) -> None:
+        with open(self._file(fname), "ab") as f:
+            f.write(data)
+            if self._fsync:
+                f.flush()
+                os.fsync(f.fileno())
+
+    def close(self) -> None:
+        """Nothing is buffered between appends; kept for symmetry and `with` use."""
+
+    def __enter__(self) -> DatabaseWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Database:
+    """Read-only, memory-mapped view of a committed database.
+
+    `latents`, `prompt_embeds`, `pooled` and `ids` are `np.memmap`s of the committed rows, so opening
+    a 1M-entry database reads only the manifest; `db.latents[rows]` gathers rows into memory.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.manifest = _read_manifest(path)
+        self.count = int(self.manifest["count"])
+        self.shapes = {k: tuple(v) for k, v in self.manifest["shapes"].items()}
+        for name, (fname, dtype) in ARRAYS.items():
+            setattr(self, name, self._map(fname, dtype, (self.count, *self.shapes[name])))
+        self._offsets = self._map(CAPTION_OFFSETS, np.int64, (self.count + 1,))
+        n_text = int(self._offsets[-1]) if self.count else 0
+        self._captions = self._map(CAPTIONS, np.uint8, (n_text,))
+        self._id_order: np.ndarray | None = None
+
+    latents: np.ndarray
+    prompt_embeds: np.ndarray
+    pooled: np.ndarray
+    ids: np.ndarray
+
+    @classmethod
+    def open(cls, path: str) -> Database:
+        """Opens the database at `path` (validates the manifest and file sizes)."""
+        return cls(path)
+
+    def _map(self, fname: str, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+        fpath = os.path.join(self.path, fname)
+        if not os.path.exists(fpath):
+            raise DatabaseError(f"retrieval database {self.path!r}: missing file {fname}")
+        need = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        have = os.path.getsize(fpath)
+        if have < need:
+            raise DatabaseError(
+                f"{fpath}: {have} bytes, but {self.count} committed entries of shape {shape[1:]} "
+                f"({np.dtype(dtype).name}) need {need}; the file is truncated or the shapes are wrong")
+        if need == 0:  # mmap cannot map zero bytes.
+            return np.zeros(shape, dtype)
+        return np.memmap(fpath, dtype=dtype, mode="r", shape=shape)
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def spec(self) -> DatabaseSpec:
+        """Per-entry shapes as a `DatabaseSpec`."""
+        return DatabaseSpec(self.shapes["latents"], self.shapes["prompt_embeds"],
+                            self.shapes["pooled"][0])
+
+    def caption(self, row: int) -> str:
+        """Caption of one row."""
+        row = int(row)
+        if not -self.count <= row < self.count:
+            raise IndexError(f"row {row} out of range for a database of {self.count}")
+        row %= self.count
+        start, end = int(self._offsets[row]), int(self._offsets[row + 1])
+        return self._captions[start:end].tobytes().decode("utf-8")
+
+    def captions(self, rows: Sequence[int] | np.ndarray | None = None) -> list[str]:
+        """Captions of the given rows (all when None)."""
+        rows = range(self.count) if rows is None else np.asarray(rows).reshape(-1)
+        return [self.caption(r) for r in rows]
+
+    def rows_for_ids(self, ids: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Maps stable ids to row positions (vectorised); unknown ids raise `KeyError`."""
+        if self._id_order is None:
+            order = np.argsort(self.ids, kind="stable")
+            if self.count > 1 and np.any(np.diff(np.asarray(self.ids)[order]) == 0):
+                raise DatabaseError(f"{self.path}: ids are not unique")
+            self._id_order = order
+        ids = np.asarray(ids, np.int64)
+        sorted_ids = np.asarray(self.ids)[self._id_order]
+        pos = np.clip(np.searchsorted(sorted_ids, ids), 0, max(self.count - 1, 0))
+        if self.count == 0 or np.any(sorted_ids[pos] != ids):
+            missing = ids[(sorted_ids[pos] != ids)] if self.count else ids
+            raise KeyError(f"ids not in the database: {missing.reshape(-1)[:10].tolist()}")
+        return self._id_order[pos]
+
+    def gather(self, rows: np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
+        """Gathers latents, prompt_embeds, pooled and ids of `rows` (any shape) into memory."""
+        rows = np.asarray(rows, np.int64)
+        flat = rows.reshape(-1)
+        # memmap fancy indexing is fastest on sorted unique rows; undo the permutation after.
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        out = {}
+        for name in ARRAYS:
+            got = np.asarray(getattr(self, name)[uniq])[inverse]
+            out[name] = got.reshape(rows.shape + got.shape[1:])
+        return out
+
+    def __repr__(self) -> str:
+        return (f"Database({self.path!r}, count={self.count}, shapes={self.shapes}, "
+                f"text_encoder={self.manifest.get('text_encoder')!r}, vae={self.manifest.get('vae')!r})")
+
+
+def open_database(path: str) -> Database:
+    """Opens a database directory for reading."""
+    return Database(path)

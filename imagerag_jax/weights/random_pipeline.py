@@ -1,0 +1,151 @@
+"""A complete diffusers-format SD 2.x pipeline folder with random weights, written without torch.
+
+Used by the tests and as the CLI's embedded default so that a fresh install can exercise the real
+loading and generation path end to end without downloading anything. Its images are noise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imagerag_jax.models.clip_text import CLIPTextTransformer
+from imagerag_jax.models.unet import UNet
+from imagerag_jax.models.vae import AutoencoderKL
+from imagerag_jax.weights import convert, to_torch
+from imagerag_jax.weights.from_torch import unet_dummy_inputs
+
+# Byte-level BPE with no merges: 256 byte symbols, the same with end-of-word, then BOS/EOS.
+TINY_VOCAB_SIZE = 2 * 256 + 2
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "unet": dict(
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=1,
+            num_attention_heads=(2, 4),
+            cross_attention_dim=32,
+            norm_num_groups=8,
+        ),
+        "vae": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8),
+        "text_encoder": dict(
+            vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, eos_token_id=TINY_VOCAB_SIZE - 1,
+        ),
+    },
+}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode character table used by byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def write_byte_tokenizer(out_dir: str) -> str:
+    """A CLIP tokenizer folder with a byte-level vocabulary (pads with '!', id 0, as SD 2.x)."""
+    os.makedirs(out_dir, exist_ok=True)
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with open(os.path.join(out_dir, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(out_dir, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "!",
+        "do_lower_case": True,
+    }
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return out_dir
+
+
+def random_params(shapes: Any, seed: int) -> Any:
+    """Random params for a shape tree: kernels/embeddings ~ N(0, 1/fan_in), biases 0, scales 1.
+
+    Filled with numpy: compiling ``module.init`` costs XLA ~10 s per tower on CPU, for weights
+    whose exact distribution does not matter here.
+    """
+    rng = np.random.default_rng(seed)
+    flat = convert.flatten(shapes)
+    out = {}
+    for path, leaf in flat.items():
+        shape, name = tuple(leaf.shape), path[-1]
+        if name == "bias":
+            value = np.zeros(shape, np.float32)
+        elif name == "scale":
+            value = np.ones(shape, np.float32)
+        else:
+            fan_in = int(np.prod(shape[:-1])) if name == "kernel" else 1
+            value = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(fan_in)
+        out[path] = jnp.asarray(value)
+    return convert.unflatten(out)
+
+
+def random_modules(preset: str = "tiny", seed: int = 0) -> dict[str, tuple[Any, Any]]:
+    """{component: (module, random params)} for a preset."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    spec = PRESETS[preset]
+    unet = UNet(**spec["unet"])
+    vae = AutoencoderKL(**spec["vae"])
+    text = CLIPTextTransformer(**spec["text_encoder"])
+    inputs = {"unet": unet_dummy_inputs(unet), "vae": vae.dummy_inputs(), "text_encoder": text.dummy_inputs()}
+    out = {}
+    for i, (name, module) in enumerate((("unet", unet), ("vae", vae), ("text_encoder", text))):
+        shapes = convert.param_shapes(lambda: module.init(jax.random.PRNGKey(0), *inputs[name]))
+        out[name] = (module, random_params(shapes, seed * 3 + i))
+    return out
+
+
+def write_random_pipeline(out_dir: str, preset: str = "tiny", seed: int = 0,
+                          prediction_type: str = "epsilon") -> str:
+    """Write unet/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json."""
+    modules = random_modules(preset, seed)
+    to_torch.save_unet(*modules["unet"], os.path.join(out_dir, "unet"))
+    to_torch.save_vae(*modules["vae"], os.path.join(out_dir, "vae"))
+    to_torch.save_text_encoder(*modules["text_encoder"], os.path.join(out_dir, "text_encoder"))
+    write_byte_tokenizer(os.path.join(out_dir, "tokenizer"))
+    os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
+    with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump({
+            "_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
+            "prediction_type": prediction_type, "timestep_spacing": "trailing",
+        }, f, indent=2)
+    with open(os.path.join(out_dir, "model_index.json"), "w") as f:
+        json.dump({
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": to_torch.DIFFUSERS_VERSION,
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        }, f, indent=2)
+    return out_dir

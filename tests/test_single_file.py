@@ -8,6 +8,8 @@ checked: diffusers' conversion of the written file must give back the model's st
 
 from __future__ import annotations
 
+import copy
+
 import ctypes
 import datetime
 import os
@@ -546,3 +548,48 @@ def test_iteration_memory_is_bounded(tmp_path: Any, fmt: str) -> None:
     held = sf.load_component_state_dict(path, "unet")
     assert rss_anon_bytes() - start > 0.8 * total
     del held
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: a single file through our loaders and Flax modules vs the PyTorch models
+# ----------------------------------------------------------------------------------------------
+
+
+def test_single_file_through_flax_loaders_matches_torch(models: Models, tmp_path: Any) -> None:
+    """load_pipeline(file) and load_unet(file) give the torch models' outputs (fp32 parity)."""
+    import jax.numpy as jnp
+
+    from imagerag_jax import weights
+    from tests.helpers import assert_parity, nchw, nhwc
+
+    path = write_checkpoint(str(tmp_path / "sd.safetensors"), models.original(True), "safetensors", torch.float32)
+    pipe = weights.load_pipeline(path, head_channels=HEAD_CHANNELS)
+    assert pipe.tokenizer is None and pipe.prediction_type == "epsilon"
+    rng = np.random.default_rng(0)
+    # VAE decode.
+    z = rng.standard_normal((1, 4, 4, 4), dtype=np.float32)
+    with torch.no_grad():
+        ref = models.vae.decode(torch.from_numpy(z)).sample.numpy()
+    assert_parity(nchw(pipe.vae.apply({"params": pipe.vae_params}, nhwc(z), method=pipe.vae.decode)), ref)
+    # Text encoder (23 of the file's 24 layers, final layer norm).
+    ids = rng.integers(3, 1000, (2, 77))
+    ids[:, 12] = 2
+    clip64 = copy.deepcopy(models.clip).double()
+    with torch.no_grad():
+        ref32 = models.clip(torch.from_numpy(ids)).last_hidden_state.numpy()
+        ref64 = clip64(torch.from_numpy(ids)).last_hidden_state.numpy()
+    ours = np.asarray(pipe.text_encoder.apply({"params": pipe.text_params}, jnp.asarray(ids, jnp.int32))[0])
+    # This fixture's 23 strongly randomised layers are ill-conditioned: torch's own fp32 result is
+    # ~1.3e-4 (relative) from float64, so judge ours against float64 with torch fp32's error as
+    # the yardstick (a wrong mapping is off by O(1)).
+    torch_err = np.abs(ref32 - ref64).max()
+    assert np.abs(ours - ref64).max() <= 2 * torch_err + 1e-4 * max(1.0, np.abs(ref64).max())
+    # UNet: head width is not in the weights; the tiny fixture uses 16-channel heads.
+    unet, params = pipe.unet, pipe.unet_params
+    cfg = {"cross_attention_dim": unet.cross_attention_dim}
+    x = rng.standard_normal((1, 4, 16, 16), dtype=np.float32)
+    ctx = rng.standard_normal((1, 5, cfg["cross_attention_dim"]), dtype=np.float32)
+    t = np.array([321])
+    with torch.no_grad():
+        ref = models.unets[True](torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample.numpy()
+    assert_parity(nchw(unet.apply({"params": params}, nhwc(x), jnp.asarray(t), jnp.asarray(ctx))), ref)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import collections
 import csv
+import functools
 import io
 import json
 import logging
@@ -272,6 +273,14 @@ DIGIT_TEMPLATES = (
 DIGITS_SPLITS = {"train": 0.5, "eval": 0.1, "database": 0.4}
 
 
+@functools.lru_cache(maxsize=1)
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(images [1797, 8, 8] in 0..16, labels [1797]) from scikit-learn's bundled copy."""
+    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+    digits = load_digits()
+    return digits.images, digits.target.astype(np.int64)
+
+
 def digit_caption(label: int, variant: int) -> str:
     """Caption `variant` (mod the number of templates) naming digit `label`."""
     template = DIGIT_TEMPLATES[variant % len(DIGIT_TEMPLATES)]
@@ -289,8 +298,7 @@ def caption_digit(caption: str) -> int | None:
 def digits_split_indices(seed: int = 0,
                          fractions: Mapping[str, float] = DIGITS_SPLITS) -> dict[str, np.ndarray]:
     """Deterministic, disjoint, covering, per-class stratified splits of the 1797 digits."""
-    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-    labels = load_digits().target
+    labels = _load_digits()[1]
     total = sum(fractions.values())
     names = list(fractions)
     out: dict[str, list[int]] = {n: [] for n in names}
@@ -313,11 +321,8 @@ class DigitsSource(Source):
     def __init__(self, split: str = "train", *, size: int = 32, seed: int = 0,
                  fractions: Mapping[str, float] = DIGITS_SPLITS):
         super().__init__(f"DigitsSource({split})", None)
-        from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-        digits = load_digits()
         self.split, self.size, self.seed = split, size, seed
-        self.all_labels = digits.target.astype(np.int64)
-        self._images8 = digits.images  # [1797, 8, 8] floats in 0..16
+        self._images8, self.all_labels = _load_digits()
         if split == "all":
             self.ids = np.arange(len(self.all_labels), dtype=np.int64)
         else:

@@ -19,6 +19,13 @@ import numpy as np
 TensorStream = Iterable[tuple[str, np.ndarray]]
 MAX_LISTED = 20
 WEIGHT_NAMES = ("kernel", "scale", "embedding")
+# PyTorch ModuleList names (``resnets.0``) become ``resnets_0`` in Flax; other names that end in
+# ``_<digit>`` (``linear_1``) are plain attribute names and must stay as they are on export.
+LIST_CONTAINERS = (
+    "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
+    "transformer_blocks", "layers", "to_out", "net",
+)
+_LIST_ITEM = re.compile(r"^(%s)_(\d+)$" % "|".join(LIST_CONTAINERS))
 
 
 class WeightLoadError(ValueError):
@@ -152,7 +159,7 @@ def flax_to_torch(params: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]
     for path, value in flatten(params).items():
         leaf = path[-1]
         value = _from_flax(np.asarray(value), leaf)
-        names = [re.sub(r"_(\d+)$", r".\1", p) for p in path[:-1]]
+        names = [_LIST_ITEM.sub(r"\1.\2", p) for p in path[:-1]]
         names.append("weight" if leaf in WEIGHT_NAMES else leaf)
         yield ".".join(names), value
 

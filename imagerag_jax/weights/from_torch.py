@@ -167,15 +167,21 @@ def params_from_tensors(
     )
 
 
-def _source(path: str, component: str) -> tuple[dict[str, Any], Iterator[tuple[str, np.ndarray]], str]:
-    """(config, tensor stream, folder-or-file) for a component of a folder or single file."""
+def _source(
+    path: str, component: str, **infer_options: Any
+) -> tuple[dict[str, Any], Iterator[tuple[str, np.ndarray]], str]:
+    """(config, tensor stream, folder-or-file) for a component of a folder or single file.
+
+    ``infer_options`` go to the single-file config inference (e.g. ``head_channels``).
+    """
     if _is_single_file(path):
         infer = {
             "unet": single_file.infer_unet_config,
             "vae": single_file.infer_vae_config,
             "text_encoder": single_file.infer_text_config,
         }[component]
-        return dict(infer(path)), single_file.iter_component_tensors(path, component), path
+        cfg = dict(infer(path, **infer_options))
+        return cfg, single_file.iter_component_tensors(path, component), path
     folder = _component_folder(path, component)
     cfg = _read_json(os.path.join(folder, "config.json"))
     return cfg, convert.iter_folder_tensors(folder), folder
@@ -189,13 +195,21 @@ def load_unet(
     attention_impl: str = "auto",
     prediction_type: str | None = None,
     upcast_attention: bool | None = None,
+    head_channels: int = 64,
 ) -> tuple[UNet, dict[str, Any]]:
-    """Load a UNet from a diffusers folder (pipeline or ``unet/``) or a single-file checkpoint."""
-    cfg, tensors, where = _source(path, "unet")
+    """Load a UNet from a diffusers folder (pipeline or ``unet/``) or a single-file checkpoint.
+
+    ``head_channels`` is used for single files only, whose weights do not record the attention
+    head width (64 for every SD 2.x model).
+    """
+    single = _is_single_file(path)
+    cfg, tensors, where = _source(path, "unet", **({"head_channels": head_channels} if single else {}))
     if upcast_attention is not None:
         cfg["upcast_attention"] = upcast_attention
-    pred = prediction_type or cfg.pop("prediction_type", None) or _prediction_type(where)
-    unet = build_module("unet", cfg, dtype=dtype, attention_impl=attention_impl, prediction_type=pred)
+    if prediction_type is None:
+        prediction_type = single_file.infer_prediction_type(where) if single else _prediction_type(where)
+    unet = build_module("unet", cfg, dtype=dtype, attention_impl=attention_impl,
+                        prediction_type=prediction_type)
     return unet, params_from_tensors("unet", unet, tensors, param_dtype)
 
 
@@ -240,6 +254,7 @@ def load_pipeline(
     attention_impl: str = "auto",
     tokenizer_path: str | None = None,
     prediction_type: str | None = None,
+    head_channels: int = 64,
 ) -> Pipeline:
     """Load every tower of a diffusers pipeline folder or a single-file SD checkpoint.
 
@@ -257,7 +272,8 @@ def load_pipeline(
     if _is_single_file(path) and not single_file.is_single_file_checkpoint(path):
         raise WeightLoadError(f"{path} is not a Stable Diffusion single-file checkpoint")
     unet, unet_params = load_unet(path, dtype=dtype, param_dtype=param_dtype,
-                                  attention_impl=attention_impl, prediction_type=prediction_type)
+                                  attention_impl=attention_impl, prediction_type=prediction_type,
+                                  head_channels=head_channels)
     vae, vae_params = load_vae(path, dtype=dtype, param_dtype=param_dtype)
     text, text_params = load_text_encoder(path, dtype=dtype, param_dtype=param_dtype)
     tok_dir = tokenizer_path or (None if _is_single_file(path) else os.path.join(path, "tokenizer"))

@@ -133,7 +133,7 @@ def write_random_pipeline(out_dir: str, preset: str = "tiny", seed: int = 0,
         json.dump({
             "_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear",
             "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
-            "prediction_type": prediction_type, "timestep_spacing": "trailing",
+            "prediction_type": prediction_type, "timestep_spacing": "trailing", "steps_offset": 1,
         }, f, indent=2)
     with open(os.path.join(out_dir, "model_index.json"), "w") as f:
         json.dump({

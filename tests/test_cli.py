@@ -1,0 +1,65 @@
+"""The ``generate`` command end to end on a random-weight pipeline folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagerag_jax.weights import random_pipeline
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def run_cli(*args: str, cwd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "imagerag_jax.main", *args], cwd=cwd, env=ENV,
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    return random_pipeline.write_random_pipeline(str(tmp_path_factory.mktemp("pipe")))
+
+
+def test_generate_one_step_grid(pipeline_dir, tmp_path):
+    out = tmp_path / "grid.png"
+    res = run_cli("generate", f"--weights={pipeline_dir}", "--prompt=a cat", "--prompt=a dog",
+                  "--batch=3", "--height=32", f"--out={out}", cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    img = np.asarray(Image.open(out))
+    # Tiny VAE has a 2x downsampling factor; 3 images of 32x32 tile as 2x2 with 2px gaps.
+    assert img.shape == (66, 66, 3)
+    assert img.std() > 0
+
+
+def test_generate_multistep_cfg_is_deterministic(pipeline_dir, tmp_path):
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"img{i}.png"
+        res = run_cli("generate", f"--weights={pipeline_dir}", "--steps=3", "--guidance=5",
+                      "--sampler=ddim", "--seed=7", "--height=32", f"--out={out}", cwd=str(tmp_path))
+        assert res.returncode == 0, res.stderr[-3000:]
+        outs.append(np.asarray(Image.open(out)))
+    assert outs[0].shape == (32, 32, 3)
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_generate_rejects_a_path_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    res = run_cli("generate", f"--weights={tmp_path}", cwd=str(tmp_path))
+    assert res.returncode == 2
+    assert "is not a Stable Diffusion pipeline" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = run_cli("generate", f"--weights={tmp_path / 'notes.txt'}", cwd=str(tmp_path))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_unknown_subcommand(tmp_path):
+    res = run_cli("paint", cwd=str(tmp_path))
+    assert res.returncode != 0 and "usage" in (res.stderr + res.stdout).lower()

@@ -319,3 +319,171 @@ def text_to_image(
 # reuse one_step's x_t = noise, t = 999 convention and predict_x0, and stay pure functions of
 # modules and params like the samplers above.
 # =============================================================================================
+
+# Imported here, next to their only users, so the functions above stay untouched.
+from imagerag_jax.models.adapter import inject, slerp_blend  # noqa: E402
+
+# The paper's predefined blending strengths for the per-prompt search (Sec. 3.2).
+INJECTION_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def _timesteps(timestep: jax.Array | int, batch: int) -> jax.Array:
+    """A scalar or (B,) timestep as an int32 (B,) array."""
+    return jnp.broadcast_to(jnp.asarray(timestep, jnp.int32).reshape(-1), (batch,))
+
+
+def unet_encode(unet, unet_params, x_t: jax.Array, t: jax.Array, context: jax.Array):
+    """The UNet encoder: (h, skips, temb), h the H-space features (B, hh, ww, C)."""
+    return unet.apply({"params": unet_params}, x_t, t, context, method=unet.encode)
+
+
+def unet_decode(unet, unet_params, h: jax.Array, skips, temb: jax.Array, context: jax.Array) -> jax.Array:
+    """The UNet decoder from (possibly edited) H-space features: eps or v."""
+    return unet.apply({"params": unet_params}, h, skips, temb, context, method=unet.decode)
+
+
+def hspace_edit_x0(
+    unet,
+    unet_params,
+    x_t: jax.Array,
+    timestep: jax.Array | int,
+    context: jax.Array,
+    edit_fn: Callable[[jax.Array], jax.Array],
+    schedule: NoiseSchedule,
+    prediction_type: str = "epsilon",
+) -> jax.Array:
+    """x0 predicted at ``timestep`` from x_t with the H-space replaced by edit_fn(h) before decoding."""
+    check_prediction_type(prediction_type)
+    t = _timesteps(timestep, x_t.shape[0])
+    h, skips, temb = unet_encode(unet, unet_params, x_t, t, context)
+    out = unet_decode(unet, unet_params, edit_fn(h), skips, temb, context)
+    return predict_x0(out, x_t, t, schedule, prediction_type).astype(x_t.dtype)
+
+
+def retrieved_hspace(
+    unet,
+    unet_params,
+    retr_latents: jax.Array,
+    retr_context: jax.Array,
+    *,
+    stop_gradient: bool = True,
+) -> jax.Array:
+    """H-space of every neighbour, (B,k,h,w,c) latents + (B,k,L,D) embeds -> (B,k,hh,ww,C).
+
+    The frozen encoder at t = 0 (retrieved latents are clean, paper Sec. 3.2), one encode call on
+    the B*k neighbours. A pure function of the DB entry (cacheable); gradients are stopped because
+    the paper's retrieved branch is frozen.
+    """
+    b, k = retr_latents.shape[:2]
+    if retr_context.shape[:2] != (b, k):
+        raise ValueError(f"retr_context {retr_context.shape} does not match retr_latents {retr_latents.shape}")
+    x = retr_latents.reshape(b * k, *retr_latents.shape[2:])
+    ctx = retr_context.reshape(b * k, *retr_context.shape[2:])
+    h, _, _ = unet_encode(unet, unet_params, x, jnp.zeros((b * k,), jnp.int32), ctx)
+    h = h.reshape(b, k, *h.shape[1:])
+    return jax.lax.stop_gradient(h) if stop_gradient else h
+
+
+def imagerag_x0(
+    unet,
+    unet_params,
+    adapter,
+    adapter_params,
+    x_t: jax.Array,
+    timestep: jax.Array | int,
+    context: jax.Array,
+    h_retr: jax.Array,
+    lam: jax.Array | float,
+    schedule: NoiseSchedule,
+    prediction_type: str = "epsilon",
+) -> jax.Array:
+    """ImageRAGTurbo's x0 from any x_t, t (Sec. 3.4): h = h_tgt + lam * adapter(h_tgt, h_retr) (Eq. 5)."""
+
+    def edit(h: jax.Array) -> jax.Array:
+        delta = adapter.apply({"params": adapter_params}, h, h_retr)
+        return inject(h, delta, lam)
+
+    return hspace_edit_x0(unet, unet_params, x_t, timestep, context, edit, schedule, prediction_type)
+
+
+def imagerag_one_step(
+    unet,
+    unet_params,
+    adapter,
+    adapter_params,
+    noise: jax.Array,
+    context: jax.Array,
+    h_retr: jax.Array,
+    lam: jax.Array | float,
+    schedule: NoiseSchedule,
+    prediction_type: str = "epsilon",
+    timestep: int = 999,
+) -> jax.Array:
+    """One-step ImageRAGTurbo: x_t = noise at t=999 (one_step's convention), adapter in H-space, x0.
+
+    ``unet_params`` may be LoRA-merged by the caller; ``h_retr`` (B,k,hh,ww,C) comes from
+    ``retrieved_hspace``; ``lam`` is a scalar or (B,) (``adapter.retrieval_lambda``).
+    """
+    return imagerag_x0(
+        unet, unet_params, adapter, adapter_params, noise, timestep, context, h_retr, lam,
+        schedule, prediction_type,
+    )
+
+
+def direct_injection_one_step(
+    unet,
+    unet_params,
+    noise: jax.Array,
+    context: jax.Array,
+    h_retr_single: jax.Array,
+    w: jax.Array | float,
+    schedule: NoiseSchedule,
+    prediction_type: str = "epsilon",
+    timestep: int = 999,
+) -> jax.Array:
+    """Training-free direct H-space injection (Sec. 3.2): decode slerp(h_retr, h_tgt, w) (Eq. 3).
+
+    ``h_retr_single`` (B,hh,ww,C) is one neighbour's H-space (e.g. ``retrieved_hspace(...)[:, 0]``);
+    ``w`` (scalar or (B,)) weights the target, w = 1 is the plain one-step output.
+    """
+    edit = lambda h: slerp_blend(h_retr_single, h, w)
+    return hspace_edit_x0(unet, unet_params, noise, timestep, context, edit, schedule, prediction_type)
+
+
+def search_injection_weight(
+    unet,
+    unet_params,
+    noise: jax.Array,
+    context: jax.Array,
+    h_retr_single: jax.Array,
+    schedule: NoiseSchedule,
+    score_fn: Callable[[jax.Array], jax.Array],
+    weights: tuple[float, ...] = INJECTION_WEIGHTS,
+    prediction_type: str = "epsilon",
+    timestep: int = 999,
+    *,
+    return_scores: bool = False,
+    batch_size: Optional[int] = None,
+):
+    """Per-prompt exhaustive search of w (Sec. 3.2): returns (best_x0, best_w (B,)) [, scores (W,B)].
+
+    The target is encoded once; the decoder runs for every w inside one ``lax.map`` (``batch_size``
+    w's at a time, all when None), and ``score_fn(x0 (B,...)) -> (B,)`` (higher is better, must
+    be traceable) scores each. Ties go to the first (smallest listed) w.
+    """
+    check_prediction_type(prediction_type)
+    batch = noise.shape[0]
+    t = _timesteps(timestep, batch)
+    ws = jnp.asarray(weights, jnp.float32)
+    h, skips, temb = unet_encode(unet, unet_params, noise, t, context)
+
+    def run(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+        out = unet_decode(unet, unet_params, slerp_blend(h_retr_single, h, w), skips, temb, context)
+        x0 = predict_x0(out, noise, t, schedule, prediction_type).astype(noise.dtype)
+        return x0, score_fn(x0).reshape(batch)
+
+    x0s, scores = jax.lax.map(run, ws, batch_size=batch_size)  # (W,B,...), (W,B)
+    best = jnp.argmax(scores, axis=0)
+    best_x0 = jnp.take_along_axis(x0s, best.reshape(1, batch, *([1] * (x0s.ndim - 2))), axis=0)[0]
+    result = (best_x0, ws[best])
+    return result + (scores,) if return_scores else result

@@ -61,6 +61,7 @@ class InputPipeline:
       global_batch_size: batch over all processes; each host reads global / process_count.
       mesh: shard the batch over `batch_axes` of this mesh; None yields host-local numpy arrays.
       batch_axes: mesh axes of the batch dimension (default: all mesh axes).
+    sharding: instead of mesh/batch_axes, the sharding of every batch array (leading dim = batch).
       seed: shuffling seed (file order and record buffer).
       shuffle_buffer: serialised records in the shuffle buffer (memory: buffer x record size).
       num_epochs: None repeats forever; else stop after the batches every host can fill.
@@ -75,6 +76,7 @@ class InputPipeline:
 
     def __init__(self, data_dir: str, split: str, global_batch_size: int, *,
                  mesh: jax.sharding.Mesh | None = None, batch_axes: Sequence[str] | None = None,
+               sharding: jax.sharding.Sharding | None = None,
                  seed: int = 0, shuffle_buffer: int = 512, num_epochs: int | None = None,
                  expected: tfrecords.Schema | Mapping[str, Any] | None = None,
                  dtype: Any = np.float32, fields: Sequence[str] | None = None,
@@ -115,8 +117,8 @@ class InputPipeline:
                         for p in range(self.process_count)]
             self.total_batches = min(num_epochs * n // self.per_host_batch for n in per_host)
 
-        self.mesh = mesh
-        if mesh is not None:
+        self.sharding = sharding
+        if sharding is None and mesh is not None:
             axes = tuple(batch_axes) if batch_axes is not None else tuple(mesh.axis_names)
             self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes))
         self._consumed = 0
@@ -190,7 +192,7 @@ class InputPipeline:
                 continue
             if x.dtype.kind == "f" and x.dtype != self.dtype:
                 x = x.astype(self.dtype)
-            out[name] = x if self.mesh is None else self._to_global(name, x)
+            out[name] = x if self.sharding is None else self._to_global(name, x)
         return out
 
     def _to_global(self, name: str, x: np.ndarray) -> jax.Array:

@@ -183,20 +183,36 @@ class UNet(nn.Module):
         )
         return self.time_embedding(feats.astype(self.dtype))
 
-    def encode(
-        self, sample: jax.Array, timesteps: jax.Array, context: jax.Array
-    ) -> tuple[jax.Array, tuple[jax.Array, ...], jax.Array]:
-        """Down blocks and mid block: returns (h, skips, temb), h being the H-space features."""
+    def _encoder(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array):
+        """Down and mid blocks; returns (h, skips, temb, per-stage outputs)."""
         sample = sample.astype(self.dtype)
         context = context.astype(self.dtype)
         temb = self.time_embed(timesteps, sample.shape[0])
         x = self.conv_in(sample)
-        skips = [x]
+        skips, stages = [x], []
         for block in self.down_blocks:
             x, block_skips = block(x, temb, context)
             skips.extend(block_skips)
+            stages.append(x)
         h = self.mid_block(x, temb, context)
-        return h, tuple(skips), temb
+        stages.append(h)
+        return h, tuple(skips), temb, tuple(stages)
+
+    def encode(
+        self, sample: jax.Array, timesteps: jax.Array, context: jax.Array
+    ) -> tuple[jax.Array, tuple[jax.Array, ...], jax.Array]:
+        """Down blocks and mid block: returns (h, skips, temb), h being the H-space features."""
+        h, skips, temb, _ = self._encoder(sample, timesteps, context)
+        return h, skips, temb
+
+    def encoder_stages(
+        self, sample: jax.Array, timesteps: jax.Array, context: jax.Array
+    ) -> tuple[jax.Array, ...]:
+        """Output of every down block (after its downsampler) and of the mid block.
+
+        The multi-stage features the latent adversarial discriminator puts its heads on.
+        """
+        return self._encoder(sample, timesteps, context)[3]
 
     def decode(
         self, h: jax.Array, skips: Sequence[jax.Array], temb: jax.Array, context: jax.Array

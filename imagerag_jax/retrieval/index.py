@@ -7,6 +7,7 @@
 Config (a dict or `ml_collections.ConfigDict`; every key optional):
 
   kind              'auto' (exact below `exact_below` entries, else ScaNN) | 'scann' | 'exact' | 'bm25'
+                    ('scann' over fewer than MIN_SCANN_SIZE = 256 entries builds 'exact')
   exact_below       10_000
   num_neighbors     10      default k baked into the ScaNN searcher (search(k) overrides it)
   num_leaves        round(sqrt(N))               ScaNN tree size
@@ -57,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "block_size": 32_768,
 }
 
+MIN_SCANN_SIZE = 256  # below this, kind 'scann' builds an exact index
 _warned_no_scann = False
 
 
@@ -157,7 +159,9 @@ class Index:
         if kind == "auto":
             kind = "exact" if data.shape[0] < cfg["exact_below"] else "scann"
         if kind == "scann":
-            if data.shape[0] < 2:
+            if data.shape[0] < MIN_SCANN_SIZE:
+                # AH codebooks need more points than centres; exact is instant at this size anyway.
+                logging.info("Index: %d entries, using exact search instead of ScaNN.", len(data))
                 kind = "exact"
             elif import_scann() is None:
                 kind = "exact"

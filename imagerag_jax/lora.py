@@ -11,6 +11,7 @@ Merging is a pure jnp function of the trees: use it inside a jitted, differentia
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Mapping
 
@@ -78,16 +79,26 @@ def init_lora(
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     flat = flatten(base_params)
     paths = select_paths(base_params, pattern)
-    out = {}
-    for i, path in enumerate(paths):
-        shape = tuple(np.shape(flat[path]))
-        fan_in = int(np.prod(shape[:-1]))
-        bound = 1.0 / np.sqrt(fan_in)
-        a = jax.random.uniform(
-            jax.random.fold_in(rng, i), shape[:-1] + (rank,), dtype, minval=-bound, maxval=bound
-        )
-        out[path] = {"a": a, "b": jnp.zeros((rank, shape[-1]), dtype)}
+    shapes = tuple(tuple(int(d) for d in np.shape(flat[p])) for p in paths)
+    a_mats = _draw_a(rng, shapes, rank, jnp.dtype(dtype))
+    out = {
+        path: {"a": a, "b": jnp.zeros((rank, shape[-1]), dtype)}
+        for path, shape, a in zip(paths, shapes, a_mats)
+    }
     return unflatten(out)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _draw_a(rng: jax.Array, shapes: tuple, rank: int, dtype: Any) -> list[jax.Array]:
+    """Every A, U(+-1/sqrt(fan_in)), from ONE uniform draw: one small program, traceable (eval_shape/jit)."""
+    sizes = [int(np.prod(s[:-1])) * rank for s in shapes]
+    u = jax.random.uniform(rng, (sum(sizes),), jnp.float32, minval=-1.0, maxval=1.0)
+    out, offset = [], 0
+    for shape, size in zip(shapes, sizes):
+        bound = 1.0 / np.sqrt(np.prod(shape[:-1]))
+        out.append((u[offset:offset + size] * bound).reshape(shape[:-1] + (rank,)).astype(dtype))
+        offset += size
+    return out
 
 
 def lora_delta(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -181,12 +181,13 @@ def _np_from_any(value: Any) -> np.ndarray:
 
 
 def iter_safetensors(path: str, keys: Iterable[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Stream tensors from a .safetensors file (bf16 is widened to fp32 via ml_dtypes)."""
-    from safetensors import safe_open
+    """Stream tensors from a .safetensors file, read one at a time (fp16/bf16 widened to fp32)."""
+    from imagerag_jax.weights.safetensors_io import SafetensorsFile
 
-    with safe_open(path, framework="flax") as f:
+    with SafetensorsFile(path) as f:
         for key in keys if keys is not None else f.keys():
-            yield key, _np_from_any(jax.device_get(f.get_tensor(key)))
+            floating = f.dtype(key) in ("F16", "BF16", "F64")
+            yield key, f.get(key, np.float32 if floating else None)
 
 
 def iter_torch_file(path: str) -> Iterator[tuple[str, np.ndarray]]:

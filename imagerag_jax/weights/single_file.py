@@ -86,7 +86,6 @@ class _Reader:
     def __init__(self, path: str) -> None:
         self.path = os.fspath(path)
         self._stack = contextlib.ExitStack()
-        self._pt_handle: Any = None
         self._tensors: Mapping[str, Any] | None = None
         self.metadata: dict[str, Any] = {}
         self.format = _sniff_format(self.path)
@@ -103,12 +102,12 @@ class _Reader:
             raise ValueError(f"{self.path}: cannot read as a {self.format} checkpoint: {e}") from e
 
     def _open_safetensors(self) -> None:
-        from safetensors import safe_open
+        # Our own reader: safe_open's mmap would leave every touched page resident.
+        from imagerag_jax.weights.safetensors_io import SafetensorsFile
 
-        self._st = self._stack.enter_context(safe_open(self.path, framework="numpy"))
-        self.shapes = {k: tuple(self._st.get_slice(k).get_shape()) for k in self._st.keys()}
-        self._dtypes = {k: self._st.get_slice(k).get_dtype() for k in self._st.keys()}
-        self.metadata = dict(self._st.metadata() or {})
+        self._st = self._stack.enter_context(SafetensorsFile(self.path))
+        self.shapes = {k: self._st.shape(k) for k in self._st.keys()}
+        self.metadata = dict(self._st.metadata)
 
     def _open_torch(self) -> None:
         import pickle
@@ -136,17 +135,7 @@ class _Reader:
             import torch
 
             return self._tensors[key].to(torch.float32, copy=True).numpy()
-        if self._dtypes[key] == "BF16":  # numpy has no bfloat16: go through torch for these only
-            return self._bf16_get(key)
-        return np.asarray(self._st.get_tensor(key)).astype(np.float32, copy=False)
-
-    def _bf16_get(self, key: str) -> np.ndarray:
-        import torch
-        from safetensors import safe_open
-
-        if self._pt_handle is None:
-            self._pt_handle = self._stack.enter_context(safe_open(self.path, framework="pt"))
-        return self._pt_handle.get_tensor(key).to(torch.float32).numpy()
+        return self._st.get(key, np.float32)
 
     def close(self) -> None:
         """Release file handles and mappings."""

@@ -1,0 +1,113 @@
+"""Orbax checkpoints of the trainable state (DESIGN section 7).
+
+Layout: ``workdir/checkpoints/<step>/<item>`` with the named items
+
+  params          adapter, LoRA, discriminator heads and their spectral-norm batch_stats
+  gen_opt_state   generator AdamW state
+  disc_opt_state  discriminator AdamW state
+  train_meta      step counter and the base RNG key
+  data_iter       input-pipeline position (JSON)
+  config          the run's config (JSON)
+  frozen          paths and fingerprints of the frozen towers (JSON; their weights are not saved)
+
+Saves are asynchronous (the loop continues while arrays are written) and atomic (a step directory
+appears only once complete, so a process killed mid-save leaves the previous checkpoint as the
+latest). Keeps the last ``max_to_keep``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+import orbax.checkpoint as ocp
+
+STATE_ITEMS = ("params", "gen_opt_state", "disc_opt_state", "train_meta")
+JSON_ITEMS = ("data_iter", "config", "frozen")
+
+
+def split_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Train state -> {item name: pytree} (step and rng go together under train_meta)."""
+    return {
+        "params": state["params"],
+        "gen_opt_state": state["gen_opt_state"],
+        "disc_opt_state": state["disc_opt_state"],
+        "train_meta": {"step": state["step"], "rng": state["rng"]},
+    }
+
+
+def join_state(items: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of `split_state`."""
+    return {
+        "params": items["params"],
+        "gen_opt_state": items["gen_opt_state"],
+        "disc_opt_state": items["disc_opt_state"],
+        "step": items["train_meta"]["step"],
+        "rng": items["train_meta"]["rng"],
+    }
+
+
+class Checkpointer:
+    """A CheckpointManager for the train state plus JSON side items."""
+
+    def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory) if "://" not in directory else directory
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
+            # A run that died mid-save leaves a tmp directory; clean it rather than trip on it.
+            cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=STATE_ITEMS + JSON_ITEMS
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step (None without one)."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints kept."""
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Mapping[str, Any], *, data_iter: Mapping[str, Any],
+             config: Mapping[str, Any], frozen: Mapping[str, Any]) -> bool:
+        """Starts an (async) save of `state` and the JSON items at `step`; True if it started."""
+        args = {name: ocp.args.StandardSave(tree) for name, tree in split_state(state).items()}
+        args.update(
+            data_iter=ocp.args.JsonSave(dict(data_iter)),
+            config=ocp.args.JsonSave(dict(config)),
+            frozen=ocp.args.JsonSave(dict(frozen)),
+        )
+        saved = self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+        logging.info("checkpoint: %s step %d to %s", "saving" if saved else "skipped", step,
+                     self.directory)
+        return saved
+
+    def restore(self, step: int, abstract_state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(state, json items) at `step`; arrays get the shardings of `abstract_state`'s leaves."""
+        args = {name: ocp.args.StandardRestore(tree) for name, tree in split_state(abstract_state).items()}
+        args.update({name: ocp.args.JsonRestore() for name in JSON_ITEMS})
+        out = self.manager.restore(step, args=ocp.args.Composite(**args))
+        state = join_state({name: out[name] for name in STATE_ITEMS})
+        return state, {name: out[name] for name in JSON_ITEMS}
+
+    def restore_json(self, step: int, name: str) -> Any:
+        """One JSON item (e.g. 'config') without touching the arrays."""
+        return self.manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name]
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are complete on disk."""
+        self.manager.wait_until_finished()
+
+    def reached_preemption(self, step: int) -> bool:
+        """True when a multi-host preemption notice (jax's sync manager) has reached `step`."""
+        try:
+            return bool(self.manager.reached_preemption(step))
+        except Exception:  # pylint: disable=broad-except  # no distributed runtime: no notice
+            return False
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()

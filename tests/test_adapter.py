@@ -1,0 +1,273 @@
+"""models/adapter.py: the H-space adapter (Eq. 4), lambda and injection (Eq. 5), slerp (Eq. 3)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imagerag_jax.models.adapter import HSpaceAdapter, inject, retrieval_lambda, slerp_blend
+
+B, K, HH, WW, C = 2, 3, 4, 4, 16
+
+
+def randn(seed: int, *shape: int, scale: float = 1.0) -> jnp.ndarray:
+    """Deterministic float32 normal array."""
+    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def init_adapter(adapter: HSpaceAdapter, h_tgt, h_retr) -> dict:
+    """Fresh adapter params."""
+    return adapter.init(jax.random.PRNGKey(0), h_tgt, h_retr)["params"]
+
+
+def with_random_out(params: dict, seed: int = 7) -> dict:
+    """Params with a non-zero output projection, so that gradients reach W_Q, W_K, W_V."""
+    params = jax.tree_util.tree_map(lambda x: x, params)
+    params["to_out"] = {"kernel": randn(seed, C, C, scale=0.3), "bias": randn(seed + 1, C)}
+    return params
+
+
+# ------------------------------------------------------------------------------------------------
+# Adapter.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_zero_initialised_adapter_outputs_exact_zero():
+    adapter = HSpaceAdapter(num_heads=4)
+    h_tgt, h_retr = randn(0, B, HH, WW, C, scale=30.0), randn(1, B, K, HH, WW, C, scale=30.0)
+    params = init_adapter(adapter, h_tgt, h_retr)
+    assert set(params) == {"norm_tgt", "norm_retr", "to_q", "to_k", "to_v", "to_out"}
+    np.testing.assert_array_equal(params["to_out"]["kernel"], 0.0)
+    np.testing.assert_array_equal(params["to_out"]["bias"], 0.0)
+    delta = adapter.apply({"params": params}, h_tgt, h_retr)
+    assert delta.shape == (B, HH, WW, C)
+    np.testing.assert_array_equal(delta, 0.0)
+    np.testing.assert_array_equal(inject(h_tgt, delta, jnp.array([0.3, 0.9])), h_tgt)
+
+
+def numpy_adapter(params: dict, h_tgt, h_retr, heads: int, dim: int) -> np.ndarray:
+    """Float64 reference of Eq. 4 with per-token LayerNorm, from the parameter tree."""
+    p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
+
+    def ln(x, prm):
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-5) * prm["scale"] + prm["bias"]
+
+    b = h_tgt.shape[0]
+    q_in = ln(np.asarray(h_tgt, np.float64).reshape(b, -1, C), p["norm_tgt"])
+    kv = ln(np.asarray(h_retr, np.float64).reshape(b, -1, C), p["norm_retr"])  # K*HH*WW tokens
+    q = (q_in @ p["to_q"]["kernel"]).reshape(b, -1, heads, dim)
+    k = (kv @ p["to_k"]["kernel"]).reshape(b, -1, heads, dim)
+    v = (kv @ p["to_v"]["kernel"]).reshape(b, -1, heads, dim)
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dim)
+    att = np.exp(logits - logits.max(-1, keepdims=True))
+    att /= att.sum(-1, keepdims=True)
+    out = np.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, -1, heads * dim)
+    out = out @ p["to_out"]["kernel"] + p["to_out"]["bias"]
+    return out.reshape(h_tgt.shape[0], HH, WW, C)
+
+
+@pytest.mark.parametrize("heads,head_dim", [(4, None), (2, 6)])
+def test_adapter_matches_float64_reference_over_k_neighbours(heads, head_dim):
+    adapter = HSpaceAdapter(num_heads=heads, head_dim=head_dim, attention_impl="einsum")
+    h_tgt, h_retr = randn(0, B, HH, WW, C, scale=5.0), randn(1, B, K, HH, WW, C, scale=5.0)
+    params = init_adapter(adapter, h_tgt, h_retr)
+    inner = heads * (head_dim or C // heads)
+    assert params["to_q"]["kernel"].shape == (C, inner)
+    assert params["to_out"]["kernel"].shape == (inner, C)
+    params = with_random_out(params) if head_dim is None else dict(
+        params, to_out={"kernel": randn(3, inner, C), "bias": randn(4, C)}
+    )
+    out = jax.jit(adapter.apply)({"params": params}, h_tgt, h_retr)
+    ref = numpy_adapter(params, h_tgt, h_retr, heads, inner // heads)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_is_invariant_to_neighbour_order_and_accepts_k1():
+    adapter = HSpaceAdapter(num_heads=4)
+    h_tgt, h_retr = randn(0, B, HH, WW, C), randn(1, B, K, HH, WW, C)
+    params = with_random_out(init_adapter(adapter, h_tgt, h_retr))
+    apply = jax.jit(adapter.apply)
+    out = apply({"params": params}, h_tgt, h_retr)
+    np.testing.assert_allclose(apply({"params": params}, h_tgt, h_retr[:, ::-1]), out, rtol=1e-5, atol=1e-5)
+    # A 4-D h_retr is one neighbour.
+    np.testing.assert_array_equal(
+        apply({"params": params}, h_tgt, h_retr[:, 0]), apply({"params": params}, h_tgt, h_retr[:, :1])
+    )
+    assert not np.allclose(apply({"params": params}, h_tgt, h_retr[:, :1]), out)
+
+
+def test_gradients_reach_every_adapter_parameter():
+    adapter = HSpaceAdapter(num_heads=4)
+    h_tgt, h_retr = randn(0, B, HH, WW, C), randn(1, B, K, HH, WW, C)
+    target = randn(2, B, HH, WW, C)
+    fresh = init_adapter(adapter, h_tgt, h_retr)
+
+    def loss(p):
+        h = inject(h_tgt, adapter.apply({"params": p}, h_tgt, h_retr), jnp.array([0.5, 0.8]))
+        return jnp.mean((h - target) ** 2)
+
+    grad = jax.jit(jax.grad(loss))
+    # At init only to_out learns (everything upstream is multiplied by its zero kernel) ...
+    g0 = grad(fresh)
+    assert np.abs(g0["to_out"]["kernel"]).max() > 0 and np.abs(g0["to_out"]["bias"]).max() > 0
+    np.testing.assert_array_equal(g0["to_q"]["kernel"], 0.0)
+    # ... and once it is non-zero, W_Q, W_K, W_V and the norms receive gradient too.
+    g = grad(with_random_out(fresh))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(g):
+        assert np.all(np.isfinite(leaf)), path
+        assert np.abs(leaf).max() > 0, f"zero gradient for {jax.tree_util.keystr(path)}"
+
+
+def test_adapter_rejects_bad_shapes():
+    adapter = HSpaceAdapter(num_heads=5)
+    with pytest.raises(ValueError, match="heads"):
+        adapter.init(jax.random.PRNGKey(0), randn(0, B, HH, WW, C), randn(1, B, K, HH, WW, C))
+    with pytest.raises(ValueError, match="batch/channels"):
+        HSpaceAdapter(num_heads=4).init(
+            jax.random.PRNGKey(0), randn(0, B, HH, WW, C), randn(1, B, K, HH, WW, C + 4)
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Lambda and injection.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_retrieval_lambda_is_mean_cosine_similarity():
+    tgt = np.array([[3.0, 4.0, 0.0], [1.0, 0.0, 0.0]], np.float32)
+    retr = np.array(
+        [
+            [[3.0, 4.0, 0.0], [0.0, 0.0, 2.0], [-6.0, -8.0, 0.0]],  # cos 1, 0, -1
+            [[1.0, 1.0, 0.0], [5.0, 0.0, 0.0], [0.0, 1.0, 0.0]],  # cos 1/sqrt2, 1, 0
+        ],
+        np.float32,
+    )
+    per = np.array([[1.0, 0.0, -1.0], [1 / np.sqrt(2.0), 1.0, 0.0]])
+    np.testing.assert_allclose(retrieval_lambda(tgt, retr, "per_neighbour"), per, atol=1e-6)
+    np.testing.assert_allclose(retrieval_lambda(tgt, retr), per.mean(-1), atol=1e-6)
+    assert retrieval_lambda(tgt, retr).shape == (2,)
+    with pytest.raises(ValueError, match="lambda mode"):
+        retrieval_lambda(tgt, retr, "max")
+
+
+def test_retrieval_lambda_matches_random_hand_computation():
+    tgt, retr = np.asarray(randn(0, 4, 32)), np.asarray(randn(1, 4, 5, 32))
+    ref = np.einsum("bd,bkd->bk", tgt, retr) / (
+        np.linalg.norm(tgt, axis=-1)[:, None] * np.linalg.norm(retr, axis=-1)
+    )
+    np.testing.assert_allclose(retrieval_lambda(tgt, retr, "per_neighbour"), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(retrieval_lambda(tgt, retr), ref.mean(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_inject_scales_delta_per_example():
+    h, d = randn(0, B, HH, WW, C), randn(1, B, HH, WW, C)
+    lam = jnp.array([0.25, -2.0])
+    np.testing.assert_allclose(inject(h, d, lam), h + lam[:, None, None, None] * d, rtol=1e-6)
+    np.testing.assert_allclose(inject(h, d, 0.5), h + 0.5 * d, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Slerp (Eq. 3).
+# ------------------------------------------------------------------------------------------------
+
+
+def numpy_slerp(h_retr, h_tgt, w) -> np.ndarray:
+    """Float64 Eq. 3 on unit vectors, rescaled by the lerped norms (the 'lerp' magnitude mode)."""
+    a = np.asarray(h_retr, np.float64).reshape(len(h_retr), -1)
+    t = np.asarray(h_tgt, np.float64).reshape(len(h_tgt), -1)
+    w = np.broadcast_to(np.asarray(w, np.float64), (len(a),))[:, None]
+    na, nt = np.linalg.norm(a, axis=1, keepdims=True), np.linalg.norm(t, axis=1, keepdims=True)
+    ua, ut = a / na, t / nt
+    om = np.arccos(np.clip((ua * ut).sum(1, keepdims=True), -1, 1))
+    unit = (np.sin((1 - w) * om) * ua + np.sin(w * om) * ut) / np.sin(om)
+    return (((1 - w) * na + w * nt) * unit).reshape(np.shape(h_tgt))
+
+
+def test_slerp_matches_float64_reference():
+    a, t = randn(0, B, HH, WW, C, scale=3.0), randn(1, B, HH, WW, C, scale=7.0)
+    for w in (0.1, 0.5, 0.8, np.array([0.2, 0.9], np.float32)):
+        np.testing.assert_allclose(slerp_blend(a, t, w), numpy_slerp(a, t, w), rtol=1e-5, atol=1e-5)
+
+
+def test_raw_mode_is_literal_eq3_and_equals_lerp_mode_for_equal_norms():
+    a, t = np.asarray(randn(0, B, 64)), np.asarray(randn(1, B, 64))
+    ua = a / np.linalg.norm(a, axis=1, keepdims=True)
+    ut = t / np.linalg.norm(t, axis=1, keepdims=True)
+    om = np.arccos((ua * ut).sum(1, keepdims=True))
+    w = 0.3
+    literal = (np.sin((1 - w) * om) * a + np.sin(w * om) * t) / np.sin(om)
+    np.testing.assert_allclose(slerp_blend(a, t, w, magnitude="raw"), literal, rtol=1e-5, atol=1e-5)
+    a_eq, t_eq = 2.5 * ua, 2.5 * ut
+    np.testing.assert_allclose(
+        slerp_blend(a_eq, t_eq, w), slerp_blend(a_eq, t_eq, w, magnitude="raw"), rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="magnitude"):
+        slerp_blend(a, t, w, magnitude="nope")
+
+
+def test_slerp_endpoints_and_symmetry():
+    a, t = randn(0, B, HH, WW, C, scale=2.0), randn(1, B, HH, WW, C, scale=5.0)
+    np.testing.assert_allclose(slerp_blend(a, t, 1.0), t, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(slerp_blend(a, t, 0.0), a, rtol=1e-6, atol=1e-6)
+    for w in (0.2, 0.5, 0.7):
+        np.testing.assert_allclose(slerp_blend(a, t, w), slerp_blend(t, a, 1.0 - w), rtol=1e-5, atol=1e-5)
+
+
+def test_unit_inputs_stay_on_the_sphere_along_the_geodesic():
+    a, t = np.array(randn(0, B, 48)), np.array(randn(1, B, 48))
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    omega = np.arccos((a * t).sum(1))
+    for w in (0.1, 0.45, 0.9):
+        out = np.asarray(slerp_blend(a, t, w), np.float64)
+        np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+        # Angles from each end split Ω in the ratio (1-w) : w.
+        np.testing.assert_allclose(np.arccos(np.clip((out * a).sum(1), -1, 1)), w * omega, atol=1e-3)
+        np.testing.assert_allclose(np.arccos(np.clip((out * t).sum(1), -1, 1)), (1 - w) * omega, atol=1e-3)
+
+
+def blend_loss(a, t, w):
+    """Scalar of the blend that depends on every output element (for gradient checks)."""
+    return jnp.sum(jnp.sin(slerp_blend(a, t, w)))
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_parallel_and_antiparallel_inputs_are_finite_with_finite_grads(sign):
+    a = randn(0, B, HH, WW, C)
+    t = sign * jnp.array([2.0, 0.5])[:, None, None, None] * a  # exactly (anti)parallel, mixed norms
+    grad = jax.jit(jax.grad(blend_loss, argnums=(0, 1, 2)))
+    for w in (0.0, 0.3, 0.5, 1.0):
+        out = np.asarray(slerp_blend(a, t, w))
+        assert np.all(np.isfinite(out))
+        for g in grad(a, t, jnp.float32(w)):
+            assert np.all(np.isfinite(np.asarray(g)))
+    na = np.linalg.norm(np.asarray(a).reshape(B, -1), axis=1)
+    nt = np.linalg.norm(np.asarray(t).reshape(B, -1), axis=1)
+    out = np.asarray(slerp_blend(a, t, 0.5)).reshape(B, -1)
+    # Both cases keep the lerped norm; parallel is the plain lerp, antiparallel turns by π/2.
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 0.5 * (na + nt), rtol=1e-5)
+    cos_a = (out * np.asarray(a).reshape(B, -1)).sum(1) / (np.linalg.norm(out, axis=1) * na)
+    np.testing.assert_allclose(cos_a, 1.0 if sign > 0 else 0.0, atol=1e-5)
+    np.testing.assert_allclose(slerp_blend(a, t, 1.0), t, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(slerp_blend(a, t, 0.0), a, rtol=1e-5, atol=1e-5)
+
+
+def test_near_parallel_is_continuous_with_the_regular_path():
+    a = randn(0, B, 64)
+    t = a + 1e-3 * randn(1, B, 64)  # Ω ~ 1e-3: regular branch, close to the threshold
+    out = slerp_blend(a, t, 0.4)
+    np.testing.assert_allclose(out, numpy_slerp(a, t, 0.4), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, 0.6 * a + 0.4 * t, rtol=1e-4, atol=1e-4)
+    assert all(np.all(np.isfinite(g)) for g in jax.grad(blend_loss, argnums=(0, 1))(a, t, 0.4))
+
+
+def test_zero_vector_and_dtype_are_safe():
+    a, t = jnp.zeros((B, 8)), randn(1, B, 8)
+    assert np.all(np.isfinite(slerp_blend(a, t, 0.5)))
+    assert all(np.all(np.isfinite(g)) for g in jax.grad(blend_loss, argnums=(0, 1))(a, t, 0.5))
+    out = slerp_blend(randn(0, B, 8).astype(jnp.bfloat16), t.astype(jnp.bfloat16), 0.5)
+    assert out.dtype == jnp.bfloat16

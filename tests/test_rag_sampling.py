@@ -1,0 +1,113 @@
+"""sampling.py's ImageRAGTurbo paths on the tiny random UNet: retrieved H-space, adapter one step,
+direct injection and the per-prompt w search."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imagerag_jax import lora
+from imagerag_jax import sampling as smp
+from imagerag_jax.models.adapter import HSpaceAdapter, retrieval_lambda
+from imagerag_jax.schedule import scaled_linear_schedule
+from imagerag_jax.weights.random_pipeline import random_modules
+
+B, K, S, L = 2, 3, 8, 5
+SCHEDULE = scaled_linear_schedule()
+
+
+def randn(seed: int, *shape: int, scale: float = 1.0) -> jnp.ndarray:
+    """Deterministic float32 normal array."""
+    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """Tiny UNet, inputs, the neighbours' H-space and a fresh adapter."""
+    unet, params = random_modules("tiny")["unet"]
+    d = unet.cross_attention_dim
+    data = dict(
+        noise=randn(0, B, S, S, 4), context=randn(1, B, L, d),
+        retr_latents=randn(2, B, K, S, S, 4), retr_context=randn(3, B, K, L, d),
+    )
+    h_retr = jax.jit(lambda p, x, c: smp.retrieved_hspace(unet, p, x, c))(
+        params, data["retr_latents"], data["retr_context"]
+    )
+    adapter = HSpaceAdapter(num_heads=4)
+    adapter_params = adapter.init(jax.random.PRNGKey(0), h_retr[:, 0], h_retr)["params"]
+    lam = retrieval_lambda(randn(4, B, d), randn(5, B, K, d))
+    return dict(unet=unet, params=params, h_retr=h_retr, adapter=adapter,
+                adapter_params=adapter_params, lam=lam, **data)
+
+
+def base_one_step(unet, params, noise, context, prediction_type="epsilon"):
+    """The plain SD-Turbo one step of sampling.one_step with the whole UNet."""
+    apply_fn = lambda x, t, c: unet.apply({"params": params}, x, t, c)
+    return smp.one_step(apply_fn, noise, context, SCHEDULE, prediction_type)
+
+
+def test_retrieved_hspace_equals_per_neighbour_encode_calls(setup):
+    unet, params, h_retr = setup["unet"], setup["params"], setup["h_retr"]
+    assert h_retr.shape == (B, K, S // 2, S // 2, unet.h_space_channels)
+    encode = jax.jit(lambda x, c: unet.apply({"params": params}, x, jnp.zeros((B,), jnp.int32), c,
+                                             method=unet.encode)[0])
+    for j in range(K):
+        ref = encode(setup["retr_latents"][:, j], setup["retr_context"][:, j])
+        np.testing.assert_allclose(h_retr[:, j], ref, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(h_retr[:, 0], h_retr[:, 1])
+    with pytest.raises(ValueError, match="does not match"):
+        smp.retrieved_hspace(unet, params, setup["retr_latents"], setup["retr_context"][:, :2])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_fresh_adapter_and_zero_lora_give_exactly_the_base_one_step(setup, prediction_type):
+    unet, params, adapter = setup["unet"], setup["params"], setup["adapter"]
+    noise, context = setup["noise"], setup["context"]
+    base = jax.jit(lambda p: base_one_step(unet, p, noise, context, prediction_type))(params)
+    rag = jax.jit(lambda p, ap, lam: smp.imagerag_one_step(
+        unet, p, adapter, ap, noise, context, setup["h_retr"], lam, SCHEDULE, prediction_type))
+    np.testing.assert_array_equal(rag(params, setup["adapter_params"], setup["lam"]), base)
+    lp = lora.init_lora(jax.random.PRNGKey(1), params, lora.DEFAULT_DECODER_PATTERN, 4)
+    merged = lora.merge(params, lp, 4.0, 4)
+    np.testing.assert_array_equal(rag(merged, setup["adapter_params"], setup["lam"]), base)
+    if prediction_type == "epsilon":
+        # A trained (non-zero) adapter edits the output, except where lambda = 0.
+        trained = dict(setup["adapter_params"], to_out={"kernel": randn(6, 64, 64, scale=0.5),
+                                                       "bias": randn(7, 64)})
+        edited = np.asarray(rag(params, trained, setup["lam"]))
+        assert np.all(np.isfinite(edited)) and not np.allclose(edited, base)
+        np.testing.assert_array_equal(rag(params, trained, jnp.zeros((B,))), base)
+
+
+def test_direct_injection_w1_is_base_and_per_example_w(setup):
+    unet, params, noise, context = setup["unet"], setup["params"], setup["noise"], setup["context"]
+    h_single = setup["h_retr"][:, 0]
+    base = jax.jit(lambda p: base_one_step(unet, p, noise, context))(params)
+    inject = jax.jit(lambda w: smp.direct_injection_one_step(
+        unet, params, noise, context, h_single, w, SCHEDULE))
+    np.testing.assert_allclose(inject(jnp.ones((B,))), base, rtol=1e-4, atol=1e-4)
+    mixed = inject(jnp.array([0.3, 0.7]))
+    np.testing.assert_array_equal(mixed[0], inject(jnp.full((B,), 0.3))[0])
+    np.testing.assert_array_equal(mixed[1], inject(jnp.full((B,), 0.7))[1])
+    assert not np.allclose(mixed, base, atol=1e-3)
+
+
+def test_search_picks_the_best_w_per_prompt(setup):
+    unet, params, noise, context = setup["unet"], setup["params"], setup["noise"], setup["context"]
+    h_single = setup["h_retr"][:, 0]
+    target = jax.jit(lambda w: smp.direct_injection_one_step(
+        unet, params, noise, context, h_single, w, SCHEDULE))(jnp.array([0.3, 0.8]))
+    score_fn = lambda x0: -jnp.mean(jnp.abs(x0 - target), axis=(1, 2, 3))
+
+    @jax.jit
+    def search(p):
+        return smp.search_injection_weight(
+            unet, p, noise, context, h_single, SCHEDULE, score_fn, return_scores=True, batch_size=3)
+
+    best_x0, best_w, scores = search(params)
+    assert scores.shape == (len(smp.INJECTION_WEIGHTS), B)
+    np.testing.assert_allclose(best_w, [0.3, 0.8], rtol=1e-6)
+    np.testing.assert_allclose(best_x0, target, rtol=1e-5, atol=1e-5)
+    assert np.all(np.argmax(np.asarray(scores), axis=0) == [2, 7])

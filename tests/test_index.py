@@ -95,6 +95,7 @@ def test_fallback_without_scann(tmp_path, data, scann_index, monkeypatch, caplog
 def test_auto_kind_small_n():
     x = _normalise(np.random.default_rng(2).standard_normal((50, 8)))
     assert Index.build(x).kind == "exact"
+    assert Index.build(x, {"kind": "scann"}).kind == "exact"  # too small for AH codebooks
     ids, scores = Index.build(x).search(x[:2], 100)  # k > N pads
     assert ids.shape == (2, 100) and (ids[:, 50:] == -1).all() and np.isneginf(scores[:, 50:]).all()
 

@@ -22,13 +22,30 @@ FEATS = jax.jit(lambda v, a: MODULE.apply(v, a, method=MODULE.features))
 SHAPE = (2, 16, 16, 4)
 
 
+def normal(seed: int, *shape: int) -> jnp.ndarray:
+    """Standard normal test data from numpy (compiling jax.random on CPU costs seconds per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32))
+
+
+def numpy_variables(seed: int = 2):
+    """Random variables for MODULE: conv kernels ~ N(0, 1/fan_in), positive heads and BN variances."""
+    shapes = jax.eval_shape(MODULE.init, jax.random.PRNGKey(0), jnp.zeros(SHAPE), jnp.zeros(SHAPE))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name.startswith("lin") or name == "var":
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32))
+        fan_in = int(np.prod(leaf.shape[:-1])) if name == "kernel" else 1
+        return jnp.asarray(rng.standard_normal(leaf.shape, dtype=np.float32) / np.sqrt(fan_in))
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 @pytest.fixture(scope="module")
 def small():
     """A small random LatentLPIPS and two latent batches."""
-    x = jax.random.normal(jax.random.PRNGKey(0), SHAPE)
-    y = jax.random.normal(jax.random.PRNGKey(1), SHAPE)
-    variables = jax.jit(MODULE.init)(jax.random.PRNGKey(2), x, y)
-    return MODULE, variables, x, y
+    return MODULE, numpy_variables(), normal(0, *SHAPE), normal(1, *SHAPE)
 
 
 def test_distance_properties(small):
@@ -83,7 +100,7 @@ def test_key_table_matches_torchvision_indices():
 
 
 def test_augment_same_transform_on_both():
-    x = jax.random.normal(jax.random.PRNGKey(4), (6, 12, 12, 4))
+    x = normal(4, 6, 12, 12, 4)
     ax, ay = ll.random_augment(jax.random.PRNGKey(5), x, 2.0 * x)
     # Every operation is linear and shared: aug(2x) == 2 aug(x) only if the draws coincide.
     np.testing.assert_allclose(np.asarray(ay), 2.0 * np.asarray(ax), rtol=1e-6)
@@ -99,7 +116,7 @@ def test_augment_identical_inputs_give_zero_distance(small):
 
 
 def test_translation_and_cutout_change_the_input():
-    x = jax.random.normal(jax.random.PRNGKey(7), (8, 16, 16, 4)) + 3.0  # no zeros in x
+    x = normal(7, 8, 16, 16, 4) + 3.0  # no zeros in x
     key = jax.random.PRNGKey(8)
     moved, _ = ll.random_augment(key, x, x, flip=False, translate=0.25, cutout=0.0)
     assert not np.allclose(np.asarray(moved), np.asarray(x))
@@ -113,7 +130,7 @@ def test_translation_and_cutout_change_the_input():
 
 
 def test_flip_is_flip_or_identity():
-    x = jax.random.normal(jax.random.PRNGKey(9), (16, 6, 6, 2))
+    x = normal(9, 16, 6, 6, 2)
     out, _ = ll.random_augment(jax.random.PRNGKey(10), x, x, translate=0.0, cutout=0.0)
     same = [np.array_equal(out[i], x[i]) for i in range(16)]
     flipped = [np.array_equal(out[i], x[i, :, ::-1]) for i in range(16)]
@@ -121,8 +138,8 @@ def test_flip_is_flip_or_identity():
 
 
 def test_augment_jit_and_gradient():
-    x = jax.random.normal(jax.random.PRNGKey(11), (3, 8, 8, 4))
-    weights = jax.random.normal(jax.random.PRNGKey(12), x.shape)
+    x = normal(11, 3, 8, 8, 4)
+    weights = normal(12, *x.shape)
     f = jax.jit(lambda k, a: jnp.sum(ll.random_augment(k, a, a)[0] * weights))
     grad = jax.grad(f, argnums=1)(jax.random.PRNGKey(13), x)
     assert np.all(np.isfinite(np.asarray(grad)))

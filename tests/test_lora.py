@@ -28,12 +28,12 @@ def randn(seed: int, *shape: int, scale: float = 1.0) -> jnp.ndarray:
 
 def randomise_b(lora_params, seed: int = 0, scale: float = 0.1):
     """The same LoRA tree with non-zero B matrices."""
-    leaves, tree = jax.tree_util.tree_flatten_with_path(lora_params)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(lora_params)
     new = [
         randn(seed + i, *x.shape, scale=scale) if jax.tree_util.keystr(p).endswith("['b']") else x
         for i, (p, x) in enumerate(leaves)
     ]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(lora_params), new)
+    return jax.tree_util.tree_unflatten(treedef, new)
 
 
 def test_default_pattern_selects_decoder_attention_ff_and_resnet_convs(tiny_unet):
@@ -41,17 +41,18 @@ def test_default_pattern_selects_decoder_attention_ff_and_resnet_convs(tiny_unet
     paths = lora.select_paths(params, lora.DEFAULT_DECODER_PATTERN)
     assert all(p.startswith("up_blocks_") and p.endswith("/kernel") for p in paths)
     # The layer each path names, relative to its transformer block or resnet.
-    kinds = {re.sub(r"^up_blocks_\d+/(attentions_\d+/transformer_blocks_\d+|resnets_\d+)/", "", p)[: -len("/kernel")]
-             for p in paths}
+    owner = r"^up_blocks_\d+/(attentions_\d+/transformer_blocks_\d+|resnets_\d+)/"
+    kinds = {re.sub(owner, "", p)[: -len("/kernel")] for p in paths}
     attn = {f"{a}/{proj}" for a in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out_0")}
     assert kinds == attn | {"ff/net_0/proj", "ff/net_2", "conv1", "conv2"}
     # Every such kernel of the decoder is covered; nothing of the encoder or mid block.
     flat = lora.flatten(params)
-    expected = {p for p in flat if re.match(r"up_blocks_\d+/resnets_\d+/conv[12]/kernel$", p)}
-    expected |= {p for p in flat if re.match(r"up_blocks_\d+/attentions_\d+/.*(to_[qkv]|to_out_0|net_0/proj|net_2)/kernel$", p)}
-    assert set(paths) == expected
+    wanted = (r"^up_blocks_\d+/(resnets_\d+/conv[12]"
+              r"|attentions_\d+/.*/(to_[qkv]|to_out_0|net_0/proj|net_2))/kernel$")
+    assert set(paths) == {p for p in flat if re.match(wanted, p)}
     assert any(p.startswith("up_blocks_0/resnets_") for p in paths)  # the plain UpBlock2D too
-    assert not any(s in p for p in paths for s in ("mid_block", "down_blocks", "conv_shortcut", "proj_in", "norm"))
+    excluded = ("mid_block", "down_blocks", "conv_shortcut", "proj_in", "norm", "time_emb")
+    assert not any(s in p for p in paths for s in excluded)
 
 
 def test_init_shapes_zero_b_and_bitwise_identity_merge(tiny_unet):

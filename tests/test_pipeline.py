@@ -189,6 +189,10 @@ MESH_SCRIPT = """
     assert b["latent"].dtype == np.float32 and b["example_id"].dtype == np.int32
     b = next(pipeline.InputPipeline(data_dir, "train", 16, mesh=mesh, batch_axes=("data",)))
     assert {{s.data.shape[0] for s in b["latent"].addressable_shards}} == {{8}}
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    b = next(pipeline.InputPipeline(data_dir, "train", 16, sharding=sharding, dtype=jax.numpy.bfloat16))
+    assert b["latent"].sharding == sharding and b["latent"].dtype == jax.numpy.bfloat16
+    assert {{s.data.shape[0] for s in b["latent"].addressable_shards}} == {{4}}
     print("MESH OK")
 """
 

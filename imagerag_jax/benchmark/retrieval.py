@@ -133,6 +133,16 @@ def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
     res["speedup_b256"] = res["scann_qps_b256"] / res["exact_qps_b256"]
     res["speedup_b1"] = res["scann_qps_b1"] / res["exact_qps_b1"]
     res["process_rss_gib"] = (common.rss_bytes() - base) / 2**30
+    sweep = []
+    for leaves in (int(s) for s in args.sweep.split(",") if s):
+        # leaves_to_search is a query-time parameter: reuse the built searcher.
+        scann.config = {**scann.config, "leaves_to_search": leaves}
+        ids, _ = scann.search(queries, args.k)
+        sweep.append({"leaves_to_search": leaves,
+                      "recall_at_k": index_lib.recall_at_k(ids, exact_ids, args.k),
+                      "qps_b256": _time_batches(s_search, queries, 256),
+                      "latency_ms": _latency_ms(s_search, queries, 300)})
+    res["sweep"] = sweep
     res["bars"] = {"recall_ge_0.95": res["recall_at_k"] >= 0.95,
                    "b256_speedup_ge_10x": res["speedup_b256"] >= 10,
                    "latency_lt_2ms": res["scann_latency_ms"] < 2.0}
@@ -151,6 +161,11 @@ def _print(res: dict[str, Any]) -> None:
     print(f"  batch 1:   ScaNN {res['scann_latency_ms']:.3f} ms ({res['scann_qps_b1']:,.0f} q/s), "
           f"exact {res['exact_latency_ms']:.1f} ms -> {res['speedup_b1']:.0f}x")
     print(f"  bars: {res['bars']}")
+    for s in res["sweep"]:
+        print(f"  leaves_to_search {s['leaves_to_search']:4d}: recall@{res['k']} "
+              f"{s['recall_at_k']:.4f}, batch 256 {s['qps_b256']:,.0f} q/s "
+              f"({s['qps_b256'] / res['exact_qps_b256']:.1f}x exact), "
+              f"single {s['latency_ms']:.3f} ms")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -166,6 +181,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--leaves_to_search", type=int)
     p.add_argument("--reorder_k", type=int)
     p.add_argument("--dims_per_block", type=int)
+    p.add_argument("--sweep", default="", help="also evaluate these leaves_to_search values")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     print(f"machine: {common.machine_description()}")

@@ -56,11 +56,11 @@ class InputPipeline:
     """Iterator of batches (global jax.Arrays with `mesh`, else host-local numpy dicts).
 
     Args:
-      data_dir: directory of a TFRecord set written by `data.tfrecords` (manifest + shards).
-      split: e.g. "train".
-      global_batch_size: batch over all processes; each host reads global / process_count.
-      mesh: shard the batch over `batch_axes` of this mesh; None yields host-local numpy arrays.
-      batch_axes: mesh axes of the batch dimension (default: all mesh axes).
+        data_dir: directory of a TFRecord set written by `data.tfrecords` (manifest + shards).
+        split: e.g. "train".
+        global_batch_size: batch over all processes; each host reads global / process_count.
+        mesh: shard the batch over `batch_axes` of this mesh; None yields host-local numpy arrays.
+        batch_axes: mesh axes of the batch dimension (default: all mesh axes).
     sharding: instead of mesh/batch_axes, the sharding of every batch array (leading dim = batch).
       seed: shuffling seed (file order and record buffer).
       shuffle_buffer: serialised records in the shuffle buffer (memory: buffer x record size).

@@ -368,12 +368,12 @@ def validate_manifest(data_dir: str, *, split: str | None = None,
     """Checks the manifest before reading: format, schema version, shapes/dtypes, k, files.
 
     Args:
-      data_dir: directory holding manifest.json and the shards.
-      split: if given, it must be present (and its files are checked).
-      expected: a `Schema`, or a mapping with any of its fields (e.g. {"k": 4}), that must match.
-      check_files: every shard exists and has the recorded byte size (catches truncation).
+        data_dir: directory holding manifest.json and the shards.
+        split: if given, it must be present (and its files are checked).
+        expected: a `Schema`, or a mapping with any of its fields (e.g. {"k": 4}), that must match.
+        check_files: every shard exists and has the recorded byte size (catches truncation).
     Returns:
-      The manifest dict.
+        The manifest dict.
     """
     m = read_manifest(data_dir)
     where = os.path.join(data_dir, MANIFEST)

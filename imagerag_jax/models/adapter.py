@@ -133,7 +133,7 @@ def _safe_unit(x: jax.Array, norm: jax.Array) -> jax.Array:
 
 
 def _perpendicular(u: jax.Array) -> jax.Array:
-    """A deterministic unit vector orthogonal to each row of u (B,n): Gram-Schmidt of e_j, j = argmin |u_j|."""
+    """A fixed unit vector orthogonal to each row of u (B,n): Gram-Schmidt of e_j, j = argmin |u_j|."""
     j = jnp.argmin(jnp.abs(u), axis=-1)
     e = jax.nn.one_hot(j, u.shape[-1], dtype=u.dtype)
     # |u_j| <= 1/sqrt(n), so e - u_j u has squared norm 1 - u_j^2 > 0 whenever n >= 2.

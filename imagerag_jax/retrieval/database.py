@@ -119,9 +119,9 @@ class DatabaseWriter:
 
     Usage (the builder job)::
 
-      with DatabaseWriter(path, spec, source="digits/database", text_encoder=..., vae=...) as w:
-        for batch in batches_after(w.count):      # skip what an earlier, killed run committed
-          w.append(captions, latents, prompt_embeds, pooled, ids)
+        with DatabaseWriter(path, spec, source="digits/database", text_encoder=..., vae=...) as w:
+            for batch in batches_after(w.count):  # skip what an earlier, killed run committed
+                w.append(captions, latents, prompt_embeds, pooled, ids)
 
     A fresh directory is created; an existing one is resumed when its manifest matches `spec` and the
     identity strings (else `DatabaseError`), or wiped when `overwrite=True`.
@@ -207,11 +207,11 @@ class DatabaseWriter:
         """Appends and commits one batch; pooled embeddings are L2-normalised here.
 
         Args:
-          captions: B strings.
-          latents: [B, H, W, C] VAE latents (cast to float16).
-          prompt_embeds: [B, L, D] text-encoder hidden states (cast to float16).
-          pooled: [B, D] pooled text embeddings (normalised, stored float32).
-          ids: B stable int64 ids; default: consecutive from the current count.
+            captions: B strings.
+            latents: [B, H, W, C] VAE latents (cast to float16).
+            prompt_embeds: [B, L, D] text-encoder hidden states (cast to float16).
+            pooled: [B, D] pooled text embeddings (normalised, stored float32).
+            ids: B stable int64 ids; default: consecutive from the current count.
         """
         b = len(captions)
         if ids is None:

@@ -180,11 +180,11 @@ class Index:
         """Top-k (ids [Q, k] int64, scores [Q, k] float32), best first.
 
         Args:
-          queries: [Q, D] embeddings (or Q strings for BM25); a single [D] query is promoted to [1, D].
-          k: neighbours per query.
-          exclude_ids: [Q] or [Q, m] ids to drop per query (e.g. the example's own id; -1 pads).
-          drop_score_above: also drop results scoring >= this (exact duplicates of the query, e.g.
-            the same caption under another id); e.g. 1 - 1e-4 for normalised embeddings.
+            queries: [Q, D] embeddings (or Q strings for BM25); a single [D] query is promoted to [1, D].
+            k: neighbours per query.
+            exclude_ids: [Q] or [Q, m] ids to drop per query (e.g. the example's own id; -1 pads).
+            drop_score_above: also drop results scoring >= this (exact duplicates of the query, e.g.
+              the same caption under another id); e.g. 1 - 1e-4 for normalised embeddings.
         Rows with fewer than k survivors are padded with id -1 and score -inf.
         """
         single = isinstance(queries, str) or (

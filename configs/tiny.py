@@ -83,7 +83,7 @@ def get_config(arg=None):
     config.async_checkpoints = True
     config.sample_every = 30  # 0: never (the last step always gets one when > 0)
     config.num_samples = 4
-    config.debug_nan_step = -1  # >= 0: poison the generator loss at that step (tests)
+    config.debug_nan_step = -1  # >= 0: NaN target latents at that step (tests the NaN stop)
 
     config.lock()
     return config

@@ -2,6 +2,7 @@
 
 Subcommands:
   generate   text-to-image with a local SD 2.x / SD-Turbo checkpoint (diffusers folder or single file)
+  train      ImageRAGTurbo training: --config configs/X.py --workdir DIR [--config.field=value]
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import tempfile
 import time
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("weights", None, "diffusers pipeline folder or single-file .safetensors/.ckpt; "
@@ -28,8 +30,21 @@ flags.DEFINE_integer("width", None, "image width in pixels (default: height)")
 flags.DEFINE_string("out", "out.png", "output PNG (a grid when --batch > 1)")
 flags.DEFINE_string("tokenizer", None, "tokenizer folder (needed with a single-file checkpoint)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+config_flags.DEFINE_config_file("config", None, "train: ml_collections config file (configs/*.py[:arg])",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "train: checkpoints, metrics and samples go here (resumes)")
 
-SUBCOMMANDS = ("generate",)
+SUBCOMMANDS = ("generate", "train")
+
+
+def train() -> None:
+    """Run train_and_evaluate(config, workdir); SIGTERM saves a checkpoint and exits cleanly."""
+    if FLAGS.config is None or FLAGS.workdir is None:
+        raise app.UsageError("train needs --config configs/X.py and --workdir DIR")
+    from imagerag_jax import train as train_lib
+
+    train_lib.initialize_distributed()
+    train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 def generate() -> str:
@@ -86,7 +101,7 @@ def main(argv: list[str]) -> None:
     from imagerag_jax.weights import WeightLoadError
 
     try:
-        {"generate": generate}[argv[1]]()
+        {"generate": generate, "train": train}[argv[1]]()
     except WeightLoadError as e:
         # A wrong path or checkpoint is a user error: one clear message, no traceback.
         print(f"error: {e}", file=sys.stderr)

@@ -73,12 +73,18 @@ TEACHER_DECODER_KEYS = ("conv_norm_out", "conv_out")
 # ---------------------------------------------------------------------------------------------
 
 
+_TINY_CACHE: dict[int, dict[str, tuple[Any, PyTree]]] = {}
+
+
 def _random_tower(name: str, preset: str, seed: int) -> tuple[Any, PyTree]:
     """(module, random params) of a preset: 'tiny' (random_pipeline) or 'sd21' (SD 2.x sizes)."""
     from imagerag_jax.weights import random_pipeline
 
     if preset == "tiny":
-        return random_pipeline.random_modules("tiny", seed)[name]
+        # Kept per process (a few MB): building them traces every tower, seconds per run.
+        if seed not in _TINY_CACHE:
+            _TINY_CACHE[seed] = random_pipeline.random_modules("tiny", seed)
+        return _TINY_CACHE[seed][name]
     if preset != "sd21":
         raise ValueError(f"unknown random_preset {preset!r}; expected 'tiny' or 'sd21'")
     from imagerag_jax.models.vae import AutoencoderKL
@@ -383,8 +389,7 @@ class Trainer:
             make_train_step(self.setup, self.schedule, self.mesh, self.rules, self.gen_tx,
                             self.disc_tx, remat=self.config.remat,
                             lambda_mode=self.config.lambda_mode,
-                            lpips_augment=bool(self.config.lpips_augment),
-                            nan_step=int(self.config.debug_nan_step)),
+                            lpips_augment=bool(self.config.lpips_augment)),
             in_shardings=(state_sh, self.frozen_shardings, self.batch_shardings(fields)),
             out_shardings=(state_sh, self.replicated),
             donate_argnums=(0,),
@@ -446,8 +451,8 @@ def compiled_flops(compiled: Any) -> float:
 def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: jax.sharding.Mesh,
                     rules: Sequence[tuple[str, Any]], gen_tx: optax.GradientTransformation,
                     disc_tx: optax.GradientTransformation, *, remat: str = "none",
-                    lambda_mode: str = "mean", lpips_augment: bool = True,
-                    nan_step: int = -1) -> Callable[[State, PyTree, PyTree], tuple[State, dict]]:
+                    lambda_mode: str = "mean",
+                    lpips_augment: bool = True) -> Callable[[State, PyTree, PyTree], tuple[State, dict]]:
     """The pure train step `(state, frozen, batch) -> (state, metrics)` (see the module docstring)."""
     policy = REMAT_POLICIES[remat]
     maybe_remat = (lambda f: f) if policy is None else (lambda f: jax.checkpoint(f, policy=policy))
@@ -521,8 +526,6 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
             distill = losses.smooth_l1(z_hat, z0)
             lp = lpips_fn(frozen["lpips"], z_hat, z0, k_lpips) if lpips_fn is not None else jnp.zeros(())
             total = losses.generator_loss(adv, distill, lp, s.alpha, s.beta)
-            if nan_step >= 0:  # test hook: poison this step's loss (and so its gradients)
-                total = total * jnp.where(step == nan_step, jnp.nan, 1.0)
             aux = dict(adv=adv, distill=distill, lpips=lp, ratio=ratio, z_hat=z_hat, stages=stages)
             return total, aux
 
@@ -728,6 +731,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
                     logging.warning("preempted: saved step %d, exiting", step)
                     break
                 batch = next(it)
+                if step == config.debug_nan_step:  # test hook; the compiled step stays the same
+                    batch = _poison(batch)
                 state, metrics = train_step(state, trainer.frozen, batch)
                 # Check the previous step while this one runs (no host sync on the critical path).
                 if pending is not None:
@@ -762,6 +767,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
         ckpt.close()
         writer.flush()
     return state
+
+
+@jax.jit
+def _poison(batch: PyTree) -> PyTree:
+    """The batch with NaN target latents (debug_nan_step): loss and gradients become NaN."""
+    return {**batch, "latent": batch["latent"] * jnp.nan}
 
 
 def _check_frozen(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:

@@ -75,7 +75,8 @@ def test_variable_collections(setup):
     variables = setup[2]
     assert set(variables) == {"params", "batch_stats"}
     n_stages = len(setup[0].block_out_channels) + 1
-    assert sorted(k for k in variables["params"] if k.startswith("head_")) == [f"head_{k}" for k in range(n_stages)]
+    heads = sorted(k for k in variables["params"] if k.startswith("head_"))
+    assert heads == [f"head_{k}" for k in range(n_stages)]
     stats = variables["batch_stats"]["head_0"]["sn_conv_0"]
     assert stats["conv_0/kernel/u"].shape == (1, HEADS.hidden) and stats["conv_0/kernel/sigma"].shape == ()
 

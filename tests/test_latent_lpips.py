@@ -70,7 +70,9 @@ def test_default_network_is_vgg16_bn_layout():
     x = jnp.zeros((1, 16, 16, 4))
     shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), x, x)
     params = shapes["params"]
-    convs = sorted(int(k.split("_")[1]) for k, v in params.items() if k.startswith("features") and "kernel" in v)
+    convs = sorted(
+        int(k.split("_")[1]) for k, v in params.items() if k.startswith("features") and "kernel" in v
+    )
     assert convs == [0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40]
     assert params["features_0"]["kernel"].shape == (3, 3, 4, 64)
     assert params["features_40"]["kernel"].shape == (3, 3, 512, 512)
@@ -127,6 +129,14 @@ def test_translation_and_cutout_change_the_input():
     assert zeros.any(axis=(1, 2, 3)).all()  # a box is cut from every example
     assert zeros.mean() <= 0.25 + 1e-6  # at most an (H/2 x W/2) box
     np.testing.assert_array_equal(np.asarray(cut)[~zeros], np.asarray(x)[~zeros])
+
+
+def test_augment_draws_cover_their_ranges():
+    params = ll._draw(jax.random.PRNGKey(14), 4000, 10, 12, (2, 3))
+    shift, center, flip = (np.asarray(a) for a in (params.shift, params.cut_center, params.flip))
+    assert set(shift[:, 0]) == set(range(-2, 3)) and set(shift[:, 1]) == set(range(-3, 4))
+    assert set(center[:, 0]) == set(range(10)) and set(center[:, 1]) == set(range(12))
+    assert 0.45 < flip.mean() < 0.55
 
 
 def test_flip_is_flip_or_identity():
@@ -253,6 +263,8 @@ def test_converter_rejects_wrong_layouts():
         ll.convert_elatentlpips_state_dict({k: v for k, v in sd.items() if k != "lin2.model.1.weight"})
     with pytest.raises(ValueError):
         ll.convert_elatentlpips_state_dict({**sd, "net.slice9.0.weight": np.zeros((1, 1, 1, 1))})
+    # Augmentation-pipe buffers of a constructed ELatentLPIPS module are not weights.
+    ll.convert_elatentlpips_state_dict({**sd, "augment.p": np.ones(()), "augment.Hz_geom": np.ones(12)})
     # A DataParallel 'module.' prefix is accepted.
     prefixed = ll.convert_elatentlpips_state_dict({"module." + k: v for k, v in sd.items()})
     plain = ll.convert_elatentlpips_state_dict(sd)

@@ -32,7 +32,8 @@ def test_hinge_g_loss_hand_computed():
 def test_hinge_sums_stages():
     # Duplicating the stages doubles the loss: stage terms are summed, not averaged.
     assert float(losses.hinge_g_loss(jnp.concatenate([FAKE, FAKE], 1))) == pytest.approx(1.0)
-    assert float(losses.hinge_d_loss(jnp.concatenate([REAL, REAL], 1), jnp.concatenate([FAKE, FAKE], 1))) == pytest.approx(7.5)
+    real2, fake2 = jnp.concatenate([REAL, REAL], 1), jnp.concatenate([FAKE, FAKE], 1)
+    assert float(losses.hinge_d_loss(real2, fake2)) == pytest.approx(7.5)
 
 
 def test_smooth_l1_three_regimes():
@@ -61,7 +62,9 @@ def test_generator_loss_weighting():
     # Eq. 10 with the paper's alpha=2.5, beta=1: 0.3 + 2.5*0.2 + 1*0.4
     assert float(losses.generator_loss(0.3, 0.2, 0.4)) == pytest.approx(1.2)
     assert float(losses.generator_loss(0.3, 0.2, 0.4, alpha=1.0, beta=0.0)) == pytest.approx(0.5)
-    parts = losses.generator_loss_parts(jnp.float32(0.3), jnp.float32(0.2), jnp.float32(0.4), alpha=2.0, beta=3.0)
+    parts = losses.generator_loss_parts(
+        jnp.float32(0.3), jnp.float32(0.2), jnp.float32(0.4), alpha=2.0, beta=3.0
+    )
     assert float(parts.total) == pytest.approx(0.3 + 0.4 + 1.2)
     assert (float(parts.adv), float(parts.distill), float(parts.lpips)) == pytest.approx((0.3, 0.2, 0.4))
 
@@ -85,7 +88,8 @@ def test_latent_lpips_loss_hand_computed():
     x = jnp.zeros((2, 2, 2, 1))
     y = jnp.stack([jnp.ones((2, 2, 1)), 2 * jnp.ones((2, 2, 1))])
     # Per example 4 * 1^2 = 4 and 4 * 2^2 = 16 -> batch mean 10 (times the stand-in scale 1).
-    loss = losses.latent_lpips_loss(_SquaredDistance(), {"scale": 1.0}, x, y, jax.random.PRNGKey(0), augment=False)
+    rng = jax.random.PRNGKey(0)
+    loss = losses.latent_lpips_loss(_SquaredDistance(), {"scale": 1.0}, x, y, rng, augment=False)
     assert float(loss) == pytest.approx(10.0)
 
 

@@ -12,6 +12,7 @@ MODEL_BENCHMARKS = ("unet", "vae", "text", "pipeline")
 OTHER_BENCHMARKS = {
     "retrieval": "imagerag_jax.benchmark.retrieval",
     "input": "imagerag_jax.benchmark.input",
+    "train": "imagerag_jax.benchmark.train",
 }
 
 

@@ -48,7 +48,8 @@ class StageHead(nn.Module):
         x = feature.astype(self.dtype)
         for j in range(self.num_convs):
             conv = nn.Conv(self.hidden, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=f"conv_{j}")
-            x = nn.SpectralNorm(conv, n_steps=self.power_iterations, name=f"sn_conv_{j}")(x, update_stats=update_stats)
+            sn = nn.SpectralNorm(conv, n_steps=self.power_iterations, name=f"sn_conv_{j}")
+            x = sn(x, update_stats=update_stats)
             x = nn.leaky_relu(x, 0.2)
         phi = jnp.mean(x, axis=(1, 2))  # (B, hidden)
         unconditional = nn.Dense(1, dtype=self.dtype, name="out")(phi)[:, 0]

@@ -43,11 +43,20 @@ VGG16_CONVS = (2, 2, 3, 3, 3)
 VGG16_POOLS = (False, False, False, True, True)
 NORMALIZE_EPS = 1e-8  # elatentlpips.normalize_tensor: x / sqrt(sum_c x^2 + eps)
 BN_EPS = 1e-5
+IGNORED_SUFFIXES = ("num_batches_tracked",)
+IGNORED_PREFIXES = ("augment.",)
 
 
 # ---------------------------------------------------------------------------------------------
 # Key layout: torchvision vgg16_bn ``features`` indices inside E-LatentLPIPS' ``net.slice{k}``.
 # ---------------------------------------------------------------------------------------------
+
+
+TENSORS_PER_KIND = {
+    "conv": ("weight", "bias"),
+    "bn": ("weight", "bias", "running_mean", "running_var"),
+    "lin": ("weight",),
+}
 
 
 class KeyEntry(NamedTuple):
@@ -115,7 +124,9 @@ class LatentLPIPS(nn.Module):
         convs, norms = {}, {}
         for width, pairs in zip(self.widths, feature_layout(self.convs_per_stage)):
             for conv_i, bn_i in pairs:
-                convs[conv_i] = nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=f"features_{conv_i}")
+                convs[conv_i] = nn.Conv(
+                    width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=f"features_{conv_i}"
+                )
                 norms[conv_i] = nn.BatchNorm(
                     use_running_average=True, epsilon=BN_EPS, dtype=self.dtype, name=f"features_{bn_i}"
                 )
@@ -262,7 +273,8 @@ def convert_elatentlpips_state_dict(
     """E-LatentLPIPS torch state dict -> {'params', 'batch_stats'} for ``LatentLPIPS``.
 
     Follows ``elatentlpips_key_table``; raises KeyError listing missing keys and ValueError on
-    unused ones (``num_batches_tracked`` is ignored).
+    unused ones (``num_batches_tracked`` and the augmentation pipe's ``augment.*`` buffers, present
+    when a constructed ``ELatentLPIPS`` module's state dict was saved, are ignored).
     """
     sd = _strip_prefix(state_dict)
     params: dict[str, Any] = {}
@@ -275,17 +287,15 @@ def convert_elatentlpips_state_dict(
 
     table = elatentlpips_key_table(convs_per_stage)
     missing = [
-        f"{e.torch_prefix}.{s}"
-        for e in table
-        for s in {"conv": ("weight", "bias"), "bn": ("weight", "bias", "running_mean", "running_var"), "lin": ("weight",)}[e.kind]
-        if f"{e.torch_prefix}.{s}" not in sd
+        f"{e.torch_prefix}.{s}" for e in table for s in TENSORS_PER_KIND[e.kind] if f"{e.torch_prefix}.{s}" not in sd
     ]
     if missing:
         raise KeyError(f"E-LatentLPIPS checkpoint lacks {len(missing)} keys, e.g. {missing[:4]}")
     for e in table:
         p = e.torch_prefix
         if e.kind == "conv":  # OIHW -> HWIO
-            params[e.flax_name] = {"kernel": take(p + ".weight").transpose(2, 3, 1, 0), "bias": take(p + ".bias")}
+            kernel = take(p + ".weight").transpose(2, 3, 1, 0)
+            params[e.flax_name] = {"kernel": kernel, "bias": take(p + ".bias")}
         elif e.kind == "bn":
             params[e.flax_name] = {"scale": take(p + ".weight"), "bias": take(p + ".bias")}
             stats[e.flax_name] = {"mean": take(p + ".running_mean"), "var": take(p + ".running_var")}
@@ -294,7 +304,8 @@ def convert_elatentlpips_state_dict(
             if (weight < 0).any():
                 logging.warning("latent LPIPS head %s has negative weights; distances may be < 0", p)
             params[e.flax_name] = weight
-    unused = [k for k in sd if k not in used and not k.endswith("num_batches_tracked")]
+    ignored = lambda k: k.endswith(IGNORED_SUFFIXES) or k.startswith(IGNORED_PREFIXES)
+    unused = [k for k in sd if k not in used and not ignored(k)]
     if unused:
         raise ValueError(f"unexpected keys in E-LatentLPIPS checkpoint: {unused[:8]}")
     to_jnp = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)

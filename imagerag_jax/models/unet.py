@@ -21,13 +21,13 @@ CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
 
 
-class DownBlock(nn.Module):
-    """Resnets (each followed by a transformer when ``cross``) and an optional downsampler."""
+class _Block(nn.Module):
+    """Fields shared by the down and up blocks: resnets, optional transformers, a resampler."""
 
     out_channels: int
     num_layers: int
     cross: bool
-    add_downsample: bool
+    resample: bool
     heads: int
     dim_head: int
     use_linear_projection: bool
@@ -36,46 +36,38 @@ class DownBlock(nn.Module):
     groups: int = 32
     eps: float = 1e-5
     dtype: Dtype = jnp.float32
+
+    def resnet_and_attention(self, i: int, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
+        """Layer i: a resnet, then the block's transformer when it has cross-attention."""
+        x = layers.ResnetBlock(self.out_channels, self.groups, self.eps, dtype=self.dtype,
+                               name=f"resnets_{i}")(x, temb)
+        return _transformer(self, f"attentions_{i}")(x, context) if self.cross else x
+
+
+class DownBlock(_Block):
+    """Resnets (each followed by a transformer when ``cross``) and an optional downsampler."""
 
     @nn.compact
     def __call__(self, x, temb, context) -> tuple[jax.Array, list[jax.Array]]:
         skips = []
         for i in range(self.num_layers):
-            x = layers.ResnetBlock(self.out_channels, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
-            if self.cross:
-                x = _transformer(self, f"attentions_{i}")(x, context)
+            x = self.resnet_and_attention(i, x, temb, context)
             skips.append(x)
-        if self.add_downsample:
+        if self.resample:
             x = layers.Downsample(self.out_channels, dtype=self.dtype, name="downsamplers_0")(x)
             skips.append(x)
         return x, skips
 
 
-class UpBlock(nn.Module):
+class UpBlock(_Block):
     """Resnets over [x, skip] concatenations (each followed by a transformer) and an upsampler."""
-
-    out_channels: int
-    num_layers: int
-    cross: bool
-    add_upsample: bool
-    heads: int
-    dim_head: int
-    use_linear_projection: bool
-    upcast_attention: bool
-    attention_impl: str
-    groups: int = 32
-    eps: float = 1e-5
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, skips: Sequence[jax.Array], temb, context) -> jax.Array:
         skips = list(skips)
         for i in range(self.num_layers):
-            x = jnp.concatenate([x, skips.pop()], axis=-1)
-            x = layers.ResnetBlock(self.out_channels, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
-            if self.cross:
-                x = _transformer(self, f"attentions_{i}")(x, context)
-        if self.add_upsample:
+            x = self.resnet_and_attention(i, jnp.concatenate([x, skips.pop()], axis=-1), temb, context)
+        if self.resample:
             x = layers.Upsample(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
         return x
 
@@ -158,7 +150,7 @@ class UNet(nn.Module):
         self.down_blocks = [
             DownBlock(
                 boc[i], self.layers_per_block, self.down_block_types[i] == CROSS_DOWN,
-                add_downsample=i < n - 1, heads=heads[i], dim_head=boc[i] // heads[i], **common,
+                resample=i < n - 1, heads=heads[i], dim_head=boc[i] // heads[i], **common,
             )
             for i in range(n)
         ]
@@ -167,7 +159,7 @@ class UNet(nn.Module):
         self.up_blocks = [
             UpBlock(
                 rev_boc[i], self.layers_per_block + 1, self.up_block_types[i] == CROSS_UP,
-                add_upsample=i < n - 1, heads=rev_heads[i], dim_head=rev_boc[i] // rev_heads[i],
+                resample=i < n - 1, heads=rev_heads[i], dim_head=rev_boc[i] // rev_heads[i],
                 **common,
             )
             for i in range(n)

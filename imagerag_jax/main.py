@@ -2,6 +2,9 @@
 
 Subcommands:
   generate   text-to-image with a local SD 2.x / SD-Turbo checkpoint (diffusers folder or single file)
+  build-db   encode an image-text source into the retrieval database and index:
+             --config configs/precompute_digits.py --workdir DIR
+  precompute TFRecord shards of training pairs with their retrieved neighbours (same flags)
   train      ImageRAGTurbo training: --config configs/X.py --workdir DIR [--config.field=value]
 """
 
@@ -30,21 +33,43 @@ flags.DEFINE_integer("width", None, "image width in pixels (default: height)")
 flags.DEFINE_string("out", "out.png", "output PNG (a grid when --batch > 1)")
 flags.DEFINE_string("tokenizer", None, "tokenizer folder (needed with a single-file checkpoint)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
-config_flags.DEFINE_config_file("config", None, "train: ml_collections config file (configs/*.py[:arg])",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "train: checkpoints, metrics and samples go here (resumes)")
+config_flags.DEFINE_config_file("config", None, "build-db/precompute/train: ml_collections config "
+                                "file (configs/*.py[:arg])", lock_config=True)
+flags.DEFINE_string("workdir", None, "build-db/precompute/train: outputs go here (reruns resume)")
 
-SUBCOMMANDS = ("generate", "train")
+SUBCOMMANDS = ("generate", "build-db", "precompute", "train")
+
+
+def _config_and_workdir(command: str):
+    """The --config and --workdir every job subcommand needs, or a usage error."""
+    if FLAGS.config is None or FLAGS.workdir is None:
+        raise app.UsageError(f"{command} needs --config configs/X.py and --workdir DIR")
+    return FLAGS.config, FLAGS.workdir
+
+
+def build_db() -> None:
+    """Encode the configured source into workdir/db and index it (resumable)."""
+    from imagerag_jax.data import precompute as precompute_lib
+
+    result = precompute_lib.build_db(*_config_and_workdir("build-db"))
+    print(f"retrieval database: {result}")
+
+
+def precompute() -> None:
+    """Write this host's TFRecord shards of training pairs (resumable, multi-host)."""
+    from imagerag_jax.data import precompute as precompute_lib
+
+    manifest = precompute_lib.precompute(*_config_and_workdir("precompute"))
+    print("precompute done" if manifest is not None else "this host is done; waiting for others' shards")
 
 
 def train() -> None:
     """Run train_and_evaluate(config, workdir); SIGTERM saves a checkpoint and exits cleanly."""
-    if FLAGS.config is None or FLAGS.workdir is None:
-        raise app.UsageError("train needs --config configs/X.py and --workdir DIR")
+    config, workdir = _config_and_workdir("train")
     from imagerag_jax import train as train_lib
 
     train_lib.initialize_distributed()
-    train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train_lib.train_and_evaluate(config, workdir)
 
 
 def generate() -> str:
@@ -101,7 +126,7 @@ def main(argv: list[str]) -> None:
     from imagerag_jax.weights import WeightLoadError
 
     try:
-        {"generate": generate, "train": train}[argv[1]]()
+        {"generate": generate, "build-db": build_db, "precompute": precompute, "train": train}[argv[1]]()
     except WeightLoadError as e:
         # A wrong path or checkpoint is a user error: one clear message, no traceback.
         print(f"error: {e}", file=sys.stderr)

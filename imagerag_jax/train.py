@@ -565,7 +565,7 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
             "step": step + 1,
             "rng": state["rng"],
         }
-        g_norm, d_norm = optax.global_norm(g_grads), optax.global_norm(d_grads)
+        g_norm, d_norm = optax.tree.norm(g_grads), optax.tree.norm(d_grads)
         ok = jnp.isfinite(g_loss) & jnp.isfinite(d_loss) & jnp.isfinite(g_norm) & jnp.isfinite(d_norm)
         # A bad step changes nothing: the state stays the last good one (the loop then stops).
         new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)

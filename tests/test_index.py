@@ -3,8 +3,10 @@
 import logging
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
+from ml_collections import config_dict
 
 from imagerag_jax.retrieval import index as index_lib
 from imagerag_jax.retrieval.index import Index
@@ -96,6 +98,9 @@ def test_auto_kind_small_n():
     x = _normalise(np.random.default_rng(2).standard_normal((50, 8)))
     assert Index.build(x).kind == "exact"
     assert Index.build(x, {"kind": "scann"}).kind == "exact"  # too small for AH codebooks
+    # ConfigDicts work; unset placeholders fall back to the defaults.
+    cfg = ml_collections.ConfigDict({"kind": "exact", "num_leaves": config_dict.placeholder(int)})
+    assert Index.build(x, cfg).config["exact_below"] == index_lib.DEFAULTS["exact_below"]
     ids, scores = Index.build(x).search(x[:2], 100)  # k > N pads
     assert ids.shape == (2, 100) and (ids[:, 50:] == -1).all() and np.isneginf(scores[:, 50:]).all()
 

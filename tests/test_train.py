@@ -1,0 +1,214 @@
+"""The trainer on the tiny config: frozen weights, overfitting, exact resume, NaN stop, CLI, SIGTERM.
+
+Compilation dominates on CPU, so the tests share a persistent XLA compilation cache (a session
+temp dir, also handed to the CLI subprocesses): runs with the same config reuse one compiled step.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from imagerag_jax import checkpoints, lora, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str = "tiny", arg: str | None = None):
+    """configs/<name>.py's get_config(arg) (configs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"config_{name}", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache for this session (in-process and for subprocesses)."""
+    from jax._src import compilation_cache
+
+    path = str(tmp_path_factory.mktemp("jax_cache"))
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    for n, v in zip(names, (path, 0.0, -1)):
+        jax.config.update(n, v)
+    compilation_cache.reset_cache()  # re-read the settings even if something compiled before
+    yield path
+    for n, v in old.items():
+        jax.config.update(n, v)
+    compilation_cache.reset_cache()
+
+
+def quiet_config(**changes):
+    """The tiny config without sample grids, with `changes` applied (dotted keys allowed)."""
+    cfg = load_config()
+    cfg.sample_every = 0
+    for key, value in changes.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def host_tree(tree):
+    return jax.tree.map(lambda x: np.array(x), tree)
+
+
+def assert_trees_equal(a, b, what: str) -> None:
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb), what
+    for (path, x), y in zip(la, lb):
+        assert np.array_equal(np.asarray(x), np.asarray(y)), f"{what}: {jax.tree_util.keystr(path)} differs"
+
+
+# ---------------------------------------------------------------------------------------------
+# The step.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_step_keeps_frozen_weights_and_overfits_one_batch(compile_cache):
+    # Generator lr 1e-3 and a frozen discriminator (lr 0): the generator objective is then fixed,
+    # so its loss must fall on a repeated batch (with a training D the adversarial term moves).
+    cfg = quiet_config(**{"optimizer.lr": 1e-3, "disc_optimizer.lr": 0.0})
+    trainer = train.Trainer(cfg)
+    schema = train.synthetic_schema(cfg)
+    state = trainer.init_state(schema)
+    step, flops = trainer.compile_step(trainer.abstract_state(schema), schema, cfg.global_batch_size)
+    assert flops > 0
+    batch = trainer.shard_batch(train.random_batch(schema, cfg.global_batch_size))
+    frozen0 = host_tree(trainer.frozen)
+    vae0 = host_tree(trainer.vae_params)
+    params0 = host_tree(state["params"])
+    # Zero-initialised adapter output and LoRA B: step 0 is SD-Turbo exactly.
+    assert not np.any(params0["adapter"]["to_out"]["kernel"])
+    g_loss, distill = [], []
+    for _ in range(30):
+        state, metrics = step(state, trainer.frozen, batch)
+        assert bool(metrics["ok"])
+        g_loss.append(float(metrics["g_loss"]))
+        distill.append(float(metrics["g_distill"]))
+    assert_trees_equal(trainer.frozen, frozen0, "frozen towers")
+    assert_trees_equal(trainer.vae_params, vae0, "vae")
+    params = host_tree(state["params"])
+    assert np.any(params["adapter"]["to_out"]["kernel"]), "adapter did not train"
+    lora_b = [x for path, x in lora.flatten(params["lora"]).items() if path.endswith("/b")]
+    assert lora_b and any(np.any(b) for b in lora_b), "LoRA B did not train"
+    assert not all(np.array_equal(a, b) for a, b in
+                   zip(jax.tree.leaves(params["disc_stats"]), jax.tree.leaves(params0["disc_stats"]))), \
+        "spectral-norm stats did not update"
+    assert int(state["step"]) == 30
+    first, last = np.mean(g_loss[:5]), np.mean(g_loss[-5:])
+    assert last < 0.9 * first, f"generator loss did not fall: {g_loss}"
+    assert distill[-1] < distill[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop: resume, NaN.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resume_is_bitwise_exact(compile_cache, tmp_path):
+    n = 4
+    cfg = quiet_config(total_steps=2 * n, checkpoint_every=n, log_every=n)
+    straight = train.train_and_evaluate(cfg, str(tmp_path / "straight"))
+    straight = host_tree(straight)
+    # N steps, stop (as if killed after the step-N checkpoint), restart with 2N as the goal.
+    first = train.train_and_evaluate(quiet_config(total_steps=n, checkpoint_every=n, log_every=n),
+                                     str(tmp_path / "resumed"))
+    assert int(first["step"]) == n
+    resumed = host_tree(train.train_and_evaluate(cfg, str(tmp_path / "resumed")))
+    assert int(resumed["step"]) == 2 * n
+    assert_trees_equal(resumed, straight, "resumed state")
+    # The data position was restored too (same batches), and both runs consumed 2N batches.
+    for run in ("straight", "resumed"):
+        ck = checkpoints.Checkpointer(str(tmp_path / run / "checkpoints"))
+        assert ck.latest_step() == 2 * n
+        assert ck.restore_json(2 * n, "data_iter")["batches_consumed"] == 2 * n
+        frozen = ck.restore_json(2 * n, "frozen")
+        assert frozen["student"]["fingerprint"] and frozen["student"]["path"] is None
+        ck.close()
+
+
+def test_nan_stops_with_step_and_keeps_last_good_checkpoint(compile_cache, tmp_path):
+    cfg = quiet_config(total_steps=10, checkpoint_every=2, log_every=2, debug_nan_step=5)
+    with pytest.raises(FloatingPointError, match=r"train step 5\b.*Last good checkpoint: step 4"):
+        train.train_and_evaluate(cfg, str(tmp_path))
+    ck = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
+    assert ck.all_steps() == [2, 4], "nothing after the bad step may be saved"
+    params = ck.manager.restore(4, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+    ck.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: a complete tiny run, then a resumed run stopped by SIGTERM.
+# ---------------------------------------------------------------------------------------------
+
+
+def cli_env(cache_dir: str) -> dict[str, str]:
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
+            "JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+def test_cli_end_to_end_then_sigterm_saves_and_exits(compile_cache, tmp_path):
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "imagerag_jax.main", "train", "--config", str(ROOT / "configs/tiny.py"),
+           "--workdir", str(workdir)]
+    env = cli_env(compile_cache)
+    res = subprocess.run(cmd + ["--config.total_steps=10", "--config.checkpoint_every=5",
+                                "--config.log_every=5", "--config.sample_every=10"],
+                         cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [5, 10]
+    assert (workdir / "data" / "manifest.json").exists()
+    assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard events"
+    for name in ("", "_with_retrieval", "_without_retrieval", "_target", "_neighbour"):
+        assert (workdir / "samples" / f"step_0000010{name}.png").exists(), name
+    assert "g_loss=" in res.stderr and "tflops_per_device=" in res.stderr
+    config_json = checkpoints.Checkpointer(str(workdir / "checkpoints")).restore_json(10, "config")
+    assert config_json["total_steps"] == 10
+
+    # Resume the same workdir towards a far goal; SIGTERM once it trains: save and exit 0.
+    log = open(tmp_path / "stderr.txt", "w")
+    proc = subprocess.Popen(cmd + ["--config.total_steps=1000000", "--config.checkpoint_every=100000",
+                                   "--config.log_every=1", "--config.sample_every=0"],
+                            cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    try:
+        deadline = time.time() + 240
+        text = ""
+        while time.time() < deadline and proc.poll() is None:
+            text = (tmp_path / "stderr.txt").read_text()
+            if "] [13] " in text:  # a metrics line: the resumed run is past its first steps
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, text[-4000:]
+        assert "resumed from step 10" in text
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = (tmp_path / "stderr.txt").read_text()
+    assert rc == 0, text[-4000:]
+    assert "preempted: saved step" in text
+    saved = int(text.split("preempted: saved step ")[1].split(",")[0])
+    ck = checkpoints.Checkpointer(str(workdir / "checkpoints"))
+    assert saved >= 13 and ck.latest_step() == saved
+    assert ck.restore_json(saved, "data_iter")["batches_consumed"] == saved
+    ck.close()

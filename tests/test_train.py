@@ -7,7 +7,6 @@ temp dir, also handed to the CLI subprocesses): runs with the same config reuse 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
 import subprocess
@@ -36,7 +35,10 @@ def load_config(name: str = "tiny", arg: str | None = None):
 @pytest.fixture(scope="session")
 def compile_cache(tmp_path_factory):
     """A persistent compilation cache for this session (in-process and for subprocesses)."""
-    from jax._src import compilation_cache
+    try:  # private: lets the settings apply even if this process compiled something already
+        from jax._src.compilation_cache import reset_cache
+    except ImportError:  # pragma: no cover
+        reset_cache = lambda: None
 
     path = str(tmp_path_factory.mktemp("jax_cache"))
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
@@ -44,11 +46,11 @@ def compile_cache(tmp_path_factory):
     old = {n: getattr(jax.config, n) for n in names}
     for n, v in zip(names, (path, 0.0, -1)):
         jax.config.update(n, v)
-    compilation_cache.reset_cache()  # re-read the settings even if something compiled before
+    reset_cache()
     yield path
     for n, v in old.items():
         jax.config.update(n, v)
-    compilation_cache.reset_cache()
+    reset_cache()
 
 
 def quiet_config(**changes):
@@ -163,7 +165,7 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(compile_cache, tmp_p
 
 
 # ---------------------------------------------------------------------------------------------
-# The command line: a complete tiny run, then a resumed run stopped by SIGTERM.
+# The command line: a complete tiny run, kill -9, SIGTERM, exact resume.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -173,7 +175,21 @@ def cli_env(cache_dir: str) -> dict[str, str]:
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
 
 
-def test_cli_end_to_end_then_sigterm_saves_and_exits(compile_cache, tmp_path):
+def wait_for(path: Path, proc: subprocess.Popen, marker: str, timeout: float = 240) -> str:
+    """Polls the stderr file of `proc` until `marker` shows up (fails if the process ends first)."""
+    deadline = time.time() + timeout
+    text = ""
+    while time.time() < deadline and proc.poll() is None:
+        text = path.read_text()
+        if marker in text:
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"{marker!r} did not appear (rc={proc.poll()}):\n{text[-4000:]}")
+
+
+def test_cli_end_to_end_kill9_sigterm_and_exact_resume(compile_cache, tmp_path):
+    """A complete CLI run; resumed and killed with SIGKILL; resumed and stopped with SIGTERM;
+    then finished in-process: bit for bit the state of one uninterrupted run."""
     workdir = tmp_path / "run"
     cmd = [sys.executable, "-m", "imagerag_jax.main", "train", "--config", str(ROOT / "configs/tiny.py"),
            "--workdir", str(workdir)]
@@ -188,35 +204,52 @@ def test_cli_end_to_end_then_sigterm_saves_and_exits(compile_cache, tmp_path):
     for name in ("", "_with_retrieval", "_without_retrieval", "_target", "_neighbour"):
         assert (workdir / "samples" / f"step_0000010{name}.png").exists(), name
     assert "g_loss=" in res.stderr and "tflops_per_device=" in res.stderr
-    config_json = checkpoints.Checkpointer(str(workdir / "checkpoints")).restore_json(10, "config")
-    assert config_json["total_steps"] == 10
+    ck = checkpoints.Checkpointer(str(workdir / "checkpoints"))
+    assert ck.restore_json(10, "config")["total_steps"] == 10
+    ck.close()
 
-    # Resume the same workdir towards a far goal; SIGTERM once it trains: save and exit 0.
-    log = open(tmp_path / "stderr.txt", "w")
-    proc = subprocess.Popen(cmd + ["--config.total_steps=1000000", "--config.checkpoint_every=100000",
-                                   "--config.log_every=1", "--config.sample_every=0"],
-                            cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
-    try:
-        deadline = time.time() + 240
-        text = ""
-        while time.time() < deadline and proc.poll() is None:
-            text = (tmp_path / "stderr.txt").read_text()
-            if "] [13] " in text:  # a metrics line: the resumed run is past its first steps
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, text[-4000:]
-        assert "resumed from step 10" in text
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
+    far = ["--config.total_steps=1000000", "--config.log_every=1", "--config.sample_every=0"]
+    # kill -9 once a checkpoint past the first run's exists (possibly in the middle of a save).
+    log = tmp_path / "kill.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd + far + ["--config.checkpoint_every=4"], cwd=str(ROOT), env=env,
+                                stdout=subprocess.DEVNULL, stderr=f)
+        try:
+            wait_for(log, proc, "checkpoint: saving step 16")
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+        finally:
             proc.kill()
-        log.close()
-    text = (tmp_path / "stderr.txt").read_text()
+    assert "resumed from step 10" in log.read_text()
+    ck = checkpoints.Checkpointer(str(workdir / "checkpoints"))
+    killed_at = ck.latest_step()
+    ck.close()
+    assert killed_at >= 12 and killed_at % 4 == 0
+
+    # Resume after the kill; SIGTERM once it trains: it saves where it is and exits with 0.
+    log = tmp_path / "term.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd + far + ["--config.checkpoint_every=100000"], cwd=str(ROOT),
+                                env=env, stdout=subprocess.DEVNULL, stderr=f)
+        try:
+            wait_for(log, proc, f"] [{killed_at + 3}] ")
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    text = log.read_text()
+    assert f"resumed from step {killed_at}" in text
     assert rc == 0, text[-4000:]
-    assert "preempted: saved step" in text
     saved = int(text.split("preempted: saved step ")[1].split(",")[0])
     ck = checkpoints.Checkpointer(str(workdir / "checkpoints"))
-    assert saved >= 13 and ck.latest_step() == saved
+    assert saved >= killed_at + 3 and ck.latest_step() == saved
     assert ck.restore_json(saved, "data_iter")["batches_consumed"] == saved
     ck.close()
+
+    # Finish in-process and compare with one uninterrupted run: the same bits.
+    goal = saved + 2
+    cfg = quiet_config(total_steps=goal, checkpoint_every=1000, log_every=1000)
+    resumed = host_tree(train.train_and_evaluate(cfg, str(workdir)))
+    straight = host_tree(train.train_and_evaluate(cfg, str(tmp_path / "straight")))
+    assert int(straight["step"]) == goal
+    assert_trees_equal(resumed, straight, "interrupted three times vs straight")

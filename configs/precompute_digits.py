@@ -17,20 +17,7 @@ e.g. ``configs/precompute_digits.py:quick,teacher``.
 import ml_collections
 from ml_collections import config_dict
 
-
-def parse_arg(arg, **defaults):
-    """'a=1,b' -> ConfigDict of the defaults updated with typed values (bare names -> True)."""
-    out = ml_collections.ConfigDict(defaults)
-    for item in filter(None, (arg or "").split(",")):
-        key, eq, value = item.partition("=")
-        if key not in out:
-            raise ValueError(f"unknown config arg {key!r}; known: {sorted(out)}")
-        kind = type(out[key])
-        if kind is bool:
-            out[key] = (value.lower() in ("1", "true", "yes")) if eq else True
-        else:
-            out[key] = kind(value)
-    return out
+from imagerag_jax.config_args import parse_arg
 
 
 def get_config(arg=None):

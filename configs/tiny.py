@@ -13,17 +13,7 @@ Overrides: ``--config.total_steps=100``, or the arg string ``configs/tiny.py:tot
 import ml_collections
 from ml_collections import config_dict
 
-
-def parse_arg(arg, **defaults):
-    """'a=1,b=x' -> ConfigDict of the defaults updated with typed values (big_vision's convention)."""
-    out = ml_collections.ConfigDict(defaults)
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        if key not in out:
-            raise ValueError(f"unknown config arg {key!r}; known: {sorted(out)}")
-        kind = type(out[key])
-        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-    return out
+from imagerag_jax.config_args import parse_arg
 
 
 def get_config(arg=None):

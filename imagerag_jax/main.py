@@ -10,6 +10,7 @@ Subcommands:
 
 from __future__ import annotations
 
+import logging as pylogging
 import os
 import sys
 import tempfile
@@ -117,8 +118,18 @@ def generate() -> str:
     return path
 
 
+class _QuietLibraries(pylogging.Filter):
+    """Drops INFO chatter of libraries that log every checkpoint step (orbax); keeps warnings."""
+
+    NOISY = ("/orbax/", "/etils/", "/jax/_src/xla_bridge")
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in self.NOISY)
+
+
 def main(argv: list[str]) -> None:
     """Dispatch the subcommand."""
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) < 2 or argv[1] not in SUBCOMMANDS:
         raise app.UsageError(f"usage: python -m imagerag_jax.main {{{'|'.join(SUBCOMMANDS)}}} [--flags]")
     if len(argv) > 2:

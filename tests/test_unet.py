@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from imagerag_jax import weights  # noqa: E402
+from imagerag_jax.benchmark.models import UNET_CONFIGS  # noqa: E402
 from imagerag_jax.weights import WeightLoadError  # noqa: E402
 from tests.helpers import assert_parity, nchw, nhwc  # noqa: E402
 
@@ -28,16 +29,7 @@ TINY = dict(
     use_linear_projection=True,
     norm_num_groups=8,
 )
-SD21 = dict(
-    sample_size=64,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=1024,
-    attention_head_dim=(5, 10, 20, 20),
-    use_linear_projection=True,
-)
+SD21 = {**UNET_CONFIGS["sd21"], "sample_size": 64}  # the benchmark's SD 2.1 UNet config
 
 
 def make_unet_folder(tmp_path, seed: int = 0, safe: bool = True, prediction_type: str | None = None, **overrides):

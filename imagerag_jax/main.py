@@ -6,6 +6,10 @@ Subcommands:
              --config configs/precompute_digits.py --workdir DIR
   precompute TFRecord shards of training pairs with their retrieved neighbours (same flags)
   train      ImageRAGTurbo training: --config configs/X.py --workdir DIR [--config.field=value]
+  run        the CPU miniature on scikit-learn's digits, every stage then the comparison table:
+             --config configs/digits.py[:quick] --workdir DIR (reruns resume)
+  export     a training run to PyTorch (diffusers folder, LoRA merged, adapter, PEFT LoRA):
+             --workdir DIR --out EXPORT_DIR [--step N] [--overwrite]
 """
 
 from __future__ import annotations
@@ -31,14 +35,17 @@ flags.DEFINE_integer("seed", 0, "noise seed")
 flags.DEFINE_integer("batch", 1, "images to generate (prompts are cycled)")
 flags.DEFINE_integer("height", None, "image height in pixels (default 512, 64 for the random pipeline)")
 flags.DEFINE_integer("width", None, "image width in pixels (default: height)")
-flags.DEFINE_string("out", "out.png", "output PNG (a grid when --batch > 1)")
+flags.DEFINE_string("out", "out.png", "output PNG (a grid when --batch > 1); export: the folder to write")
 flags.DEFINE_string("tokenizer", None, "tokenizer folder (needed with a single-file checkpoint)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
 config_flags.DEFINE_config_file("config", None, "build-db/precompute/train: ml_collections config "
                                 "file (configs/*.py[:arg])", lock_config=True)
-flags.DEFINE_string("workdir", None, "build-db/precompute/train: outputs go here (reruns resume)")
+flags.DEFINE_string("workdir", None, "build-db/precompute/train: outputs go here (reruns resume); "
+                    "export: the training workdir to read")
+flags.DEFINE_integer("step", None, "export: the checkpoint step (default: the latest)")
+flags.DEFINE_bool("overwrite", False, "export: replace a non-empty --out folder")
 
-SUBCOMMANDS = ("generate", "build-db", "precompute", "train")
+SUBCOMMANDS = ("generate", "build-db", "precompute", "train", "export", "run")
 
 
 def _config_and_workdir(command: str):
@@ -71,6 +78,27 @@ def train() -> None:
 
     train_lib.initialize_distributed()
     train_lib.train_and_evaluate(config, workdir)
+
+
+def run() -> None:
+    """Every stage of the digits miniature, then results.{json,md} and sample grids in workdir."""
+    config, workdir = _config_and_workdir("run")
+    from imagerag_jax.miniature import run as run_lib
+
+    results = run_lib.run(config, workdir)
+    print(open(os.path.join(workdir, "results.md")).read())
+    print(f"results: {os.path.join(workdir, 'results.json')} ({results['total_seconds']:.0f} s)")
+
+
+def export() -> None:
+    """Export a training workdir's checkpoint to a PyTorch/diffusers folder (imagerag_jax.export)."""
+    if FLAGS.workdir is None or not FLAGS["out"].present:
+        raise app.UsageError("export needs --workdir DIR (a training workdir) and --out EXPORT_DIR")
+    from imagerag_jax import export as export_lib
+
+    paths = export_lib.export_run(FLAGS.workdir, FLAGS.out, FLAGS.step, overwrite=FLAGS.overwrite,
+                                  tokenizer=FLAGS.tokenizer)
+    print(f"exported {FLAGS.workdir} to {os.path.dirname(paths['manifest'])}")
 
 
 def generate() -> str:
@@ -137,7 +165,8 @@ def main(argv: list[str]) -> None:
     from imagerag_jax.weights import WeightLoadError
 
     try:
-        {"generate": generate, "build-db": build_db, "precompute": precompute, "train": train}[argv[1]]()
+        {"generate": generate, "build-db": build_db, "precompute": precompute, "train": train,
+         "export": export, "run": run}[argv[1]]()
     except WeightLoadError as e:
         # A wrong path or checkpoint is a user error: one clear message, no traceback.
         print(f"error: {e}", file=sys.stderr)

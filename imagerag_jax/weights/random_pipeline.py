@@ -123,7 +123,12 @@ def random_modules(preset: str = "tiny", seed: int = 0) -> dict[str, tuple[Any, 
 def write_random_pipeline(out_dir: str, preset: str = "tiny", seed: int = 0,
                           prediction_type: str = "epsilon") -> str:
     """Write unet/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json."""
-    modules = random_modules(preset, seed)
+    return write_pipeline(out_dir, random_modules(preset, seed), prediction_type)
+
+
+def write_pipeline(out_dir: str, modules: dict[str, tuple[Any, Any]],
+                   prediction_type: str = "epsilon") -> str:
+    """A diffusers SD pipeline folder from {unet|vae|text_encoder: (module, params)} + byte tokenizer."""
     to_torch.save_unet(*modules["unet"], os.path.join(out_dir, "unet"))
     to_torch.save_vae(*modules["vae"], os.path.join(out_dir, "vae"))
     to_torch.save_text_encoder(*modules["text_encoder"], os.path.join(out_dir, "text_encoder"))

@@ -2,17 +2,22 @@
 
 ``save_unet`` and ``save_vae`` (DESIGN section 3) write ``config.json`` plus
 ``diffusion_pytorch_model.safetensors``; ``save_text_encoder`` writes a transformers
-``CLIPTextModel`` folder. No torch import is needed to write them.
+``CLIPTextModel`` folder; ``save_pipeline`` a whole ``StableDiffusionPipeline`` folder.
+``save_lora_peft`` writes a decoder LoRA in the PEFT/diffusers LoRA format and ``save_adapter``
+the H-space adapter for ``weights/torch_runtime.py``. No torch import is needed to write them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Mapping
 
 import numpy as np
 
+from imagerag_jax import lora as lora_lib
+from imagerag_jax.models.adapter import HSpaceAdapter
 from imagerag_jax.models.clip_text import CLIPTextTransformer
 from imagerag_jax.models.unet import UNet
 from imagerag_jax.models.vae import AutoencoderKL
@@ -121,3 +126,193 @@ def save_text_encoder(text: CLIPTextTransformer, params: Mapping[str, Any], out_
     """Write a transformers folder loadable by ``CLIPTextModel.from_pretrained``."""
     return _write(out_dir, text_config(text), torch_state_dict(params, "text_model."),
                   "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole pipeline folders.
+# ---------------------------------------------------------------------------------------------
+
+
+def scheduler_config(prediction_type: str = "epsilon", base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A scheduler config: ``base`` (e.g. the student's own) or SD-Turbo's Euler 'trailing' one."""
+    cfg = dict(base) if base is not None else {
+        "_class_name": "EulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+        "num_train_timesteps": 1000, "timestep_spacing": "trailing", "steps_offset": 1,
+    }
+    cfg["prediction_type"] = prediction_type  # the UNet's, which our loader reads back from here
+    return cfg
+
+
+def model_index(has_text: bool = True, has_tokenizer: bool = True,
+                scheduler_class: str = "EulerDiscreteScheduler") -> dict[str, Any]:
+    """``model_index.json`` of a ``StableDiffusionPipeline`` folder (absent parts as [null, null])."""
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"] if has_text else [None, None],
+        "tokenizer": ["transformers", "CLIPTokenizer"] if has_tokenizer else [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+
+
+def save_pipeline(
+    out_dir: str,
+    unet: UNet,
+    unet_params: Mapping[str, Any],
+    vae: AutoencoderKL,
+    vae_params: Mapping[str, Any],
+    text: CLIPTextTransformer | None = None,
+    text_params: Mapping[str, Any] | None = None,
+    *,
+    tokenizer_dir: str | None = None,
+    scheduler: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """Write unet/, vae/, [text_encoder/, tokenizer/], scheduler/ and model_index.json; returns the paths.
+
+    ``tokenizer_dir`` is copied as is (a CLIP tokenizer folder); ``scheduler`` is a scheduler
+    config (default: ``scheduler_config(unet.prediction_type)``).
+    """
+    paths = {
+        "unet": save_unet(unet, unet_params, os.path.join(out_dir, "unet")),
+        "vae": save_vae(vae, vae_params, os.path.join(out_dir, "vae")),
+    }
+    if text is not None:
+        paths["text_encoder"] = save_text_encoder(text, text_params, os.path.join(out_dir, "text_encoder"))
+    if tokenizer_dir is not None:
+        paths["tokenizer"] = shutil.copytree(tokenizer_dir, os.path.join(out_dir, "tokenizer"),
+                                             dirs_exist_ok=True)
+    sched = dict(scheduler) if scheduler is not None else scheduler_config(unet.prediction_type)
+    os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
+    paths["scheduler"] = os.path.join(out_dir, "scheduler")
+    with open(os.path.join(paths["scheduler"], "scheduler_config.json"), "w") as f:
+        json.dump(sched, f, indent=2)
+    paths["model_index"] = os.path.join(out_dir, "model_index.json")
+    index = model_index(text is not None, tokenizer_dir is not None,
+                        sched.get("_class_name", "EulerDiscreteScheduler"))
+    with open(paths["model_index"], "w") as f:
+        json.dump(index, f, indent=2)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA in the PEFT / diffusers format.
+# ---------------------------------------------------------------------------------------------
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+LORA_CONFIG_NAME = "lora_config.json"
+
+
+def torch_module_name(kernel_path: str) -> str:
+    """'up_blocks_1/attentions_0/.../to_out_0/kernel' -> 'up_blocks.1.attentions.0....to_out.0'."""
+    path = tuple(kernel_path.split("/"))
+    # The exporter's own renaming rule, on a one-leaf tree: 'a/b_0/kernel' -> 'a.b.0.weight'.
+    key, _ = next(convert.flax_to_torch(convert.unflatten({path: np.zeros(())})))
+    return key[: -len(".weight")] if path[-1] == "kernel" else key
+
+
+def lora_peft_state_dict(lora_params: Mapping[str, Any], alpha: float, rank: int,
+                         prefix: str = "unet") -> dict[str, np.ndarray]:
+    """PEFT LoRA tensors ``{prefix}.{module}.lora_A.weight`` / ``lora_B.weight`` (float32, torch layout).
+
+    Linear: A (in, r) -> lora_A (r, in), B (r, out) -> lora_B (out, r). Conv: A (kh, kw, in, r)
+    -> lora_A (r, in, kh, kw) (PEFT's conv with the base kernel size), B (r, out) -> lora_B
+    (out, r, 1, 1). B is stored times alpha / rank, so the file's own scale is 1 (lora_alpha =
+    r): every loader, with or without the metadata, applies exactly W + (alpha/rank)·B·A.
+    """
+    scale = float(alpha) / float(rank)
+    out: dict[str, np.ndarray] = {}
+    for path, (a, b) in sorted(lora_lib.lora_pairs(lora_params).items()):
+        name = f"{prefix}.{torch_module_name(path)}" if prefix else torch_module_name(path)
+        a = np.asarray(a, np.float32)
+        b = np.asarray(b, np.float32) * np.float32(scale)
+        if a.ndim == 2:
+            a_t, b_t = a.T, b.T
+        elif a.ndim == 4:
+            a_t, b_t = np.transpose(a, (3, 2, 0, 1)), b.T[:, :, None, None]
+        else:
+            raise ValueError(f"LoRA {path!r}: A has shape {a.shape}; expected a Dense or conv factor")
+        out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a_t)
+        out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b_t)
+    return out
+
+
+def lora_peft_config(lora_params: Mapping[str, Any], rank: int) -> dict[str, Any]:
+    """``peft.LoraConfig`` kwargs of the exported LoRA (lora_alpha = r: the scale is in lora_B)."""
+    targets = sorted(torch_module_name(p) for p in lora_lib.lora_pairs(lora_params))
+    return {"r": int(rank), "lora_alpha": int(rank), "target_modules": targets, "rank_pattern": {},
+            "alpha_pattern": {}, "use_dora": False, "lora_bias": False}
+
+
+def save_lora_peft(lora_params: Mapping[str, Any], alpha: float, rank: int, out_dir: str, *,
+                   prefix: str = "unet", extra: Mapping[str, Any] | None = None) -> str:
+    """Write ``pytorch_lora_weights.safetensors`` (diffusers ``load_lora_weights`` format) + a JSON sidecar.
+
+    The safetensors metadata carry ``lora_adapter_metadata`` (the ``LoraConfig`` kwargs under
+    ``{prefix}.``), as diffusers' ``save_lora_weights`` writes them; ``lora_config.json`` repeats
+    them with the trained alpha and rank and ``extra`` (e.g. the base model) for people.
+    """
+    from safetensors.numpy import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = lora_peft_state_dict(lora_params, alpha, rank, prefix)
+    peft_cfg = lora_peft_config(lora_params, rank)
+    packed = {f"{prefix}.{k}" if prefix else k: v for k, v in peft_cfg.items()}
+    path = os.path.join(out_dir, LORA_WEIGHT_NAME)
+    save_file(tensors, path, metadata={"format": "pt",
+                                       LORA_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)})
+    sidecar = {"format": "peft-lora", "prefix": prefix, "peft_config": peft_cfg,
+               "trained_rank": int(rank), "trained_alpha": float(alpha),
+               "scale_in_lora_B": float(alpha) / float(rank), **dict(extra or {})}
+    with open(os.path.join(out_dir, LORA_CONFIG_NAME), "w") as f:
+        json.dump(sidecar, f, indent=2)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The H-space adapter (read by weights/torch_runtime.py).
+# ---------------------------------------------------------------------------------------------
+
+ADAPTER_FORMAT = "imagerag-jax-hspace-adapter"
+ADAPTER_VERSION = 1
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_LAYER_NORM_EPS = 1e-5  # models/layers.layer_norm's default, used by the adapter
+
+
+def adapter_config(adapter: HSpaceAdapter, channels: int) -> dict[str, Any]:
+    """Everything needed to rebuild ``adapter`` for ``channels`` H-space channels (heads resolved)."""
+    head_dim = adapter.head_dim
+    if head_dim is None:
+        if channels % adapter.num_heads:
+            raise ValueError(f"{channels} channels cannot be split into {adapter.num_heads} heads")
+        head_dim = channels // adapter.num_heads
+    return {
+        "format": ADAPTER_FORMAT,
+        "version": ADAPTER_VERSION,
+        "channels": int(channels),
+        "num_heads": int(adapter.num_heads),
+        "head_dim": int(head_dim),
+        "pre_norm": bool(adapter.pre_norm),
+        "upcast_attention": bool(adapter.upcast_attention),
+        "layer_norm_eps": ADAPTER_LAYER_NORM_EPS,
+        # Eq. 5's lambda: mean over the k neighbours of cos(pooled target, pooled neighbour).
+        "lambda_mode": "mean",
+    }
+
+
+def save_adapter(adapter: HSpaceAdapter, params: Mapping[str, Any], channels: int, out_dir: str,
+                 *, extra: Mapping[str, Any] | None = None) -> str:
+    """Write ``config.json`` (``adapter_config`` + ``extra``) and ``adapter.safetensors`` (torch layout)."""
+    config = {**adapter_config(adapter, channels), **dict(extra or {})}
+    tensors = torch_state_dict(params)
+    want = config["num_heads"] * config["head_dim"]
+    if tensors["to_q.weight"].shape != (want, channels):
+        raise ValueError(f"adapter to_q has shape {tensors['to_q.weight'].shape}, config says "
+                         f"({want}, {channels})")
+    return _write(out_dir, config, tensors, ADAPTER_WEIGHTS)

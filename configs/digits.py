@@ -1,0 +1,84 @@
+r"""The CPU miniature: the whole ImageRAGTurbo method on scikit-learn's bundled digits (DESIGN 8).
+
+Every tower is trained here from scratch on two CPU cores: a tiny AutoencoderKL (16 px RGB ->
+8x8x4 latents), a tiny CLIP text encoder (contrastive, so retrieval by pooled-text cosine means
+something), a teacher UNet (eps, CFG), a one-step "turbo" student distilled from it without
+retrieval, then ImageRAGTurbo (adapter + decoder LoRA + discriminator) with the production trainer
+on TFRecords written by the production precompute jobs (teacher latents, k retrieved neighbours
+from a disjoint database split). Results: workdir/results.json, results.md and PNG grids.
+
+  python -m imagerag_jax.main run --config configs/digits.py --workdir /tmp/digits
+  python -m imagerag_jax.main run --config configs/digits.py:quick --workdir /tmp/digits_quick
+
+Arg string: ``quick`` (fewer steps; a smoke run of every stage), ``k=N`` neighbours.
+Every stage resumes from its checkpoint when the command is run again with the same workdir.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+from imagerag_jax.config_args import parse_arg
+
+
+def _sibling(name):
+    """Another config file of this folder (configs/ is not a package)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_imagerag_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(arg=None):
+    """The digits miniature; see the module docstring for `arg`."""
+    arg = parse_arg(arg, quick=False, k=2)
+    q = arg.quick
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.image_size = 16  # digits are 8x8: 16 px RGB keeps every stroke, 8x8x4 latents
+    config.progress = True
+
+    # Splits (data/sources.py DIGITS_SPLITS): 'train' (50%) trains every tower and is the prompt
+    # set of ImageRAGTurbo; 'database' (40%) is the retrieval database and also trains the VAE,
+    # text encoder and teacher (as SD's towers saw far more than the finetuning set); 'eval' (10%)
+    # is held out from everything and gives the evaluation prompts and real reference images.
+    config.vae = dict(channels=(16, 32), layers=1, groups=8, kl_weight=1e-4, lr=1e-3, warmup=50,
+                      batch=32, steps=400 if q else 1500)
+    config.text = dict(hidden=64, layers=2, heads=2, lr=1e-3, warmup=20, batch=128,
+                       steps=150 if q else 400)
+    config.teacher = dict(channels=(32, 64), layers=1, head_dim=16, groups=8, lr=5e-4, warmup=100,
+                          batch=64, steps=800 if q else 5000, uncond_prob=0.1,
+                          ema=0.99 if q else 0.999)
+    config.sampling = dict(steps=10 if q else 25, guidance=3.0)  # the teacher's DDIM + CFG
+    config.student = dict(pairs=1024 if q else 4096, teacher_steps=10 if q else 25, guidance=3.0,
+                          lr=2e-4, warmup=50, batch=64, steps=400 if q else 2500)
+
+    # ImageRAGTurbo: the production build-db -> precompute -> train path. `run` fills in the
+    # weight and data paths (workdir/models/{turbo,teacher}, workdir/rag/...).
+    config.k = arg.k
+    pre = _sibling("precompute_digits").get_config(f"image_size=16,k={arg.k},num_shards=2,teacher")
+    pre.unlock()
+    pre.db.limit, pre.limit, pre.batch_size = 0, 0, 128
+    pre.teacher.update(dict(sampler="ddim", steps=config.sampling["steps"],
+                            guidance=config.sampling["guidance"]))
+    config.precompute = pre
+    train = _sibling("tiny").get_config(f"total_steps={150 if q else 1000},batch=32")
+    train.unlock()
+    train.random_preset = "none"  # the towers come from workdir/models
+    train.shuffle_buffer = 512
+    train.optimizer.lr = train.disc_optimizer.lr = 1e-4  # the paper's 1e-5 is for batch 2048
+    train.lora.update(dict(rank=4, alpha=4.0))
+    train.adapter.num_heads = 4
+    train.disc.update(dict(hidden=32, time_dim=32, cond_dim=32))
+    train.log_every, train.checkpoint_every, train.sample_every = 50, 250, 0
+    config.train = train
+
+    # Evaluation on the held-out prompts.
+    config.eval = dict(num_prompts=100 if q else 0,  # 0: the whole eval split (180)
+                       injection_w=0.8, grid_per_digit=4, latency_repeats=5 if q else 20)
+    config.classifier = dict(epochs=0)  # 0: evaluate.DigitClassifier's default
+
+    config.lock()
+    return config

@@ -1,0 +1,138 @@
+"""`run(config, workdir)`: every stage of the digits miniature, then the comparison (DESIGN 8).
+
+Stages (each resumable): vae -> text -> teacher -> student (turbo) -> build-db -> precompute ->
+ImageRAGTurbo training (the production `train.train_and_evaluate`) -> classifier -> evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+
+from imagerag_jax.miniature import data as data_lib
+from imagerag_jax.miniature import stages
+from imagerag_jax.models.clip_text import Tokenizer
+from imagerag_jax.weights import random_pipeline
+
+
+def _models_dir(workdir: str, name: str) -> str:
+    return os.path.join(workdir, "models", name)
+
+
+def _write_pipeline(path: str, unet, unet_p, vae, vae_p, text, text_p) -> str:
+    """A diffusers pipeline folder (what build-db/precompute/train load), written once."""
+    if not os.path.exists(os.path.join(path, "model_index.json")):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        random_pipeline.write_pipeline(tmp, {"unet": (unet, unet_p), "vae": (vae, vae_p),
+                                             "text_encoder": (text, text_p)})
+        os.replace(tmp, path)
+    return path
+
+
+def _job_config(template: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+    """An unlocked copy of a sub-config with fields set (paths known only at run time)."""
+    cfg = copy.deepcopy(template)
+    cfg.unlock()
+    for key, value in fields.items():
+        setattr(cfg, key, value)
+    cfg.lock()
+    return cfg
+
+
+class Towers:
+    """Everything the stages produced, in memory (modules + params + caption tables)."""
+
+    def __init__(self, **kw: Any):
+        self.__dict__.update(kw)
+
+
+def train_towers(config: ml_collections.ConfigDict, workdir: str) -> Towers:
+    """Stages 1-4: VAE, text encoder, teacher, turbo student; writes models/{teacher,turbo}."""
+    seed, progress = int(config.seed), bool(config.progress)
+    size = int(config.image_size)
+    train, db = data_lib.load_split("train", size, seed), data_lib.load_split("database", size, seed)
+    pretrain = data_lib.join(train, db)
+    stats: dict[str, Any] = {}
+
+    t0 = time.perf_counter()
+    vae, vae_p, stats["vae"] = stages.train_vae(workdir, dict(config.vae), pretrain.images, seed=seed,
+                                                progress=progress)
+    logging.info("vae ready (%.0f s): %s", time.perf_counter() - t0, stats["vae"].get("final"))
+
+    tok_dir = random_pipeline.write_byte_tokenizer(os.path.join(workdir, "models", "tokenizer"))
+    tokenizer = Tokenizer.from_pretrained(tok_dir)
+    table = stages.CaptionTable(tokenizer)
+    t0 = time.perf_counter()
+    text, text_p, stats["text"] = stages.train_text(workdir, dict(config.text), table, pretrain.images,
+                                                    pretrain.labels, seed=seed, progress=progress)
+    logging.info("text encoder ready (%.0f s): %s", time.perf_counter() - t0, stats["text"].get("final"))
+    contexts, _ = stages.embed_ids(text, text_p, table.ids)
+    empty_context = stages.embed_ids(text, text_p, table.empty_ids)[0][0]
+
+    t0 = time.perf_counter()
+    latents = stages.encode_latents(vae, vae_p, pretrain.images)
+    unet = stages.make_unet(dict(config.teacher), text.hidden_size)
+    teacher_p, stats["teacher"] = stages.train_teacher(
+        workdir, dict(config.teacher), unet, latents, pretrain.labels, contexts, empty_context, table,
+        seed=seed, progress=progress)
+    logging.info("teacher ready (%.0f s): %s", time.perf_counter() - t0, stats["teacher"].get("final"))
+
+    t0 = time.perf_counter()
+    pairs = stages.teacher_pairs(workdir, dict(config.student), unet, teacher_p, contexts, empty_context,
+                                 latents.shape[1:], seed=seed, progress=progress)
+    student_p, stats["student"] = stages.train_student(workdir, dict(config.student), unet, teacher_p,
+                                                       pairs, contexts, seed=seed, progress=progress)
+    logging.info("turbo student ready (%.0f s): %s", time.perf_counter() - t0, stats["student"].get("final"))
+
+    _write_pipeline(_models_dir(workdir, "teacher"), unet, teacher_p, vae, vae_p, text, text_p)
+    _write_pipeline(_models_dir(workdir, "turbo"), unet, student_p, vae, vae_p, text, text_p)
+    return Towers(vae=vae, vae_p=vae_p, text=text, text_p=text_p, tokenizer=tokenizer, unet=unet,
+                  teacher_p=teacher_p, student_p=student_p, empty_context=empty_context, stats=stats)
+
+
+def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, str, str]:
+    """Stage 5: build-db -> precompute -> train with the production jobs; (state, db, index dirs)."""
+    from imagerag_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+    from imagerag_jax.data import precompute as precompute_lib  # pylint: disable=g-import-not-at-top
+
+    rag = os.path.join(workdir, "rag")
+    pre = _job_config(config.precompute, weights=_models_dir(workdir, "turbo"),
+                      teacher_weights=_models_dir(workdir, "teacher"), seed=int(config.seed))
+    precompute_lib.build_db(pre, rag)
+    precompute_lib.precompute(pre, rag)
+    tcfg = _job_config(config.train, student_weights=_models_dir(workdir, "turbo"),
+                       teacher_weights=_models_dir(workdir, "teacher"),
+                       data_dir=os.path.join(rag, "data"), seed=int(config.seed))
+    state = train_lib.train_and_evaluate(tcfg, os.path.join(rag, "train"))
+    return state, precompute_lib.db_dir(pre, rag), precompute_lib.index_dir(pre, rag)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Every stage, then the evaluation; writes workdir/results.{json,md} and grids; returns results."""
+    from imagerag_jax.miniature import report  # pylint: disable=g-import-not-at-top
+
+    os.makedirs(workdir, exist_ok=True)
+    t_start = time.perf_counter()
+    towers = train_towers(config, workdir)
+    t0 = time.perf_counter()
+    state, db_path, index_path = train_imagerag(config, workdir)
+    towers.stats["imagerag"] = {"seconds": round(time.perf_counter() - t0, 1)}
+    results = report.evaluate_all(config, workdir, towers, state, db_path, index_path)
+    results["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    report.write(workdir, results)
+    return results
+
+
+def jax_config_summary() -> dict[str, Any]:
+    """The machine the numbers were measured on."""
+    import platform  # pylint: disable=g-import-not-at-top
+    return {"backend": jax.default_backend(), "devices": len(jax.devices()),
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "jax": jax.__version__}
+

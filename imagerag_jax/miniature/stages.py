@@ -1,0 +1,364 @@
+"""The miniature's pre-training stages: tiny VAE, CLIP-style text encoder, teacher UNet, turbo student.
+
+Each stage trains with `fit.fit` in `workdir/stages/<name>/`, resumes from its checkpoint, and on
+completion writes `final.msgpack` (the params) and `done.json` (its config and statistics); a
+finished stage is loaded instead of retrained. The towers are the same Flax modules as the real
+SD ones (`models/`), only smaller, so every later step runs the production code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+from imagerag_jax import losses, sampling
+from imagerag_jax import schedule as schedule_lib
+from imagerag_jax.miniature import data as data_lib
+from imagerag_jax.miniature import fit as fit_lib
+from imagerag_jax.models.clip_text import CLIPTextTransformer, Tokenizer
+from imagerag_jax.models.unet import CROSS_DOWN, CROSS_UP, UNet
+from imagerag_jax.models.vae import AutoencoderKL
+from imagerag_jax.data import sources
+from imagerag_jax.weights import random_pipeline
+
+PyTree = Any
+LATENT_CHANNELS = 4
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules from the config.
+# ------------------------------------------------------------------------------------------------
+
+
+def make_vae(cfg: Mapping[str, Any], scaling_factor: float = 1.0) -> AutoencoderKL:
+    """The tiny AutoencoderKL (downsampling 2**(len(channels)-1))."""
+    return AutoencoderKL(block_out_channels=tuple(cfg["channels"]), layers_per_block=cfg["layers"],
+                         latent_channels=LATENT_CHANNELS, norm_num_groups=cfg["groups"],
+                         scaling_factor=float(scaling_factor))
+
+
+def make_text(cfg: Mapping[str, Any]) -> CLIPTextTransformer:
+    """The tiny CLIP text transformer over the byte-level vocabulary."""
+    v = random_pipeline.TINY_VOCAB_SIZE
+    return CLIPTextTransformer(vocab_size=v, hidden_size=cfg["hidden"], intermediate_size=2 * cfg["hidden"],
+                               num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+                               eos_token_id=v - 1)
+
+
+def make_unet(cfg: Mapping[str, Any], text_dim: int) -> UNet:
+    """The tiny eps-prediction UNet (cross-attention in every block)."""
+    n = len(cfg["channels"])
+    return UNet(block_out_channels=tuple(cfg["channels"]), down_block_types=(CROSS_DOWN,) * n,
+                up_block_types=(CROSS_UP,) * n, layers_per_block=cfg["layers"],
+                num_attention_heads=tuple(c // cfg["head_dim"] for c in cfg["channels"]),
+                cross_attention_dim=text_dim, norm_num_groups=cfg["groups"], prediction_type="epsilon")
+
+
+class PixelTower(nn.Module):
+    """The image side of the CLIP-style text training: an MLP on grayscale pixels."""
+
+    dim: int
+    hidden: int = 256
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = images.mean(-1).reshape(images.shape[0], -1)
+        return nn.Dense(self.dim)(nn.gelu(nn.Dense(self.hidden)(x)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage bookkeeping.
+# ------------------------------------------------------------------------------------------------
+
+
+class Stage:
+    """A stage folder: done.json + final.msgpack once finished."""
+
+    def __init__(self, workdir: str, name: str, cfg: Mapping[str, Any]):
+        self.dir = os.path.join(workdir, "stages", name)
+        self.name, self.cfg = name, json.loads(json.dumps(dict(cfg), default=list))
+
+    @property
+    def done(self) -> bool:
+        """True when the stage finished (with this config)."""
+        path = os.path.join(self.dir, "done.json")
+        if not os.path.exists(path):
+            return False
+        with open(path) as f:
+            saved = json.load(f)["config"]
+        if saved != self.cfg:
+            raise ValueError(f"stage {self.name!r} in {self.dir} was trained with another config "
+                             f"({saved} != {self.cfg}); use a fresh --workdir or delete that folder")
+        return True
+
+    def load(self, template: PyTree) -> tuple[PyTree, dict[str, Any]]:
+        """(final params, stats) of a finished stage."""
+        with open(os.path.join(self.dir, "final.msgpack"), "rb") as f:
+            params = serialization.from_bytes(template, f.read())
+        with open(os.path.join(self.dir, "done.json")) as f:
+            return params, json.load(f)["stats"]
+
+    def finish(self, params: PyTree, stats: Mapping[str, Any]) -> None:
+        """Write the final params, then done.json (the commit point)."""
+        fit_lib._save(os.path.join(self.dir, "final.msgpack"), params)  # pylint: disable=protected-access
+        with open(os.path.join(self.dir, "done.json.tmp"), "w") as f:
+            json.dump({"config": self.cfg, "stats": dict(stats)}, f, indent=1, default=float)
+        os.replace(os.path.join(self.dir, "done.json.tmp"), os.path.join(self.dir, "done.json"))
+
+
+def _init(module: nn.Module, seed: int, *args: Any) -> PyTree:
+    return jax.jit(module.init)(jax.random.PRNGKey(seed), *args)["params"]
+
+
+def _run(stage: Stage, init: PyTree, loss_fn, batch_fn, *, seed: int, progress: bool,
+         ema: float = 0.0) -> tuple[PyTree, dict[str, Any]]:
+    """Load a finished stage or train it (resumable) and mark it finished."""
+    if stage.done:
+        return stage.load(init)
+    c = stage.cfg
+    tx = fit_lib.adam(c["lr"], warmup=c.get("warmup", 0), weight_decay=c.get("weight_decay", 0.0))
+    params, stats = fit_lib.fit(stage.dir, init, loss_fn, batch_fn, c["steps"], tx, seed=seed,
+                                ema_decay=ema, desc=stage.name, progress=progress)
+    stage.finish(params, stats)
+    return params, stats
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. VAE.
+# ------------------------------------------------------------------------------------------------
+
+
+def train_vae(workdir: str, cfg: Mapping[str, Any], images: np.ndarray, *, seed: int,
+              progress: bool = True) -> tuple[AutoencoderKL, PyTree, dict[str, Any]]:
+    """L1 reconstruction + a small KL; the scaling factor is set to 1/std of the latents (as SD's)."""
+    stage = Stage(workdir, "vae", cfg)
+    vae = make_vae(cfg)
+    init = _init(vae, seed, jnp.zeros((1, *images.shape[1:])))
+
+    def loss_fn(params, batch, rng):
+        x = batch["images"]
+        mean, logvar = vae.apply({"params": params}, x, method=vae.encode)
+        z = vae.sample_latent(mean, logvar, rng)
+        rec = vae.apply({"params": params}, z, method=vae.decode)
+        l1 = jnp.mean(jnp.abs(rec - x))
+        kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+        return l1 + cfg["kl_weight"] * kl, {"l1": l1, "kl": kl}
+
+    batch_fn = lambda step: {"images": images[data_lib.batch_indices(len(images), cfg["batch"], step, seed)]}
+    params, stats = _run(stage, init, loss_fn, batch_fn, seed=seed, progress=progress)
+    if "scaling_factor" not in stats:
+        mean = encode_latents(vae, params, images, scaling_factor=1.0)
+        stats = {**stats, "scaling_factor": float(1.0 / np.std(mean))}
+        stage.finish(params, stats)
+    return make_vae(cfg, stats["scaling_factor"]), params, stats
+
+
+def _vae_mean(vae: AutoencoderKL, params: PyTree, x: jax.Array) -> jax.Array:
+    return vae.apply({"params": params}, x, method=vae.encode)[0]
+
+
+_vae_mean_jit = jax.jit(_vae_mean, static_argnums=0)
+_vae_decode_jit = jax.jit(lambda vae, p, z: vae.apply({"params": p}, z, method=vae.decode), static_argnums=0)
+
+
+def encode_latents(vae: AutoencoderKL, params: PyTree, images: np.ndarray, *,
+                   scaling_factor: float | None = None, batch: int = 256) -> np.ndarray:
+    """Images in [-1, 1] -> scaled mean latents (what the UNets see)."""
+    scale = vae.scaling_factor if scaling_factor is None else scaling_factor
+    out = [np.asarray(_vae_mean_jit(vae, params, jnp.asarray(images[i:i + batch])))
+           for i in range(0, len(images), batch)]
+    return np.concatenate(out) * scale
+
+
+def decode_latents(vae: AutoencoderKL, params: PyTree, latents: np.ndarray | jax.Array,
+                   batch: int = 256) -> np.ndarray:
+    """Scaled latents -> images in [-1, 1] (clipped)."""
+    latents = np.asarray(latents) / vae.scaling_factor
+    out = [np.asarray(_vae_decode_jit(vae, params, jnp.asarray(latents[i:i + batch])))
+           for i in range(0, len(latents), batch)]
+    return np.clip(np.concatenate(out), -1.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Text encoder (CLIP-style contrastive training against a pixel tower).
+# ------------------------------------------------------------------------------------------------
+
+
+class CaptionTable:
+    """Every (digit, template) caption tokenised once: batches index rows instead of tokenising."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.templates = len(sources.DIGIT_TEMPLATES)
+        self.captions = [sources.digit_caption(d, v) for d in range(10) for v in range(self.templates)]
+        self.ids = np.asarray(tokenizer(self.captions), np.int32)
+        self.empty_ids = np.asarray(tokenizer([""]), np.int32)
+
+    def rows(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A random wording of each label, as table rows."""
+        return np.asarray(labels) * self.templates + rng.integers(0, self.templates, len(labels))
+
+
+def train_text(workdir: str, cfg: Mapping[str, Any], table: CaptionTable, images: np.ndarray,
+               labels: np.ndarray, *, seed: int, progress: bool = True
+               ) -> tuple[CLIPTextTransformer, PyTree, dict[str, Any]]:
+    """CLIP's symmetric InfoNCE between the pooled caption and an image embedding.
+
+    Why trained and not frozen random: retrieval ranks the database by the cosine of pooled text
+    embeddings (paper Sec. 4), which is only meaningful for a contrastively trained encoder like
+    SD's OpenCLIP; a random one ranks by wording ("a scribbled ...") rather than by digit.
+    """
+    stage = Stage(workdir, "text", cfg)
+    text = make_text(cfg)
+    tower = PixelTower(cfg["hidden"])
+    init = {"text": _init(text, seed, jnp.asarray(table.ids[:1])),
+            "image": _init(tower, seed + 1, jnp.zeros((1, *images.shape[1:]))),
+            "logit_scale": jnp.asarray(np.log(1 / 0.07), jnp.float32)}
+    ids_table = jnp.asarray(table.ids)
+
+    def loss_fn(params, batch, rng):
+        del rng
+        _, pooled = text.apply({"params": params["text"]}, ids_table[batch["rows"]])
+        img = tower.apply({"params": params["image"]}, batch["images"])
+        t = pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True)
+        i = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
+        logits = jnp.exp(jnp.minimum(params["logit_scale"], np.log(100.0))) * i @ t.T
+        target = jnp.arange(len(logits))
+        ce = lambda lg: jnp.mean(jax.nn.logsumexp(lg, -1) - lg[target, target])
+        loss = 0.5 * (ce(logits) + ce(logits.T))
+        return loss, {"acc": jnp.mean(jnp.argmax(logits, -1) == target)}
+
+    def batch_fn(step):
+        idx = data_lib.batch_indices(len(images), cfg["batch"], step, seed)
+        rows = table.rows(labels[idx], np.random.default_rng([seed, 7, step]))
+        return {"images": images[idx], "rows": rows}
+
+    params, stats = _run(stage, init, loss_fn, batch_fn, seed=seed, progress=progress)
+    return text, params["text"], stats
+
+
+_text_jit = jax.jit(lambda text, p, ids: text.apply({"params": p}, ids), static_argnums=0)
+
+
+def embed_ids(text: CLIPTextTransformer, params: PyTree, ids: np.ndarray, batch: int = 256
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids -> (hidden states, L2-normalised pooled), as precompute computes them."""
+    hid, pooled = [], []
+    for i in range(0, len(ids), batch):
+        h, p = _text_jit(text, params, jnp.asarray(ids[i:i + batch]))
+        hid.append(np.asarray(h))
+        pooled.append(np.asarray(p))
+    p = np.concatenate(pooled)
+    return np.concatenate(hid), p / np.maximum(np.linalg.norm(p, axis=-1, keepdims=True), 1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Teacher (eps prediction, caption dropout for classifier-free guidance).
+# ------------------------------------------------------------------------------------------------
+
+
+def train_teacher(workdir: str, cfg: Mapping[str, Any], unet: UNet, latents: np.ndarray,
+                  labels: np.ndarray, contexts: np.ndarray, empty_context: np.ndarray,
+                  table: CaptionTable, *, seed: int, progress: bool = True
+                  ) -> tuple[PyTree, dict[str, Any]]:
+    """The DDPM eps objective over all 1000 timesteps on the VAE latents; EMA params are the teacher."""
+    stage = Stage(workdir, "teacher", cfg)
+    sched = schedule_lib.scaled_linear_schedule()
+    init = _init(unet, seed, jnp.zeros((1, *latents.shape[1:])), jnp.zeros((1,), jnp.int32),
+                 jnp.asarray(contexts[:1]))
+    ctx_table, empty = jnp.asarray(contexts), jnp.asarray(empty_context)
+
+    def loss_fn(params, batch, rng):
+        z0 = batch["latents"]
+        k_t, k_eps, k_drop = jax.random.split(rng, 3)
+        b = z0.shape[0]
+        t = jax.random.randint(k_t, (b,), 0, sched.num_train_timesteps)
+        eps = jax.random.normal(k_eps, z0.shape)
+        drop = jax.random.uniform(k_drop, (b, 1, 1)) < cfg["uncond_prob"]
+        ctx = jnp.where(drop, empty[None], ctx_table[batch["rows"]])
+        pred = unet.apply({"params": params}, schedule_lib.add_noise(z0, eps, t, sched), t, ctx)
+        return jnp.mean(jnp.square(pred - eps)), {}
+
+    def batch_fn(step):
+        idx = data_lib.batch_indices(len(latents), cfg["batch"], step, seed)
+        return {"latents": latents[idx], "rows": table.rows(labels[idx], np.random.default_rng([seed, 11, step]))}
+
+    return _run(stage, init, loss_fn, batch_fn, seed=seed, progress=progress, ema=cfg["ema"])
+
+
+def teacher_sampler(unet: UNet, steps: int, guidance: float):
+    """Jitted DDIM + CFG: (params, noise, context, uncond context) -> x0 latents."""
+
+    def run(params, noise, context, uncond):
+        apply_fn = lambda x, t, c: unet.apply({"params": params}, x, t, c)
+        uncond = jnp.broadcast_to(uncond, context.shape) if guidance > 1.0 else None
+        return sampling.ddim_sample(apply_fn, noise, context, uncond, schedule_lib.scaled_linear_schedule(),
+                                    steps, guidance, "epsilon")
+
+    return jax.jit(run)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Turbo student (one step at t=999, distilled from the teacher without retrieval).
+# ------------------------------------------------------------------------------------------------
+
+
+def teacher_pairs(workdir: str, cfg: Mapping[str, Any], unet: UNet, teacher_params: PyTree,
+                  contexts: np.ndarray, empty_context: np.ndarray, latent_shape: tuple[int, ...],
+                  *, seed: int, progress: bool = True) -> dict[str, np.ndarray]:
+    """(noise, caption row, teacher x0) pairs, cached in stages/student/pairs.npz."""
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
+    path = os.path.join(workdir, "stages", "student", "pairs.npz")
+    if os.path.exists(path):
+        with np.load(path) as f:
+            if len(f["rows"]) == cfg["pairs"]:
+                return dict(f)
+    rng = np.random.default_rng([seed, 13])
+    rows = rng.integers(0, len(contexts), cfg["pairs"])
+    noise = rng.standard_normal((cfg["pairs"], *latent_shape)).astype(np.float32)
+    sample = teacher_sampler(unet, cfg["teacher_steps"], cfg["guidance"])
+    b = 256
+    out = []
+    for i in tqdm(range(0, len(rows), b), desc="teacher pairs", disable=not progress, leave=False):
+        r, n = rows[i:i + b], noise[i:i + b]
+        pad = b - len(r)
+        ctx = np.concatenate([contexts[r], np.repeat(contexts[r[-1:]], pad, 0)]) if pad else contexts[r]
+        nz = np.concatenate([n, np.repeat(n[-1:], pad, 0)]) if pad else n
+        out.append(np.asarray(sample(teacher_params, jnp.asarray(nz), jnp.asarray(ctx),
+                                     jnp.asarray(empty_context)[None]))[:len(r)])
+    pairs = {"rows": rows, "noise": noise, "latents": np.concatenate(out)}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path + ".tmp.npz", **pairs)
+    os.replace(path + ".tmp.npz", path)
+    return pairs
+
+
+def train_student(workdir: str, cfg: Mapping[str, Any], unet: UNet, teacher_params: PyTree,
+                  pairs: Mapping[str, np.ndarray], contexts: np.ndarray, *, seed: int,
+                  progress: bool = True) -> tuple[PyTree, dict[str, Any]]:
+    """Initialised from the teacher; smooth-L1 (Eq. 8) between its one-step x0 and the teacher's."""
+    stage = Stage(workdir, "student", {k: v for k, v in cfg.items()})
+    sched = schedule_lib.scaled_linear_schedule()
+    ctx_table = jnp.asarray(contexts)
+    t_max = sched.num_train_timesteps - 1
+
+    def loss_fn(params, batch, rng):
+        del rng
+        noise = batch["noise"]
+        t = jnp.full((noise.shape[0],), t_max, jnp.int32)
+        eps = unet.apply({"params": params}, noise, t, ctx_table[batch["rows"]])
+        x0 = schedule_lib.predict_x0(eps, noise, t, sched, "epsilon")
+        return losses.smooth_l1(x0, batch["latents"]), {}
+
+    def batch_fn(step):
+        idx = data_lib.batch_indices(len(pairs["rows"]), cfg["batch"], step, seed)
+        return {k: pairs[k][idx] for k in ("noise", "rows", "latents")}
+
+    return _run(stage, teacher_params, loss_fn, batch_fn, seed=seed, progress=progress)

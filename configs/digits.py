@@ -10,7 +10,8 @@ from a disjoint database split). Results: workdir/results.json, results.md and P
   python -m imagerag_jax.main run --config configs/digits.py --workdir /tmp/digits
   python -m imagerag_jax.main run --config configs/digits.py:quick --workdir /tmp/digits_quick
 
-Arg string: ``quick`` (fewer steps; a smoke run of every stage), ``k=N`` neighbours.
+Arg string: ``quick`` (fewer steps, <= 10 min), ``smoke`` (a few steps per stage: checks the
+plumbing in tests, the numbers mean nothing), ``k=N`` neighbours.
 Every stage resumes from its checkpoint when the command is run again with the same workdir.
 """
 
@@ -33,7 +34,7 @@ def _sibling(name):
 
 def get_config(arg=None):
     """The digits miniature; see the module docstring for `arg`."""
-    arg = parse_arg(arg, quick=False, k=2)
+    arg = parse_arg(arg, quick=False, smoke=False, k=2)
     q = arg.quick
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -48,12 +49,12 @@ def get_config(arg=None):
                       batch=32, steps=400 if q else 1500)
     config.text = dict(hidden=64, layers=2, heads=2, lr=1e-3, warmup=20, batch=128,
                        steps=150 if q else 400)
-    config.teacher = dict(channels=(32, 64), layers=1, head_dim=16, groups=8, lr=5e-4, warmup=100,
-                          batch=64, steps=800 if q else 5000, uncond_prob=0.1,
-                          ema=0.99 if q else 0.999)
-    config.sampling = dict(steps=10 if q else 25, guidance=3.0)  # the teacher's DDIM + CFG
-    config.student = dict(pairs=1024 if q else 4096, teacher_steps=10 if q else 25, guidance=3.0,
-                          lr=2e-4, warmup=50, batch=64, steps=400 if q else 2500)
+    config.teacher = dict(channels=(32, 64), layers=1, head_dim=16, groups=8, lr=1e-3, warmup=100,
+                          batch=32, steps=1200 if q else 4000, uncond_prob=0.1,
+                          ema=0.995 if q else 0.999)
+    config.sampling = dict(steps=15 if q else 25, guidance=3.0)  # the teacher's DDIM + CFG
+    config.student = dict(pairs=1024 if q else 4096, teacher_steps=15 if q else 25, guidance=3.0,
+                          lr=5e-4, warmup=50, batch=32, steps=800 if q else 2500)
 
     # ImageRAGTurbo: the production build-db -> precompute -> train path. `run` fills in the
     # weight and data paths (workdir/models/{turbo,teacher}, workdir/rag/...).
@@ -80,5 +81,17 @@ def get_config(arg=None):
                        injection_w=0.8, grid_per_digit=4, latency_repeats=5 if q else 20)
     config.classifier = dict(epochs=0)  # 0: evaluate.DigitClassifier's default
 
+    if arg.smoke:
+        for name in ("vae", "text", "teacher", "student"):
+            config[name] = {**config[name], "steps": 3, "batch": 8}
+        config.student = {**config.student, "pairs": 16, "teacher_steps": 2}
+        config.sampling = dict(steps=2, guidance=3.0)
+        config.precompute.teacher.steps = 2
+        config.precompute.limit, config.precompute.db.limit = 24, 40
+        config.train.total_steps, config.train.global_batch_size = 2, 4
+        config.train.checkpoint_every = 2
+        config.eval = dict(num_prompts=20, injection_w=0.8, grid_per_digit=2, latency_repeats=1)
+        config.classifier = dict(epochs=1)
+        config.progress = False
     config.lock()
     return config

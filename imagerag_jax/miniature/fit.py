@@ -68,7 +68,7 @@ def fit(
 
     os.makedirs(out_dir, exist_ok=True)
     state = {"params": params, "opt": tx.init(params), "step": np.int64(0),
-             "ema": params if ema_decay > 0 else {}}
+             "ema": params if ema_decay > 0 else {}, "first_bad": np.int64(-1)}
     path = os.path.join(out_dir, STATE_FILE)
     if os.path.exists(path):
         with open(path, "rb") as f:
@@ -81,9 +81,13 @@ def fit(
         updates, opt = tx.update(grads, state["opt"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
         ema = ema_update(state["ema"], new_params, ema_decay) if ema_decay > 0 else state["ema"]
-        ok = jnp.isfinite(loss)
-        new = {"params": new_params, "opt": opt, "step": state["step"] + 1, "ema": ema}
+        # A non-finite step freezes the state (the last good one) and records where it happened;
+        # the host checks that flag at its next log point, so no per-step device sync is needed.
+        ok = jnp.isfinite(loss) & (state["first_bad"] < 0)
+        new = {"params": new_params, "opt": opt, "step": state["step"] + 1, "ema": ema,
+               "first_bad": state["first_bad"]}
         new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+        new["first_bad"] = jnp.where(ok | (state["first_bad"] >= 0), state["first_bad"], state["step"])
         return new, {"loss": loss, **aux}
 
     state = jax.tree.map(jnp.asarray, state)
@@ -97,9 +101,10 @@ def fit(
                                      jax.random.fold_in(key, step))
             if (step + 1) % 50 == 0 or step + 1 == steps:
                 m = {k: float(v) for k, v in metrics.items()}
-                if not np.isfinite(m["loss"]):
-                    raise FloatingPointError(f"{desc}: non-finite loss at step {step + 1}; the "
-                                             f"checkpoint in {out_dir} holds the last good state")
+                if int(state["first_bad"]) >= 0:
+                    raise FloatingPointError(
+                        f"{desc}: non-finite loss at step {int(state['first_bad']) + 1}; the "
+                        f"checkpoint in {out_dir} holds the last good state")
                 history.append({"step": step + 1, **m})
                 log.write(json.dumps(history[-1]) + "\n")
                 bar.set_postfix(loss=f"{m['loss']:.4f}")

@@ -270,7 +270,14 @@ def markdown(results: Mapping[str, Any]) -> str:
         "",
         "Samples: `samples.png` (rows: a real digit, then " + ", ".join(METHODS) + "; columns: 0-9); "
         "`grids/<method>.png`.",
+        "",
+        "| Stage | Steps | Seconds | Final training loss |",
+        "|---|---|---|---|",
     ]
+    for name, st in results.get("stages", {}).items():
+        final = (st or {}).get("final") or {}
+        loss = f"{final['loss']:.4f}" if "loss" in final else "-"
+        lines.append(f"| {name} | {st.get('steps', '-')} | {st.get('seconds', '-')} | {loss} |")
     return "\n".join(lines) + "\n"
 
 

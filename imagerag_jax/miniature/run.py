@@ -122,7 +122,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     towers = train_towers(config, workdir)
     t0 = time.perf_counter()
     state, db_path, index_path = train_imagerag(config, workdir)
-    towers.stats["imagerag"] = {"seconds": round(time.perf_counter() - t0, 1)}
+    towers.stats["imagerag"] = {"steps": int(config.train.total_steps),
+                                "seconds": round(time.perf_counter() - t0, 1)}
     results = report.evaluate_all(config, workdir, towers, state, db_path, index_path)
     results["total_seconds"] = round(time.perf_counter() - t_start, 1)
     report.write(workdir, results)

@@ -107,6 +107,7 @@ class Stage:
 
     def finish(self, params: PyTree, stats: Mapping[str, Any]) -> None:
         """Write the final params, then done.json (the commit point)."""
+        os.makedirs(self.dir, exist_ok=True)
         fit_lib._save(os.path.join(self.dir, "final.msgpack"), params)  # pylint: disable=protected-access
         with open(os.path.join(self.dir, "done.json.tmp"), "w") as f:
             json.dump({"config": self.cfg, "stats": dict(stats)}, f, indent=1, default=float)

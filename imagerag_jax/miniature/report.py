@@ -144,9 +144,9 @@ def evaluate_all(config: ml_collections.ConfigDict, workdir: str, towers: Any, s
 
     real_feats = clf.features(ev.images)
     rows: dict[str, dict[str, Any]] = {}
-    for name, imgs in [("real", ev.images[: len(labels)] if False else ev.images),
-                       ("vae", decode(stages.encode_latents(vae, towers.vae_p, ev.images)))] + \
-            [(m, generated[m]) for m in METHODS]:
+    references = [("real", ev.images),
+                  ("vae", decode(stages.encode_latents(vae, towers.vae_p, ev.images)))]
+    for name, imgs in references + [(m, generated[m]) for m in METHODS]:
         target = ev.labels if name in ("real", "vae") else labels
         rows[name] = {"fidelity": float(evaluate.prompt_fidelity(clf, imgs, target)),
                       "frechet": float(evaluate.frechet_distance(clf.features(imgs), real_feats))}
@@ -219,6 +219,13 @@ def _machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": cores, "backend": jax.default_backend(), "jax": jax.__version__}
 
 
+def _save_grid(images: np.ndarray, columns: int, path: str, min_cell: int = 64) -> None:
+    """A grid PNG, upscaled (nearest) so that each cell is at least `min_cell` pixels wide."""
+    grid = images_lib.make_grid(images_lib.to_uint8(images), columns=columns)
+    scale = max(1, -(-min_cell // images.shape[1]))
+    images_lib.save_png(np.repeat(np.repeat(grid, scale, 0), scale, 1), path)
+
+
 def _write_grids(workdir: str, generated: Mapping[str, np.ndarray], labels: np.ndarray, per_digit: int,
                  ev: data_lib.DigitSplit) -> None:
     """grids/<method>.png (a row per digit) and samples.png (a row per method, digits 0-9)."""
@@ -227,13 +234,11 @@ def _write_grids(workdir: str, generated: Mapping[str, np.ndarray], labels: np.n
 
     idx = pick(per_digit)
     for name, imgs in generated.items():
-        images_lib.save_png(images_lib.make_grid(images_lib.to_uint8(imgs[idx]), columns=per_digit),
-                            os.path.join(workdir, "grids", f"{name}.png"))
+        _save_grid(imgs[idx], per_digit, os.path.join(workdir, "grids", f"{name}.png"))
     first = pick(1)
     real_first = np.concatenate([np.nonzero(ev.labels == d)[0][:1] for d in range(10)])
     rows = [ev.images[real_first]] + [generated[m][first] for m in METHODS]
-    images_lib.save_png(images_lib.make_grid(images_lib.to_uint8(np.concatenate(rows)), columns=10),
-                        os.path.join(workdir, "samples.png"))
+    _save_grid(np.concatenate(rows), 10, os.path.join(workdir, "samples.png"))
 
 
 def markdown(results: Mapping[str, Any]) -> str:
@@ -260,7 +265,8 @@ def markdown(results: Mapping[str, Any]) -> str:
         "Prompt fidelity: accuracy of a digit classifier (trained on the real train split only) on the "
         "generated images against the prompted digit. Fréchet distance: in that classifier's feature "
         "space, against the real held-out digits. Latency: one request end to end (text encoder, "
-        "retrieval, UNet, VAE decode), median after compilation.",
+        "retrieval, UNet, VAE decode), median after compilation; the per-prompt best w row is "
+        "estimated as 9 fixed-w requests, and its w is chosen by the judge (an oracle).",
         "",
         f"Retrieval (k = {rt['k']}): precision@k {rt['precision_at_k']:.3f} (neighbours showing the "
         f"prompted digit), top-1 {rt['top1_precision']:.3f}; lambda mean {rt['lambda_mean']:.3f} "

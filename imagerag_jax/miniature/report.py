@@ -79,11 +79,12 @@ def evaluate_all(config: ml_collections.ConfigDict, workdir: str, towers: Any, s
     """Generates the held-out prompts with every method and judges them."""
     seed, size, k = int(config.seed), int(config.image_size), int(config.k)
     ev_cfg = config.eval
-    train = data_lib.load_split("train", size, seed)
-    ev = data_lib.load_split("eval", size, seed)
+    train = data_lib.load_split("train", size)
+    ev = data_lib.load_split("eval", size)
     prompts, labels, _ = data_lib.eval_prompts(ev, int(ev_cfg.num_prompts))
     t0 = time.perf_counter()
-    clf = load_classifier(workdir, train, seed, int(config.classifier["epochs"]))
+    # The judge is the same network whatever the run's seed (its own seed 0).
+    clf = load_classifier(workdir, train, 0, int(config.classifier["epochs"]))
     logging.info("classifier ready (%.0f s)", time.perf_counter() - t0)
 
     unet, vae, text = towers.unet, towers.vae, towers.text
@@ -91,7 +92,7 @@ def evaluate_all(config: ml_collections.ConfigDict, workdir: str, towers: Any, s
     token_ids = np.asarray(towers.tokenizer(prompts))
     context, pooled = stages.embed_ids(text, towers.text_p, token_ids)
     retr = Retrieved(db_path, index_path, pooled, k)
-    all_labels = sources.DigitsSource("all", size=size, seed=seed).all_labels
+    all_labels = sources.DigitsSource("all", size=size).all_labels
     retr_labels = all_labels[retr.ids]
     noise = np.random.default_rng([seed, 99]).standard_normal((len(prompts), *retr.latents.shape[2:]),
                                                                dtype=np.float32)

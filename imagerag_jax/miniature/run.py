@@ -56,7 +56,9 @@ def train_towers(config: ml_collections.ConfigDict, workdir: str) -> Towers:
     """Stages 1-4: VAE, text encoder, teacher, turbo student; writes models/{teacher,turbo}."""
     seed, progress = int(config.seed), bool(config.progress)
     size = int(config.image_size)
-    train, db = data_lib.load_split("train", size, seed), data_lib.load_split("database", size, seed)
+    # The splits and captions are those of the precompute jobs (source seed 0) whatever the
+    # training seed, so the held-out split stays held out.
+    train, db = data_lib.load_split("train", size), data_lib.load_split("database", size)
     pretrain = data_lib.join(train, db)
     stats: dict[str, Any] = {}
 

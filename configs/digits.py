@@ -50,7 +50,7 @@ def get_config(arg=None):
     config.text = dict(hidden=64, layers=2, heads=2, lr=1e-3, warmup=20, batch=128,
                        steps=150 if q else 400)
     config.teacher = dict(channels=(32, 64), layers=1, head_dim=16, groups=8, lr=1e-3, warmup=100,
-                          batch=32, steps=1200 if q else 4000, uncond_prob=0.1,
+                          batch=32, steps=2000 if q else 4000, uncond_prob=0.1,
                           ema=0.995 if q else 0.999)
     config.sampling = dict(steps=15 if q else 25, guidance=3.0)  # the teacher's DDIM + CFG
     config.student = dict(pairs=1024 if q else 4096, teacher_steps=15 if q else 25, guidance=3.0,
@@ -65,7 +65,7 @@ def get_config(arg=None):
     pre.teacher.update(dict(sampler="ddim", steps=config.sampling["steps"],
                             guidance=config.sampling["guidance"]))
     config.precompute = pre
-    train = _sibling("tiny").get_config(f"total_steps={150 if q else 1000},batch=32")
+    train = _sibling("tiny").get_config(f"total_steps={400 if q else 1000},batch=32")
     train.unlock()
     train.random_preset = "none"  # the towers come from workdir/models
     train.shuffle_buffer = 512

@@ -15,21 +15,16 @@ plumbing in tests, the numbers mean nothing), ``k=N`` neighbours.
 Every stage resumes from its checkpoint when the command is run again with the same workdir.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
-from imagerag_jax.config_args import parse_arg
+from imagerag_jax.config_args import load_module, parse_arg
 
 
 def _sibling(name):
     """Another config file of this folder (configs/ is not a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_imagerag_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py"))
 
 
 def get_config(arg=None):

@@ -114,3 +114,20 @@ class Checkpointer:
         """Waits for pending saves and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def read_scalars(workdir: str) -> dict[str, dict[int, float]]:
+    """The scalar metrics a run logged to its TensorBoard files: {tag: {step: value}}."""
+    import glob  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    files = sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*")))
+    if not files:
+        raise FileNotFoundError(f"{workdir} holds no TensorBoard event files (events.out.tfevents.*)")
+    out: dict[str, dict[int, float]] = {}
+    for record in tf.data.TFRecordDataset(files):
+        event = tf.compat.v1.Event.FromString(record.numpy())
+        for value in event.summary.value:
+            if value.metadata.plugin_data.plugin_name == "scalars":
+                out.setdefault(value.tag, {})[int(event.step)] = float(tf.make_ndarray(value.tensor))
+    return out

@@ -20,3 +20,24 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
         else:
             out[key] = kind(value)
     return out
+
+
+def load_module(path: str) -> Any:
+    """Imports a config file by path (``configs/`` is a folder of files, not a package)."""
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    import os  # pylint: disable=g-import-not-at-top
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    name = "_imagerag_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """``path/to/config.py[:arg]`` -> its ``get_config(arg)``, as ``--config`` reads it (for notebooks)."""
+    path, _, arg = spec.partition(".py:")
+    path = path if path.endswith(".py") else path + ".py"
+    return load_module(path).get_config(arg or None)

@@ -1,0 +1,40 @@
+"""Config files by path (`file.py:arg`, as --config reads them) and reading a run's logged scalars."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from imagerag_jax import checkpoints, config_args
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def test_load_config_with_and_without_arg():
+    assert config_args.load_config(os.path.join(CONFIGS, "tiny.py") + ":total_steps=7,batch=2").total_steps == 7
+    default = config_args.load_config(os.path.join(CONFIGS, "tiny.py"))
+    assert default.total_steps == 30 and default.global_batch_size == 4
+    digits = config_args.load_config(os.path.join(CONFIGS, "digits.py") + ":quick,k=3")
+    assert digits.k == 3 and digits.precompute.k == 3 and digits.train.random_preset == "none"
+
+
+def test_load_config_bad_inputs():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        config_args.load_config(os.path.join(CONFIGS, "nope.py"))
+    with pytest.raises(ValueError, match="unknown config arg 'steps'"):
+        config_args.load_config(os.path.join(CONFIGS, "tiny.py") + ":steps=3")
+
+
+def test_read_scalars_round_trip(tmp_path):
+    from clu import metric_writers
+
+    writer = metric_writers.create_default_writer(str(tmp_path))
+    writer.write_scalars(1, {"g_loss": 0.5, "d_loss": 2.0})
+    writer.write_scalars(3, {"g_loss": 0.25})
+    writer.flush()
+    writer.close()
+    got = checkpoints.read_scalars(str(tmp_path))
+    assert got == {"g_loss": {1: 0.5, 3: 0.25}, "d_loss": {1: 2.0}}
+    with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
+        checkpoints.read_scalars(str(tmp_path / "empty"))

@@ -241,7 +241,7 @@ teacher_latents = jax.jit(_teacher_sample, static_argnums=(0, 1, 2))
 teacher_latents.__doc__ = "Jitted: teacher DDIM/Euler + CFG from the given noise -> latents."
 
 
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
+def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
     """Pads the leading axis to `size` by repeating the last row (static shapes under jit)."""
     if len(x) == size:
         return x
@@ -258,13 +258,13 @@ class Encoder:
     def images(self, images: np.ndarray) -> np.ndarray:
         """uint8 [b, H, W, 3] -> latents [b, h, w, C] float32."""
         b = len(images)
-        out = encode_images(self.pipe.vae, self.pipe.vae_params, _pad(images, self.batch_size))
+        out = encode_images(self.pipe.vae, self.pipe.vae_params, pad_rows(images, self.batch_size))
         return np.asarray(out)[:b]
 
     def texts(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Captions -> (prompt embeds [b, L, D], normalised pooled [b, D]) float32."""
         b = len(captions)
-        ids = _pad(self.pipe.tokenizer(list(captions)), self.batch_size)
+        ids = pad_rows(self.pipe.tokenizer(list(captions)), self.batch_size)
         hidden, pooled = encode_text(self.pipe.text_encoder, self.pipe.text_params, ids)
         return np.asarray(hidden)[:b], np.asarray(pooled)[:b]
 
@@ -272,11 +272,11 @@ class Encoder:
                 noise: np.ndarray) -> np.ndarray:
         """Teacher latents [b, h, w, C] from `noise` [b, h, w, C] (this pipeline is the teacher)."""
         b = len(captions)
-        ids = _pad(self.pipe.tokenizer(list(captions)), self.batch_size)
+        ids = pad_rows(self.pipe.tokenizer(list(captions)), self.batch_size)
         uncond = self.pipe.tokenizer([negative_prompt])
         out = teacher_latents(spec, self.pipe.unet, self.pipe.text_encoder, self.pipe.unet_params,
                               self.pipe.text_params, ids, uncond,
-                              _pad(noise.astype(np.float32), self.batch_size))
+                              pad_rows(noise.astype(np.float32), self.batch_size))
         return np.asarray(out)[:b]
 
 

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
+from imagerag_jax import evaluate
 from imagerag_jax.data import sources
 
 
@@ -29,8 +30,8 @@ def load_split(split: str, size: int, seed: int = 0) -> DigitSplit:
     """A digits split ('train', 'eval', 'database') exactly as the precompute jobs see it."""
     src = sources.DigitsSource(split, size=size, seed=seed)
     ids = np.asarray(src.ids, np.int64)
-    images = np.stack([src.image(int(i)) for i in ids]).astype(np.float32) / 127.5 - 1.0
-    return DigitSplit(ids, images, np.asarray(src.labels), tuple(src.caption(int(i)) for i in ids))
+    images, labels = evaluate.load_digits_split(split, size, seed)
+    return DigitSplit(ids, images, labels, tuple(src.caption(int(i)) for i in ids))
 
 
 def join(*splits: DigitSplit) -> DigitSplit:

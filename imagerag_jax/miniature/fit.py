@@ -37,7 +37,7 @@ def ema_update(ema: PyTree, params: PyTree, decay: float) -> PyTree:
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
-def _save(path: str, state: PyTree) -> None:
+def save_state(path: str, state: PyTree) -> None:
     """Atomic msgpack write: a crash mid-write never leaves a half checkpoint."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -109,7 +109,7 @@ def fit(
                 log.write(json.dumps(history[-1]) + "\n")
                 bar.set_postfix(loss=f"{m['loss']:.4f}")
             if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-                _save(path, state)
+                save_state(path, state)
             bar.update(1)
     bar.close()
     final = state["ema"] if ema_decay > 0 else state["params"]

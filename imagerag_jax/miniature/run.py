@@ -11,26 +11,24 @@ import os
 import time
 from typing import Any
 
-import jax
 import ml_collections
 from absl import logging
 
 from imagerag_jax.miniature import data as data_lib
 from imagerag_jax.miniature import stages
 from imagerag_jax.models.clip_text import Tokenizer
-from imagerag_jax.weights import random_pipeline
+from imagerag_jax.weights import random_pipeline, to_torch
 
 
 def _models_dir(workdir: str, name: str) -> str:
     return os.path.join(workdir, "models", name)
 
 
-def _write_pipeline(path: str, unet, unet_p, vae, vae_p, text, text_p) -> str:
+def _write_pipeline(path: str, unet, unet_p, vae, vae_p, text, text_p, tokenizer_dir: str) -> str:
     """A diffusers pipeline folder (what build-db/precompute/train load), written once."""
     if not os.path.exists(os.path.join(path, "model_index.json")):
         tmp = f"{path}.tmp-{os.getpid()}"
-        random_pipeline.write_pipeline(tmp, {"unet": (unet, unet_p), "vae": (vae, vae_p),
-                                             "text_encoder": (text, text_p)})
+        to_torch.save_pipeline(tmp, unet, unet_p, vae, vae_p, text, text_p, tokenizer_dir=tokenizer_dir)
         os.replace(tmp, path)
     return path
 
@@ -86,16 +84,16 @@ def train_towers(config: ml_collections.ConfigDict, workdir: str) -> Towers:
     logging.info("teacher ready (%.0f s): %s", time.perf_counter() - t0, stats["teacher"].get("final"))
 
     t0 = time.perf_counter()
-    pairs = stages.teacher_pairs(workdir, dict(config.student), unet, teacher_p, contexts, empty_context,
+    pairs = stages.teacher_pairs(workdir, dict(config.student), unet, teacher_p, text, text_p, table,
                                  latents.shape[1:], seed=seed, progress=progress)
     student_p, stats["student"] = stages.train_student(workdir, dict(config.student), unet, teacher_p,
                                                        pairs, contexts, seed=seed, progress=progress)
     logging.info("turbo student ready (%.0f s): %s", time.perf_counter() - t0, stats["student"].get("final"))
 
-    _write_pipeline(_models_dir(workdir, "teacher"), unet, teacher_p, vae, vae_p, text, text_p)
-    _write_pipeline(_models_dir(workdir, "turbo"), unet, student_p, vae, vae_p, text, text_p)
+    _write_pipeline(_models_dir(workdir, "teacher"), unet, teacher_p, vae, vae_p, text, text_p, tok_dir)
+    _write_pipeline(_models_dir(workdir, "turbo"), unet, student_p, vae, vae_p, text, text_p, tok_dir)
     return Towers(vae=vae, vae_p=vae_p, text=text, text_p=text_p, tokenizer=tokenizer, unet=unet,
-                  teacher_p=teacher_p, student_p=student_p, empty_context=empty_context, stats=stats)
+                  teacher_p=teacher_p, student_p=student_p, stats=stats)
 
 
 def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, str, str]:
@@ -130,12 +128,3 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     results["total_seconds"] = round(time.perf_counter() - t_start, 1)
     report.write(workdir, results)
     return results
-
-
-def jax_config_summary() -> dict[str, Any]:
-    """The machine the numbers were measured on."""
-    import platform  # pylint: disable=g-import-not-at-top
-    return {"backend": jax.default_backend(), "devices": len(jax.devices()),
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "jax": jax.__version__}
-

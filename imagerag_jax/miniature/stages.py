@@ -18,14 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from imagerag_jax import losses, sampling
+from imagerag_jax import losses
 from imagerag_jax import schedule as schedule_lib
 from imagerag_jax.miniature import data as data_lib
 from imagerag_jax.miniature import fit as fit_lib
 from imagerag_jax.models.clip_text import CLIPTextTransformer, Tokenizer
 from imagerag_jax.models.unet import CROSS_DOWN, CROSS_UP, UNet
 from imagerag_jax.models.vae import AutoencoderKL
-from imagerag_jax.data import sources
+from imagerag_jax.data import precompute, sources
 from imagerag_jax.weights import random_pipeline
 
 PyTree = Any
@@ -108,7 +108,7 @@ class Stage:
     def finish(self, params: PyTree, stats: Mapping[str, Any]) -> None:
         """Write the final params, then done.json (the commit point)."""
         os.makedirs(self.dir, exist_ok=True)
-        fit_lib._save(os.path.join(self.dir, "final.msgpack"), params)  # pylint: disable=protected-access
+        fit_lib.save_state(os.path.join(self.dir, "final.msgpack"), params)
         with open(os.path.join(self.dir, "done.json.tmp"), "w") as f:
             json.dump({"config": self.cfg, "stats": dict(stats)}, f, indent=1, default=float)
         os.replace(os.path.join(self.dir, "done.json.tmp"), os.path.join(self.dir, "done.json"))
@@ -293,16 +293,9 @@ def train_teacher(workdir: str, cfg: Mapping[str, Any], unet: UNet, latents: np.
     return _run(stage, init, loss_fn, batch_fn, seed=seed, progress=progress, ema=cfg["ema"])
 
 
-def teacher_sampler(unet: UNet, steps: int, guidance: float):
-    """Jitted DDIM + CFG: (params, noise, context, uncond context) -> x0 latents."""
-
-    def run(params, noise, context, uncond):
-        apply_fn = lambda x, t, c: unet.apply({"params": params}, x, t, c)
-        uncond = jnp.broadcast_to(uncond, context.shape) if guidance > 1.0 else None
-        return sampling.ddim_sample(apply_fn, noise, context, uncond, schedule_lib.scaled_linear_schedule(),
-                                    steps, guidance, "epsilon")
-
-    return jax.jit(run)
+def teacher_spec(steps: int, guidance: float) -> "precompute.TeacherSpec":
+    """The teacher's sampler (DDIM + CFG, eps), as the precompute jobs run it."""
+    return precompute.TeacherSpec("ddim", int(steps), float(guidance), "epsilon")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,8 +304,9 @@ def teacher_sampler(unet: UNet, steps: int, guidance: float):
 
 
 def teacher_pairs(workdir: str, cfg: Mapping[str, Any], unet: UNet, teacher_params: PyTree,
-                  contexts: np.ndarray, empty_context: np.ndarray, latent_shape: tuple[int, ...],
-                  *, seed: int, progress: bool = True) -> dict[str, np.ndarray]:
+                  text: CLIPTextTransformer, text_params: PyTree, table: CaptionTable,
+                  latent_shape: tuple[int, ...], *, seed: int, progress: bool = True
+                  ) -> dict[str, np.ndarray]:
     """(noise, caption row, teacher x0) pairs, cached in stages/student/pairs.npz."""
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
@@ -322,18 +316,17 @@ def teacher_pairs(workdir: str, cfg: Mapping[str, Any], unet: UNet, teacher_para
             if len(f["rows"]) == cfg["pairs"]:
                 return dict(f)
     rng = np.random.default_rng([seed, 13])
-    rows = rng.integers(0, len(contexts), cfg["pairs"])
+    rows = rng.integers(0, len(table.ids), cfg["pairs"])
     noise = rng.standard_normal((cfg["pairs"], *latent_shape)).astype(np.float32)
-    sample = teacher_sampler(unet, cfg["teacher_steps"], cfg["guidance"])
+    spec = teacher_spec(cfg["teacher_steps"], cfg["guidance"])
     b = 256
     out = []
     for i in tqdm(range(0, len(rows), b), desc="teacher pairs", disable=not progress, leave=False):
         r, n = rows[i:i + b], noise[i:i + b]
-        pad = b - len(r)
-        ctx = np.concatenate([contexts[r], np.repeat(contexts[r[-1:]], pad, 0)]) if pad else contexts[r]
-        nz = np.concatenate([n, np.repeat(n[-1:], pad, 0)]) if pad else n
-        out.append(np.asarray(sample(teacher_params, jnp.asarray(nz), jnp.asarray(ctx),
-                                     jnp.asarray(empty_context)[None]))[:len(r)])
+        z = precompute.teacher_latents(spec, unet, text, teacher_params, text_params,
+                                       precompute.pad_rows(table.ids[r], b), table.empty_ids,
+                                       precompute.pad_rows(n, b))
+        out.append(np.asarray(z)[:len(r)])
     pairs = {"rows": rows, "noise": noise, "latents": np.concatenate(out)}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.savez(path + ".tmp.npz", **pairs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any
 
 import jax
@@ -123,34 +124,9 @@ def random_modules(preset: str = "tiny", seed: int = 0) -> dict[str, tuple[Any, 
 def write_random_pipeline(out_dir: str, preset: str = "tiny", seed: int = 0,
                           prediction_type: str = "epsilon") -> str:
     """Write unet/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json."""
-    return write_pipeline(out_dir, random_modules(preset, seed), prediction_type)
-
-
-def write_pipeline(out_dir: str, modules: dict[str, tuple[Any, Any]],
-                   prediction_type: str = "epsilon") -> str:
-    """A diffusers SD pipeline folder from {unet|vae|text_encoder: (module, params)} + byte tokenizer."""
-    to_torch.save_unet(*modules["unet"], os.path.join(out_dir, "unet"))
-    to_torch.save_vae(*modules["vae"], os.path.join(out_dir, "vae"))
-    to_torch.save_text_encoder(*modules["text_encoder"], os.path.join(out_dir, "text_encoder"))
-    write_byte_tokenizer(os.path.join(out_dir, "tokenizer"))
-    os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
-    with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump({
-            "_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear",
-            "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
-            "prediction_type": prediction_type, "timestep_spacing": "trailing", "steps_offset": 1,
-        }, f, indent=2)
-    with open(os.path.join(out_dir, "model_index.json"), "w") as f:
-        json.dump({
-            "_class_name": "StableDiffusionPipeline",
-            "_diffusers_version": to_torch.DIFFUSERS_VERSION,
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-            "safety_checker": [None, None],
-            "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-        }, f, indent=2)
+    modules = random_modules(preset, seed)
+    with tempfile.TemporaryDirectory() as tok:
+        to_torch.save_pipeline(out_dir, *modules["unet"], *modules["vae"], *modules["text_encoder"],
+                               tokenizer_dir=write_byte_tokenizer(tok),
+                               scheduler=to_torch.scheduler_config(prediction_type))
     return out_dir

@@ -1,4 +1,4 @@
-r"""The CPU miniature: the whole ImageRAGTurbo method on scikit-learn's bundled digits (DESIGN 8).
+r"""The CPU miniature: the whole ImageRAGTurbo method on scikit-learn's bundled digits.
 
 Every tower is trained here from scratch on two CPU cores: a tiny AutoencoderKL (16 px RGB ->
 8x8x4 latents), a tiny CLIP text encoder (contrastive, so retrieval by pooled-text cosine means
@@ -74,7 +74,7 @@ def get_config(arg=None):
     # Evaluation on the held-out prompts.
     config.eval = dict(num_prompts=100 if q else 0,  # 0: the whole eval split (180)
                        injection_w=0.8, grid_per_digit=4, latency_repeats=5 if q else 20)
-    config.classifier = dict(epochs=0)  # 0: evaluate.DigitClassifier's default
+    config.classifier = dict(epochs=0)  # 0: miniature.judge.DigitClassifier's default
 
     if arg.smoke:
         for name in ("vae", "text", "teacher", "student"):

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the trainable state (DESIGN section 7).
+"""Orbax checkpoints of the trainable state: the one owner of checkpoint managers.
 
 Layout: ``workdir/checkpoints/<step>/<item>`` with the named items
 
@@ -12,7 +12,9 @@ Layout: ``workdir/checkpoints/<step>/<item>`` with the named items
 
 Saves are asynchronous (the loop continues while arrays are written) and atomic (a step directory
 appears only once complete, so a process killed mid-save leaves the previous checkpoint as the
-latest). Keeps the last ``max_to_keep``.
+latest). Keeps the last ``max_to_keep``. `Checkpointer` is the trainer's (writing) manager;
+`restore_trained` reads a finished run without creating, cleaning or deleting anything (export,
+inference).
 """
 
 from __future__ import annotations
@@ -24,8 +26,15 @@ from typing import Any, Mapping
 import jax
 import orbax.checkpoint as ocp
 
+from imagerag_jax.errors import UserError
+
 STATE_ITEMS = ("params", "gen_opt_state", "disc_opt_state", "train_meta")
 JSON_ITEMS = ("data_iter", "config", "frozen")
+DIRECTORY = "checkpoints"
+
+
+class CheckpointError(UserError):
+    """A workdir or step without a readable checkpoint (one-line message for the CLI)."""
 
 
 def split_state(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -114,6 +123,53 @@ class Checkpointer:
         """Waits for pending saves and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _read_only_manager(workdir: str, error: type[Exception]) -> ocp.CheckpointManager:
+    """A read-only manager of workdir/checkpoints (never creates, cleans or deletes anything)."""
+    directory = os.path.join(os.path.abspath(workdir), DIRECTORY)
+    if not os.path.isdir(workdir):
+        raise error(f"workdir {workdir} does not exist")
+    if not os.path.isdir(directory):
+        raise error(f"{workdir} has no {DIRECTORY}/ folder: not a training workdir, or the run "
+                    "saved no checkpoint yet")
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True, cleanup_tmp_directories=False,
+                                           enable_async_checkpointing=False, save_interval_steps=0,
+                                           max_to_keep=None)
+    return ocp.CheckpointManager(directory, options=options, item_names=STATE_ITEMS + JSON_ITEMS)
+
+
+def _pick_step(steps: list[int], workdir: str, step: int | None, error: type[Exception]) -> int:
+    """`step`, or the latest complete checkpoint; `error` when absent."""
+    steps = sorted(steps)
+    if not steps:
+        raise error(f"{workdir}/{DIRECTORY} holds no complete checkpoint")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise error(f"{workdir} has no checkpoint at step {step}; available: {steps}")
+    return int(step)
+
+
+def restore_trained(workdir: str, step: int | None = None, *,
+                    error: type[Exception] = CheckpointError) -> tuple[int, Any, dict[str, Any]]:
+    """(step, trained params as host numpy, {'config', 'frozen'} JSON) of a run's checkpoint.
+
+    ``step`` defaults to the latest complete one. Read-only: a running trainer is undisturbed.
+    """
+    import numpy as np  # pylint: disable=g-import-not-at-top
+
+    manager = _read_only_manager(workdir, error)
+    try:
+        step = _pick_step(list(manager.all_steps()), workdir, step, error)
+        json_items = manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore(), frozen=ocp.args.JsonRestore()))
+        params = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore()))["params"]
+    finally:
+        manager.close()
+    params = jax.tree.map(np.asarray, params)
+    return step, params, {"config": dict(json_items["config"]), "frozen": dict(json_items["frozen"])}
 
 
 def read_scalars(workdir: str) -> dict[str, dict[int, float]]:

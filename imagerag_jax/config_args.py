@@ -22,6 +22,22 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     return out
 
 
+def get(cfg: Any, key: str, default: Any = None) -> Any:
+    """cfg[key] for a dict or ConfigDict (None-safe); `default` when missing or None."""
+    if cfg is None:
+        return default
+    value = cfg.get(key, None) if hasattr(cfg, "get") else getattr(cfg, key, None)
+    return default if value is None else value
+
+
+def plain(cfg: Any) -> dict[str, Any]:
+    """A plain dict (None values dropped) from a ConfigDict or mapping; {} for None."""
+    if cfg is None:
+        return {}
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return {k: v for k, v in d.items() if v is not None}
+
+
 def load_module(path: str) -> Any:
     """Imports a config file by path (``configs/`` is a folder of files, not a package)."""
     import importlib.util  # pylint: disable=g-import-not-at-top

@@ -3,12 +3,13 @@
     from imagerag_jax import export
     paths = export.export_run("/tmp/imagerag/train", "/tmp/imagerag/export")   # latest step
 
-or ``python -m imagerag_jax.main export --workdir W --out DIR [--step N] [--overwrite]``.
+or ``python -m imagerag_jax.main export --workdir W --out_dir DIR [--step N] [--overwrite]``.
 
-The run's trainable params (adapter, decoder LoRA) come from its orbax checkpoint; the frozen
-towers are rebuilt the way ``train.Trainer`` built them (the config's weight paths, or the random
-towers of ``random_preset`` and ``seed``) and checked against the fingerprint the checkpoint
-recorded. Written to ``out_dir``:
+The run's trainable params (adapter, decoder LoRA) come from its orbax checkpoint
+(``checkpoints.restore_trained``); the frozen towers are rebuilt by ``towers.frozen_towers``
+exactly as the trainer built them (the config's weight paths, or the random towers of
+``random_preset`` and ``seed``) and checked against the fingerprint the checkpoint recorded.
+Written to ``out_dir``:
 
   model_index.json, scheduler/   a ``StableDiffusionPipeline`` folder (diffusers ``from_pretrained``)
   unet/                          the student UNet with the decoder LoRA merged (fp32)
@@ -17,7 +18,7 @@ recorded. Written to ``out_dir``:
                                  for random 'tiny' towers, the tiny random pipeline's of the same
                                  seed (what ``build-db``/``precompute`` use) and its byte tokenizer;
                                  otherwise none (listed as null in model_index.json)
-  adapter/                       config.json + adapter.safetensors (``weights/torch_runtime.py``)
+  adapter/                       config.json + adapter.safetensors (``torch_runtime.py``)
   lora/                          pytorch_lora_weights.safetensors: the LoRA unmerged, PEFT format,
                                  for the *base* student (``pipe.load_lora_weights``), lora_config.json;
                                  base_unet/ (the unmerged student) when the run had no student path
@@ -25,7 +26,7 @@ recorded. Written to ``out_dir``:
 
 The folder is written beside ``out_dir`` and renamed into place, so a failed export leaves
 nothing half-written; an existing non-empty ``out_dir`` is replaced only with ``overwrite``.
-This module sits at train.py's floor (DESIGN section 10): it imports train, nothing imports it.
+This module never imports the trainer.
 """
 
 from __future__ import annotations
@@ -37,13 +38,10 @@ import os
 import shutil
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
 
-from imagerag_jax import checkpoints, lora, train
+from imagerag_jax import checkpoints, lora, towers
 from imagerag_jax import schedule as schedule_lib
 from imagerag_jax.models import adapter as adapter_lib
 from imagerag_jax.weights import to_torch
@@ -87,38 +85,6 @@ class RunWeights:
         return lora.merge(self.student_params, self.lora_params, self.lora_alpha, self.lora_rank)
 
 
-def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
-    """A read-only manager of workdir/checkpoints (never creates, cleans or deletes anything)."""
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(workdir):
-        raise ExportError(f"workdir {workdir} does not exist")
-    if not os.path.isdir(directory):
-        raise ExportError(f"{workdir} has no checkpoints/ folder: not a training workdir, or the run "
-                          "saved no checkpoint yet")
-    options = ocp.CheckpointManagerOptions(create=False, read_only=True, cleanup_tmp_directories=False,
-                                           enable_async_checkpointing=False, save_interval_steps=0,
-                                           max_to_keep=None)
-    return ocp.CheckpointManager(directory, options=options,
-                                 item_names=checkpoints.STATE_ITEMS + checkpoints.JSON_ITEMS)
-
-
-def _pick_step(manager: ocp.CheckpointManager, workdir: str, step: int | None) -> int:
-    """`step`, or the latest complete checkpoint; ExportError when absent."""
-    steps = sorted(manager.all_steps())
-    if not steps:
-        raise ExportError(f"{workdir}/checkpoints holds no complete checkpoint")
-    if step is None:
-        return steps[-1]
-    if step not in steps:
-        raise ExportError(f"{workdir} has no checkpoint at step {step}; available: {steps}")
-    return int(step)
-
-
-def _host_tree(tree: Any) -> Any:
-    """Restored arrays as host numpy arrays."""
-    return jax.tree.map(lambda x: np.asarray(x), tree)
-
-
 def _trained_k(config: ml_collections.ConfigDict, workdir: str) -> int | None:
     """k of the run's training data (its manifest), None when it cannot be found."""
     from imagerag_jax.data import tfrecords
@@ -132,41 +98,14 @@ def _trained_k(config: ml_collections.ConfigDict, workdir: str) -> int | None:
         return int(synthetic["k"]) if config.get("data_dir") is None and synthetic else None
 
 
-def _vae_path(config: ml_collections.ConfigDict) -> str | None:
-    """The VAE path exactly as Trainer.__init__ resolves it."""
-    path, student = config.vae_weights, config.student_weights
-    if path is None and student is not None and os.path.isdir(os.path.join(student, "vae")):
-        return student  # the SD-Turbo pipeline folder has the VAE
-    return path
-
-
 def load_run(workdir: str, step: int | None = None, *, check_frozen: bool = True) -> RunWeights:
     """Reads the checkpoint at `step` (default: latest) and rebuilds the run's frozen student and VAE."""
-    manager = _read_only_manager(workdir)
-    try:
-        step = _pick_step(manager, workdir, step)
-        json_items = manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore(), frozen=ocp.args.JsonRestore()))
-        params = manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore()))["params"]
-    finally:
-        manager.close()
-    config_json, frozen_refs = dict(json_items["config"]), dict(json_items["frozen"])
+    step, params, json_items = checkpoints.restore_trained(workdir, step, error=ExportError)
+    config_json, frozen_refs = json_items["config"], json_items["frozen"]
     config = ml_collections.ConfigDict(config_json)
-    params = _host_tree(params)
-
-    param_dtype = train.DTYPES[config.frozen_param_dtype]
-    common = dict(preset=config.random_preset, compute_dtype=jnp.float32, param_dtype=param_dtype,
-                  prediction_type=config.random_prediction_type)
-    student, student_p, _ = train.load_tower("unet", config.student_weights, seed=config.seed, **common)
+    frozen = towers.frozen_towers(config, compute_dtype=jnp.float32, teacher=False)
     if check_frozen:
-        want = frozen_refs.get("student", {}).get("fingerprint")
-        have = train.fingerprint(student_p)
-        if want is not None and want != have:
-            raise ExportError(
-                f"the student weights ({frozen_refs['student']}) differ from those the run trained "
-                f"with (fingerprint {have} != {want}); export with the run's frozen weights")
-    vae, vae_p, _ = train.load_tower("vae", _vae_path(config), seed=config.seed, **common)
+        towers.check_frozen(frozen_refs, frozen.references(), names=("student",), error=ExportError)
 
     ad = config.adapter
     adapter = adapter_lib.HSpaceAdapter(num_heads=ad.num_heads, head_dim=ad.head_dim or None)
@@ -178,34 +117,11 @@ def load_run(workdir: str, step: int | None = None, *, check_frozen: bool = True
     timestep = int(schedule_lib.student_timesteps(int(config.student_steps))[0])
     return RunWeights(
         workdir=os.path.abspath(workdir), step=step, config=config, config_json=config_json,
-        frozen_refs=frozen_refs, student=student, student_params=student_p, vae=vae, vae_params=vae_p,
-        adapter=adapter, adapter_params=params["adapter"], lora_params=lora_params,
+        frozen_refs=frozen_refs, student=frozen.student.module, student_params=frozen.student.params,
+        vae=frozen.vae.module, vae_params=frozen.vae.params, adapter=adapter,
+        adapter_params=params["adapter"], lora_params=lora_params,
         lora_alpha=float(config.lora.alpha), lora_rank=int(config.lora.rank), timestep=timestep,
         trained_k=_trained_k(config, workdir))
-
-
-def _text_parts(run: RunWeights, text_encoder: str | None, tokenizer: str | None):
-    """(text module, params, tokenizer folder or None, source description) for the export."""
-    from imagerag_jax import weights
-
-    cfg = run.config
-    source = text_encoder
-    if source is None and cfg.student_weights is not None:
-        sw = cfg.student_weights
-        if os.path.isfile(sw) or os.path.isdir(os.path.join(sw, "text_encoder")):
-            source = sw
-    if source is not None:
-        text, text_p = weights.load_text_encoder(source)
-        if tokenizer is None and os.path.isdir(os.path.join(source, "tokenizer")):
-            tokenizer = os.path.join(source, "tokenizer")
-        return text, text_p, tokenizer, os.path.abspath(source)
-    if cfg.student_weights is None and cfg.random_preset == "tiny":
-        # The tiny random pipeline of the run's seed: its UNet is the student, its text encoder
-        # the one build-db/precompute encode with (random_seed = seed).
-        # pylint: disable-next=protected-access
-        text, text_p = train._random_tower("text_encoder", "tiny", int(cfg.seed))
-        return text, text_p, tokenizer, f"random:tiny:{int(cfg.seed)}"
-    return None, None, tokenizer, None
 
 
 def _scheduler(run: RunWeights) -> dict[str, Any]:
@@ -242,7 +158,7 @@ def export_run(workdir: str, out_dir: str, step: int | None = None, *, overwrite
     out_dir = os.path.abspath(out_dir)
     _check_out_dir(out_dir, overwrite)  # before the (slow) loading: fail fast, touch nothing
     run = load_run(workdir, step, check_frozen=check_frozen)
-    text, text_p, tok_dir, text_source = _text_parts(run, text_encoder, tokenizer)
+    text, text_p, tok_dir, text_source = towers.text_tower(run.config, text_encoder, tokenizer)
     if text is None:
         logging.warning("the run has no text encoder (random %r towers): exporting without one",
                         run.config.random_preset)

@@ -1,9 +1,12 @@
-"""Samplers as pure functions of a model callable: SD-Turbo one step, DDIM and Euler with CFG (NHWC).
+"""Samplers as pure functions: SD-Turbo one step, DDIM and Euler with CFG, and the H-space edits.
 
-`apply_fn(sample_nhwc, timesteps_(B,), context_(B,L,D)) -> model_output` is the only model interface;
-wrap the UNet as `lambda x, t, c: unet.apply({'params': p}, x, t, c)`. Every multi-step loop runs in
-`lax.fori_loop`, so a whole sampler traces the model once and jits as one program. Step counts,
-guidance scale, eta, spacing and prediction type are static Python values.
+`apply_fn(sample_nhwc, timesteps_(B,), context_(B,L,D)) -> model_output` is the model interface of
+the plain samplers; wrap the UNet as `lambda x, t, c: unet.apply({'params': p}, x, t, c)`. Every
+multi-step loop runs in `lax.fori_loop`, so a whole sampler traces the model once and jits as one
+program; `multistep_sample` is the one place that chooses DDIM or Euler. The H-space functions
+(ImageRAGTurbo's adapter step, direct injection, the per-prompt w search) take the UNet module
+and params and call its encode() / decode() around the mid block. Step counts, guidance scale,
+eta, spacing and prediction type are static Python values; nothing here loads files.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imagerag_jax.models.adapter import inject, slerp_blend
 from imagerag_jax.schedule import (
     NoiseSchedule,
     check_prediction_type,
@@ -248,6 +252,28 @@ def euler_sample(
     return jax.lax.fori_loop(0, num_steps, body, x_init)
 
 
+SAMPLERS = ("euler", "ddim")
+
+
+def multistep_sample(
+    apply_fn: ApplyFn,
+    noise: jax.Array,
+    context: jax.Array,
+    uncond_context: Optional[jax.Array],
+    schedule: NoiseSchedule,
+    sampler: str,
+    num_steps: int,
+    guidance_scale: float = 1.0,
+    prediction_type: str = "epsilon",
+) -> jax.Array:
+    """`sampler` ('euler' | 'ddim', each with its default spacing) with CFG from noise."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    fn = ddim_sample if sampler == "ddim" else euler_sample
+    return fn(apply_fn, noise, context, uncond_context, schedule, num_steps, guidance_scale,
+              prediction_type)
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared helpers.
 # ---------------------------------------------------------------------------------------------
@@ -261,8 +287,6 @@ def _expand(coef: jax.Array, ndim: int) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # Text to image with the three SD towers.
 # ---------------------------------------------------------------------------------------------
-
-SAMPLERS = ("euler", "ddim")
 
 
 def text_to_image(
@@ -300,28 +324,18 @@ def text_to_image(
         apply_fn = lambda x, t, c: pipe.unet.apply({"params": unet_p}, x, t, c)
         if steps == 1 and not use_cfg:
             latents = one_step(apply_fn, noise, context, schedule, pred)
-        elif sampler == "euler":
-            latents = euler_sample(apply_fn, noise, context, uncond, schedule, steps, guidance, pred)
         else:
-            latents = ddim_sample(apply_fn, noise, context, uncond, schedule, steps, guidance, pred)
-        vae = pipe.vae
-        z = latents / vae.scaling_factor + vae.shift_factor
-        return jnp.clip(vae.apply({"params": vae_p}, z, method=vae.decode), -1.0, 1.0)
+            latents = multistep_sample(apply_fn, noise, context, uncond, schedule, sampler, steps,
+                                       guidance, pred)
+        return pipe.vae.apply({"params": vae_p}, latents, method=pipe.vae.decode_latents)
 
     return run(pipe.unet_params, pipe.vae_params, pipe.text_params, ids,
                ids if uncond_ids is None else uncond_ids, noise)
 
 
-# =============================================================================================
-# RESERVED: ImageRAGTurbo one-step sampling with the H-space adapter (paper Eq. 4-5), direct
-# H-space injection with a fixed w and the per-prompt w search belong here. They are added by
-# a separate issue: they will call the UNet's encode() / decode() around models/adapter.py,
-# reuse one_step's x_t = noise, t = 999 convention and predict_x0, and stay pure functions of
-# modules and params like the samplers above.
-# =============================================================================================
-
-# Imported here, next to their only users, so the functions above stay untouched.
-from imagerag_jax.models.adapter import inject, slerp_blend  # noqa: E402
+# ---------------------------------------------------------------------------------------------
+# H-space edits: ImageRAGTurbo one step (paper Eq. 4-5), direct injection (Eq. 3), w search.
+# ---------------------------------------------------------------------------------------------
 
 # The paper's predefined blending strengths for the per-prompt search (Sec. 3.2).
 INJECTION_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

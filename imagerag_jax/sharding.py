@@ -1,4 +1,4 @@
-"""Device mesh, batch and parameter shardings for training (DESIGN section 5).
+"""Device mesh, batch and parameter shardings for training (docs/design.md, "Sharding").
 
 The mesh has the axes ('data', 'fsdp'); their sizes come from the config, -1 meaning "the rest of
 the devices". The batch is split over both axes. Parameters follow a simple rule instead of
@@ -10,12 +10,14 @@ parameter path ("a/b/kernel") override the rule ('fsdp' or 'replicate'), first m
 Activations get their sharding from logical names mapped by rules (default: 'batch' -> both mesh
 axes), so a config can, e.g., keep the batch on 'data' only.
 
-This module imports nothing of ours (DESIGN section 10).
+It imports nothing of the project (the lowest floor), and also owns `initialize_distributed`
+and `host_value`, the multi-process basics the trainer and the jobs share.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
@@ -233,3 +235,23 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
 def map_shardings(fn: Callable[[Any], Any], tree: Any) -> Any:
     """tree.map over a tree of shardings (which are leaves)."""
     return jax.tree.map(fn, tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+
+def host_value(x: Any) -> np.ndarray:
+    """A replicated global array's value on this host (numpy passes through)."""
+    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def initialize_distributed() -> None:
+    """`jax.distributed.initialize()` when a multi-process launcher set it up (env or TPU pod)."""
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
+        # Plain machines (no SLURM/TPU metadata): the launcher names the count and this rank.
+        jax.distributed.initialize(
+            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(env["JAX_NUM_PROCESSES"]),
+            process_id=int(env["JAX_PROCESS_ID"]),
+        )
+    elif env.get("JAX_COORDINATOR_ADDRESS") or env.get("SLURM_NTASKS", "1") != "1" or \
+            len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
+        jax.distributed.initialize()

@@ -1,34 +1,19 @@
-"""ImageRAGTurbo training: latent adversarial distillation with retrieval (paper Sec. 3.3-3.4).
+"""ImageRAGTurbo training: placement and compilation over the mesh, and the loop.
 
-    from imagerag_jax import train
-    from configs import tiny
-    state = train.train_and_evaluate(tiny.get_config(), "/tmp/workdir")   # also from a Colab
+    from imagerag_jax import config_args, train
+    state = train.train_and_evaluate(config_args.load_config("configs/tiny.py"), "/tmp/workdir")
 
-Frozen: the SD-Turbo student UNet, the SD 2.1 teacher UNet's encoder (the discriminator backbone),
-the VAE (sample grids only) and latent LPIPS. Trainable: the H-space adapter and the student
-decoder's LoRA (the generator, one AdamW) and the discriminator heads (another AdamW).
-
-One jitted step (in/out shardings over the ('data', 'fsdp') mesh, train state donated):
-
-  x_t = noise (the example's teacher noise when it has one)      [t = 999; n-step: t ~ T_n]
-  h, skips, temb = student.encode(x_t, t, text)                   frozen, no backward
-  h_retr = student.encode(z0_retr, 0, text_retr)                  frozen, t = 0, k neighbours
-  lam = mean_j cos(pooled, pooled_retr_j)                         Eq. 5's lambda
-  z_hat = x0(student.decode(h + lam * adapter(h, h_retr), ...; W + LoRA))
-  s ~ U{0..999}, eps ~ N(0, I): z_s = add_noise(z0, eps, s), z_hat_s = add_noise(z_hat, eps, s)
-  G: hinge_g(D(z_hat_s)) + alpha * smoothL1(z_hat, z0) + beta * latentLPIPS(z_hat, z0)
-  D: hinge_d(D(z_s), D(stop_grad(z_hat_s))), spectral-norm stats updated
-  both optimisers step; a non-finite loss or gradient keeps the old state and is reported.
-
-`train_and_evaluate` adds the loop: input pipeline, orbax checkpoints (resume, SIGTERM), clu
-metrics (losses, D accuracy, lambda, grad norms, step time, examples/s, TFLOP/s per device) and
-PNG sample grids with and without retrieval.
+The objective (the pure step, remat policies, optimisers) is `train_step.py`; the frozen towers
+come from `towers.frozen_towers`. Here, `Trainer` places the frozen towers on the ('data', 'fsdp')
+mesh, initialises the train state in its shardings (`jax.eval_shape` + `jit(out_shardings)`)
+and compiles the step (in/out shardings, state donated); `train_and_evaluate` runs the loop:
+input pipeline, orbax checkpoints (resume, SIGTERM), clu metrics (losses, D accuracy, lambda,
+grad norms, step time, examples/s, TFLOP/s per device) and PNG sample grids with and without
+retrieval.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -42,30 +27,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from imagerag_jax import checkpoints, images, lora, losses, sampling, sharding
+from imagerag_jax import checkpoints, images, lora, sampling, sharding, towers
 from imagerag_jax import schedule as schedule_lib
+from imagerag_jax import train_step as step_lib
 from imagerag_jax.models import adapter as adapter_lib
 from imagerag_jax.models import discriminator as disc_lib
 from imagerag_jax.models.latent_lpips import latent_lpips_or_none
-from imagerag_jax.models.unet import UNet
 
 PyTree = Any
 State = dict[str, Any]
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
-    "none": None,
-    # Each remat segment (student decoder + adapter, the teacher encoder under the generator's
-    # D term, latent LPIPS) keeps only its inputs; its forward is recomputed in the backward pass.
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-# What the step reads from a batch (ids and scores are not used by the objective).
-BATCH_FIELDS = ("latent", "noise", "prompt_embeds", "pooled", "retrieved_latents",
-                "retrieved_prompt_embeds", "retrieved_pooled")
-TEACHER_DECODER_KEYS = ("conv_norm_out", "conv_out")
+
 # Config fields the jitted functions do not depend on (the loop's); see Trainer._jit_key.
 LOOP_FIELDS = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints",
                "async_checkpoints", "sample_every", "num_samples", "debug_nan_step", "data_dir",
@@ -75,192 +47,19 @@ LOOP_FIELDS = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints
 _JIT_CACHE: dict[tuple, Any] = {}
 
 
-# ---------------------------------------------------------------------------------------------
-# Frozen towers.
-# ---------------------------------------------------------------------------------------------
-
-
-_TINY_CACHE: dict[int, dict[str, tuple[Any, PyTree]]] = {}
-
-
-def _random_tower(name: str, preset: str, seed: int) -> tuple[Any, PyTree]:
-    """(module, random params) of a preset: 'tiny' (random_pipeline) or 'sd21' (SD 2.x sizes)."""
-    from imagerag_jax.weights import random_pipeline
-
-    if preset == "tiny":
-        # Kept per process (a few MB): building them traces every tower, seconds per run.
-        if seed not in _TINY_CACHE:
-            _TINY_CACHE[seed] = random_pipeline.random_modules("tiny", seed)
-        return _TINY_CACHE[seed][name]
-    if preset == "none":
-        raise ValueError(f"no weights path for the {name} and random_preset='none': set the config's "
-                         f"weight paths (or random_preset='sd21'/'tiny' for random towers)")
-    if preset != "sd21":
-        raise ValueError(f"unknown random_preset {preset!r}; expected 'tiny', 'sd21' or 'none'")
-    from imagerag_jax.models.vae import AutoencoderKL
-    from imagerag_jax.weights import convert
-    from imagerag_jax.weights.from_torch import unet_dummy_inputs
-
-    if name == "unet":
-        module = UNet()  # the defaults are SD 2.1-base / SD-Turbo
-        inputs = unet_dummy_inputs(module)
-    else:
-        module = AutoencoderKL()
-        inputs = module.dummy_inputs()
-    shapes = convert.param_shapes(lambda: module.init(jax.random.PRNGKey(0), *inputs))
-    return module, random_pipeline.random_params(shapes, seed)
-
-
-def load_tower(name: str, path: str | None, *, preset: str, seed: int, compute_dtype: Any,
-               param_dtype: Any, prediction_type: str = "epsilon") -> tuple[Any, PyTree, dict[str, Any]]:
-    """(module, params, reference) from a weights path, or random modules of `preset` when None."""
-    from imagerag_jax import weights
-
-    if path is not None:
-        if name == "unet":
-            module, params = weights.load_unet(path, dtype=compute_dtype, param_dtype=param_dtype)
-        else:
-            module, params = weights.load_vae(path, dtype=compute_dtype, param_dtype=param_dtype)
-        ref = {"path": os.path.abspath(path) if "://" not in path else path}
-    else:
-        module, params = _random_tower(name, preset, seed)
-        changes = {"dtype": compute_dtype}
-        if name == "unet":
-            changes["prediction_type"] = prediction_type
-        module = module.clone(**changes)
-        params = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), params)
-        ref = {"path": None, "random_preset": preset, "seed": seed}
-    return module, params, ref
-
-
-def encoder_params(unet_params: Mapping[str, Any]) -> dict[str, Any]:
-    """A UNet's params without the decoder (up blocks, output head): all the teacher needs."""
-    return {k: v for k, v in unet_params.items()
-            if not k.startswith("up_blocks") and k not in TEACHER_DECODER_KEYS}
-
-
-@jax.jit
-def _leaf_sums(leaves: list[jax.Array]) -> list[jax.Array]:
-    """[sum x, sum x^2] per leaf, in float32 (module level: traced once per tree structure)."""
-    return [jnp.stack([jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32)))])
-            for x in leaves]
-
-
-def fingerprint(params: PyTree) -> str:
-    """Content hash of a param tree from its paths, shapes and per-leaf sums (cheap, on device)."""
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    sums = _leaf_sums([x for _, x in leaves])
-    h = hashlib.sha256()
-    for (path, x), s in zip(leaves, sums):
-        s = _host(s)
-        h.update(f"{sharding.path_str(path)}:{tuple(x.shape)}:{x.dtype}:{s[0]:.6e}:{s[1]:.6e};".encode())
-    return h.hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimisers and data.
-# ---------------------------------------------------------------------------------------------
-
-
-def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
-    """AdamW with a constant learning rate (paper: 1e-5), optional global-norm clipping.
-
-    The learning rate lives in the optimiser state (inject_hyperparams): the compiled step does
-    not depend on it, and a resumed run takes the config's value (`with_learning_rates`).
-    """
-    clip = float(cfg.get("grad_clip_norm", 0.0) or 0.0)
-
-    def adamw(learning_rate):
-        tx = optax.adamw(learning_rate, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"],
-                         weight_decay=cfg["weight_decay"])
-        return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
-
-    return optax.inject_hyperparams(adamw)(learning_rate=float(cfg["lr"]))
-
-
-def with_learning_rates(state: State, config: ml_collections.ConfigDict) -> State:
-    """The state with both optimisers' learning rates set to the config's (after a restore)."""
-
-    def set_lr(opt_state, lr: float):
-        old = opt_state.hyperparams["learning_rate"]
-        new = sharding.put(np.asarray(lr, old.dtype), old.sharding)
-        return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": new})
-
-    return {**state, "gen_opt_state": set_lr(state["gen_opt_state"], config.optimizer.lr),
-            "disc_opt_state": set_lr(state["disc_opt_state"], config.disc_optimizer.lr)}
-
-
-def synthetic_schema(config: ml_collections.ConfigDict):
-    """The tfrecords.Schema of the synthetic set (config.synthetic)."""
-    from imagerag_jax.data import tfrecords
-
-    s = config.synthetic
-    return tfrecords.Schema(tuple(s.latent_shape), tuple(s.embed_shape), int(s.pooled_dim), int(s.k),
-                            bool(s.has_noise))
-
-
-def write_synthetic_data(out_dir: str, config: ml_collections.ConfigDict) -> str:
-    """Random TFRecords at the config's synthetic shapes (once: an existing set is reused)."""
-    from imagerag_jax.data import tfrecords
-
-    if os.path.exists(os.path.join(out_dir, tfrecords.MANIFEST)):
-        return out_dir
-    if jax.process_index() == 0:
-        schema = synthetic_schema(config)
-        rng = np.random.default_rng(config.seed)
-        n = int(config.synthetic.num_examples)
-        examples = (tfrecords.random_example(schema, rng, i) for i in range(n))
-        tfrecords.write_examples(out_dir, config.split, examples, schema,
-                                 num_shards=max(int(config.synthetic.num_shards), jax.process_count()),
-                                 source={"synthetic": True, "seed": config.seed})
-        logging.info("wrote %d synthetic examples to %s", n, out_dir)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("imagerag_synthetic_data")
-    return out_dir
-
-
-def batch_fields(schema) -> tuple[str, ...]:
-    """The batch keys the step reads, given a data schema (noise only when stored)."""
-    present = set(schema.fields)
-    return tuple(f for f in BATCH_FIELDS if f in present)
-
-
 def abstract_batch(schema, global_batch: int, shardings: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
     """ShapeDtypeStructs of a global float32 batch (for ahead-of-time compilation)."""
     shapes = schema.shapes()
     return {f: jax.ShapeDtypeStruct((global_batch, *shapes[f]), jnp.float32, sharding=shardings[f])
-            for f in batch_fields(schema)}
+            for f in step_lib.batch_fields(schema)}
 
 
 def random_batch(schema, global_batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A host batch of standard-normal float32 fields (tests, benchmarks; no TensorFlow needed)."""
     rng = np.random.default_rng(seed)
     shapes = schema.shapes()
-    return {f: rng.standard_normal((global_batch, *shapes[f]), np.float32) for f in batch_fields(schema)}
-
-
-# ---------------------------------------------------------------------------------------------
-# The trainer: modules, frozen weights on the mesh, shardings and jitted functions (no loop).
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class StepSetup:
-    """Static pieces of the step (hashable modules and Python numbers)."""
-
-    student: UNet
-    teacher: UNet
-    adapter: adapter_lib.HSpaceAdapter
-    heads: disc_lib.DiscriminatorHeads
-    lpips: Any
-    prediction_type: str
-    student_timesteps: tuple[int, ...]
-    lora_alpha: float
-    lora_rank: int
-    alpha: float
-    beta: float
+    return {f: rng.standard_normal((global_batch, *shapes[f]), np.float32)
+            for f in step_lib.batch_fields(schema)}
 
 
 class Trainer:
@@ -282,29 +81,22 @@ class Trainer:
         self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
         self.rules = tuple(tuple(r) for r in config.logical_rules)
         self.schedule = schedule_lib.scaled_linear_schedule()
-        compute = DTYPES[config.compute_dtype]
-        param_dtype = DTYPES[config.frozen_param_dtype]
-        common = dict(preset=config.random_preset, compute_dtype=compute, param_dtype=param_dtype,
-                      prediction_type=config.random_prediction_type)
-        student, student_p, student_ref = load_tower("unet", config.student_weights, seed=config.seed,
-                                                     **common)
-        teacher, teacher_p, teacher_ref = load_tower("unet", config.teacher_weights,
-                                                     seed=config.seed + 1, **common)
-        vae_path = config.vae_weights
-        if vae_path is None and config.student_weights is not None and \
-                os.path.isdir(os.path.join(config.student_weights, "vae")):
-            vae_path = config.student_weights  # the SD-Turbo pipeline folder has the VAE
-        self.vae, vae_p, vae_ref = load_tower("vae", vae_path, seed=config.seed, **common)
+        compute = towers.DTYPES[config.compute_dtype]
+        frozen_towers = towers.frozen_towers(config)
+        student, student_p = frozen_towers.student.module, frozen_towers.student.params
+        teacher, teacher_p = frozen_towers.teacher.module, frozen_towers.teacher.params
+        self.vae, vae_p = frozen_towers.vae.module, frozen_towers.vae.params
         lp = latent_lpips_or_none(config.latent_lpips_weights, config.beta)
         beta = float(config.beta) if lp is not None else 0.0
         ad = config.adapter
         if config.lambda_mode != "mean":
             raise ValueError(f"lambda_mode {config.lambda_mode!r}: the step needs one lambda per "
                              "example ('mean')")
-        if config.remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat {config.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+        if config.remat not in step_lib.REMAT_POLICIES:
+            raise ValueError(f"unknown remat {config.remat!r}; expected one of "
+                             f"{sorted(step_lib.REMAT_POLICIES)}")
         n = int(config.student_steps)
-        self.setup = StepSetup(
+        self.setup = step_lib.StepSetup(
             student=student,
             teacher=teacher,
             adapter=adapter_lib.HSpaceAdapter(num_heads=ad.num_heads, head_dim=ad.head_dim or None,
@@ -320,7 +112,7 @@ class Trainer:
         )
         self.lora_pattern = config.lora.pattern or lora.DEFAULT_DECODER_PATTERN
 
-        frozen = {"student": student_p, "teacher": encoder_params(teacher_p)}
+        frozen = {"student": student_p, "teacher": teacher_p}
         if lp is not None:
             frozen["lpips"] = lp[1]
         shard_kw = dict(min_shard_size=int(config.min_shard_size),
@@ -330,10 +122,11 @@ class Trainer:
         self.vae_shardings = sharding.param_shardings(vae_p, self.mesh, **shard_kw)
         self.vae_params = sharding.put(vae_p, self.vae_shardings)
         self._shard_kw = shard_kw
-        self.frozen_refs = {"student": student_ref, "teacher": teacher_ref, "vae": vae_ref,
+        self.frozen_refs = {"student": frozen_towers.student.ref,
+                            "teacher": frozen_towers.teacher.ref, "vae": frozen_towers.vae.ref,
                             "latent_lpips": {"path": config.latent_lpips_weights, "used": lp is not None}}
-        self.gen_tx = make_optimizer(config.optimizer)
-        self.disc_tx = make_optimizer(config.disc_optimizer)
+        self.gen_tx = step_lib.make_optimizer(config.optimizer)
+        self.disc_tx = step_lib.make_optimizer(config.disc_optimizer)
         self.replicated = sharding.replicated(self.mesh)
         self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
 
@@ -358,8 +151,8 @@ class Trainer:
     def frozen_fingerprints(self) -> dict[str, Any]:
         """Paths and content hashes of the frozen towers (stored with every checkpoint)."""
         refs = json.loads(json.dumps(self.frozen_refs))
-        refs["student"]["fingerprint"] = fingerprint(self.frozen["student"])
-        refs["teacher"]["fingerprint"] = fingerprint(self.frozen["teacher"])
+        refs["student"]["fingerprint"] = towers.fingerprint(self.frozen["student"])
+        refs["teacher"]["fingerprint"] = towers.fingerprint(self.frozen["teacher"])
         return refs
 
     # --- state ---------------------------------------------------------------------------------
@@ -387,7 +180,7 @@ class Trainer:
                       "disc_stats": head_vars["batch_stats"]}
             return {
                 "params": params,
-                "gen_opt_state": self.gen_tx.init(_gen_params(params)),
+                "gen_opt_state": self.gen_tx.init(step_lib.generator_params(params)),
                 "disc_opt_state": self.disc_tx.init(params["disc"]),
                 "step": jnp.zeros((), jnp.int32),
                 "rng": jax.random.fold_in(root, 1),
@@ -430,7 +223,7 @@ class Trainer:
     def init_state(self, schema) -> State:
         """The initial train state, created directly in its shardings (never whole on one device)."""
         state = self._jitted_init(schema)[0](self.frozen["student"], self.frozen["teacher"])
-        return with_learning_rates(state, self.config)
+        return step_lib.with_learning_rates(state, self.config)
 
     # --- the step ------------------------------------------------------------------------------
 
@@ -444,7 +237,7 @@ class Trainer:
 
     def jitted_step(self, abstract: State, schema):
         """`jax.jit` of the train step with in/out shardings and the state donated (cached)."""
-        fields = batch_fields(schema)
+        fields = step_lib.batch_fields(schema)
         key = self._jit_key("step", schema, False, fields)
         if key not in _JIT_CACHE:
             _JIT_CACHE[key] = self._make_jitted_step(abstract, fields)
@@ -454,7 +247,7 @@ class Trainer:
         """A fresh `jax.jit` of the train step."""
         state_sh = jax.tree.map(lambda x: x.sharding, abstract)
         return jax.jit(
-            make_train_step(self.setup, self.schedule, self.mesh, self.rules, self.gen_tx,
+            step_lib.make_train_step(self.setup, self.schedule, self.mesh, self.rules, self.gen_tx,
                             self.disc_tx, remat=self.config.remat,
                             lambda_mode=self.config.lambda_mode,
                             lpips_augment=bool(self.config.lpips_augment)),
@@ -470,7 +263,7 @@ class Trainer:
         half of the unoptimised program's FLOPs (divided over the devices), the backend's cost
         model missed library calls (cuDNN convolutions on GPU) and the latter is used.
         """
-        fields = batch_fields(schema)
+        fields = step_lib.batch_fields(schema)
         batch = abstract_batch(schema, global_batch, self.batch_shardings(fields))
         lowered = self.jitted_step(abstract, schema).lower(abstract, self.frozen, batch)
         compiled = lowered.compile()
@@ -485,8 +278,7 @@ class Trainer:
         t0 = s.student_timesteps[0]
 
         def decode(vae_params, z):
-            z = z.astype(jnp.float32) / vae.scaling_factor + vae.shift_factor
-            return jnp.clip(vae.apply({"params": vae_params}, z, method=vae.decode), -1.0, 1.0)
+            return vae.apply({"params": vae_params}, z, method=vae.decode_latents)
 
         def sample(state, frozen, vae_params, batch):
             noise = batch["noise"] if "noise" in batch else jax.random.normal(
@@ -508,11 +300,6 @@ class Trainer:
         return jax.jit(sample, out_shardings=self.replicated)
 
 
-def _gen_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The generator's trainable params (adapter + LoRA)."""
-    return {"adapter": params["adapter"], "lora": params["lora"]}
-
-
 def compiled_flops(compiled: Any) -> float:
     """FLOPs of one call from XLA's cost analysis of a Compiled (per device) or Lowered (global)."""
     try:
@@ -522,144 +309,6 @@ def compiled_flops(compiled: Any) -> float:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     return float((cost or {}).get("flops", 0.0))
-
-
-def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: jax.sharding.Mesh,
-                    rules: Sequence[tuple[str, Any]], gen_tx: optax.GradientTransformation,
-                    disc_tx: optax.GradientTransformation, *, remat: str = "none",
-                    lambda_mode: str = "mean",
-                    lpips_augment: bool = True) -> Callable[[State, PyTree, PyTree], tuple[State, dict]]:
-    """The pure train step `(state, frozen, batch) -> (state, metrics)` (see the module docstring)."""
-    policy = REMAT_POLICIES[remat]
-    maybe_remat = (lambda f: f) if policy is None else (lambda f: jax.checkpoint(f, policy=policy))
-    ts = np.asarray(s.student_timesteps, np.int32)
-    n_train = schedule.num_train_timesteps
-    batch_c = lambda x: sharding.constrain(x, mesh, ("batch",), rules)
-
-    @maybe_remat
-    def generate(gen_params, student_p, h, skips, temb, h_retr, lam, x_t, t, context):
-        """Adapter edit of the H-space, LoRA-merged decoder, x0 prediction (the trainable path)."""
-        unet_p = lora.merge(student_p, gen_params["lora"], s.lora_alpha, s.lora_rank)
-        delta = s.adapter.apply({"params": gen_params["adapter"]}, h, h_retr)
-        edited = adapter_lib.inject(h, delta, lam)
-        out = sampling.unet_decode(s.student, unet_p, edited, skips, temb, context)
-        z_hat = schedule_lib.predict_x0(out.astype(jnp.float32), x_t, t, schedule, s.prediction_type)
-        # How far the adapter moves the H-space, relative to its size (0 at initialisation).
-        ratio = jnp.sqrt(jnp.mean(jnp.square((edited - h).astype(jnp.float32)))
-                         / (jnp.mean(jnp.square(h.astype(jnp.float32))) + 1e-12))
-        return batch_c(z_hat), ratio
-
-    @maybe_remat
-    def teacher_features(teacher_p, z_s, timesteps, context):
-        """Frozen teacher-encoder stages of a noised latent (differentiable in z_s)."""
-        return disc_lib.teacher_stages(s.teacher, teacher_p, z_s, timesteps, context)
-
-    lpips_fn = None
-    if s.lpips is not None and s.beta > 0:
-
-        @maybe_remat
-        def lpips_fn(lpips_vars, pred, target, rng):
-            return losses.latent_lpips_loss(s.lpips, lpips_vars, pred, target, rng, augment=lpips_augment)
-
-    def train_step(state: State, frozen: PyTree, batch: PyTree) -> tuple[State, dict]:
-        step = state["step"]
-        rng = jax.random.fold_in(state["rng"], step)
-        k_noise, k_t, k_s, k_eps, k_lpips = jax.random.split(rng, 5)
-        z0 = batch_c(batch["latent"].astype(jnp.float32))
-        b = z0.shape[0]
-        context, pooled = batch["prompt_embeds"], batch["pooled"]
-        # Synthetic pairs carry the teacher's initial noise: the student maps the same noise.
-        noise = batch["noise"].astype(jnp.float32) if "noise" in batch else \
-            jax.random.normal(k_noise, z0.shape, jnp.float32)
-        noise = batch_c(noise)
-        if len(ts) == 1:
-            t = jnp.full((b,), int(ts[0]), jnp.int32)
-            x_t = noise
-        else:
-            t = jnp.asarray(ts)[jax.random.randint(k_t, (b,), 0, len(ts))]
-            # The first student step starts from pure noise (inference's convention); later
-            # steps from the target noised to their timestep.
-            x_t = jnp.where((t == n_train - 1)[:, None, None, None], noise,
-                            schedule_lib.add_noise(z0, noise, t, schedule))
-        student_p, teacher_p = frozen["student"], frozen["teacher"]
-
-        # Frozen, outside the differentiated function: no backward through the student encoder.
-        h, skips, temb = sampling.unet_encode(s.student, student_p, x_t, t, context)
-        h_retr = sampling.retrieved_hspace(s.student, student_p, batch["retrieved_latents"],
-                                           batch["retrieved_prompt_embeds"])
-        lam = adapter_lib.retrieval_lambda(pooled, batch["retrieved_pooled"], mode=lambda_mode)
-
-        s_t = disc_lib.sample_discriminator_timesteps(k_s, b, n_train)
-        eps = batch_c(jax.random.normal(k_eps, z0.shape, jnp.float32))
-        head_vars = {"params": state["params"]["disc"], "batch_stats": state["params"]["disc_stats"]}
-
-        def g_loss_fn(gen_params):
-            z_hat, ratio = generate(gen_params, student_p, h, skips, temb, h_retr, lam, x_t, t, context)
-            fake_s = schedule_lib.add_noise(z_hat, eps, s_t, schedule)
-            stages = teacher_features(teacher_p, fake_s, s_t, context)
-            fake_logits = s.heads.apply(head_vars, stages, s_t, pooled, update_stats=False)
-            adv = losses.hinge_g_loss(fake_logits)
-            distill = losses.smooth_l1(z_hat, z0)
-            lp = lpips_fn(frozen["lpips"], z_hat, z0, k_lpips) if lpips_fn is not None else jnp.zeros(())
-            total = losses.generator_loss(adv, distill, lp, s.alpha, s.beta)
-            aux = dict(adv=adv, distill=distill, lpips=lp, ratio=ratio, z_hat=z_hat, stages=stages)
-            return total, aux
-
-        gen_params = _gen_params(state["params"])
-        (g_loss, g_aux), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(gen_params)
-
-        # Discriminator: real z_s through the teacher; the fake stages are reused from the
-        # generator's pass (same frozen teacher, same input), detached. Real and fake go through
-        # the heads in one call, interleaved per example, so both see the same spectral norms
-        # and the batch stays on its devices.
-        real_s = schedule_lib.add_noise(z0, eps, s_t, schedule)
-        real_stages = disc_lib.teacher_stages(s.teacher, teacher_p, real_s, s_t, context)
-        fake_stages = jax.lax.stop_gradient(g_aux["stages"])
-        pair = lambda r, f: jnp.stack([r, f], axis=1).reshape(2 * r.shape[0], *r.shape[1:])
-        both = [pair(r, f) for r, f in zip(real_stages, fake_stages)]
-        s2, pooled2 = jnp.repeat(s_t, 2), jnp.repeat(pooled, 2, axis=0)
-
-        def d_loss_fn(disc_params):
-            logits, mutated = s.heads.apply(
-                {"params": disc_params, "batch_stats": head_vars["batch_stats"]}, both, s2, pooled2,
-                update_stats=True, mutable=["batch_stats"])
-            logits = logits.reshape(b, 2, -1)
-            real, fake = logits[:, 0], logits[:, 1]
-            return losses.hinge_d_loss(real, fake), (real, fake, mutated["batch_stats"])
-
-        (d_loss, (real_logits, fake_logits, new_stats)), d_grads = jax.value_and_grad(
-            d_loss_fn, has_aux=True)(state["params"]["disc"])
-
-        g_updates, gen_opt = gen_tx.update(g_grads, state["gen_opt_state"], gen_params)
-        new_gen = optax.apply_updates(gen_params, g_updates)
-        d_updates, disc_opt = disc_tx.update(d_grads, state["disc_opt_state"], state["params"]["disc"])
-        new_disc = optax.apply_updates(state["params"]["disc"], d_updates)
-        new_state = {
-            "params": {**new_gen, "disc": new_disc, "disc_stats": new_stats},
-            "gen_opt_state": gen_opt,
-            "disc_opt_state": disc_opt,
-            "step": step + 1,
-            "rng": state["rng"],
-        }
-        g_norm, d_norm = optax.tree.norm(g_grads), optax.tree.norm(d_grads)
-        ok = jnp.isfinite(g_loss) & jnp.isfinite(d_loss) & jnp.isfinite(g_norm) & jnp.isfinite(d_norm)
-        # A bad step changes nothing: the state stays the last good one (the loop then stops).
-        new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
-        acc_real, acc_fake = losses.discriminator_accuracy(real_logits, fake_logits)
-        metrics = {
-            "g_loss": g_loss, "g_adv": g_aux["adv"], "g_distill": g_aux["distill"],
-            "g_lpips": g_aux["lpips"], "d_loss": d_loss, "d_acc_real": acc_real,
-            "d_acc_fake": acc_fake, "d_logit_real": jnp.mean(real_logits),
-            "d_logit_fake": jnp.mean(fake_logits), "lambda_mean": jnp.mean(lam),
-            "lambda_min": jnp.min(lam), "lambda_max": jnp.max(lam),
-            "hspace_edit_ratio": g_aux["ratio"], "g_grad_norm": g_norm, "d_grad_norm": d_norm,
-            "g_lr": state["gen_opt_state"].hyperparams["learning_rate"],
-            "d_lr": state["disc_opt_state"].hyperparams["learning_rate"],
-            "ok": ok,
-        }
-        return new_state, metrics
-
-    return train_step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,26 +337,6 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def initialize_distributed() -> None:
-    """`jax.distributed.initialize()` when a multi-process launcher set it up (env or TPU pod)."""
-    env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
-        # Plain machines (no SLURM/TPU metadata): the launcher names the count and this rank.
-        jax.distributed.initialize(
-            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(env["JAX_NUM_PROCESSES"]),
-            process_id=int(env["JAX_PROCESS_ID"]),
-        )
-    elif env.get("JAX_COORDINATOR_ADDRESS") or env.get("SLURM_NTASKS", "1") != "1" or \
-            len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
-        jax.distributed.initialize()
-
-
-def _host(x: jax.Array) -> np.ndarray:
-    """A replicated global array's value on this host."""
-    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
-
-
 def _data_state_for_restore(saved: Mapping[str, Any], mine: Mapping[str, Any]) -> dict[str, Any]:
     """The saved (process 0) iterator state mapped onto this process's pipeline."""
     if mine["process_count"] == 1:
@@ -723,9 +352,9 @@ def _data_state_for_restore(saved: Mapping[str, Any], mine: Mapping[str, Any]) -
 
 def _check_finite(step: int, metrics: Mapping[str, jax.Array], ckpt: checkpoints.Checkpointer) -> None:
     """Raises FloatingPointError naming the step and the last good checkpoint if `ok` is false."""
-    if bool(_host(metrics["ok"])):
+    if bool(sharding.host_value(metrics["ok"])):
         return
-    values = {k: float(_host(v)) for k, v in metrics.items() if k != "ok"}
+    values = {k: float(sharding.host_value(v)) for k, v in metrics.items() if k != "ok"}
     ckpt.wait()
     last = ckpt.latest_step()
     where = f"step {last} in {ckpt.directory}" if last is not None else "none saved yet"
@@ -749,7 +378,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     """The body of `train_and_evaluate`."""
     from clu import metric_writers
 
-    from imagerag_jax.data import tfrecords
+    from imagerag_jax.data import synthetic, tfrecords
     from imagerag_jax.data.pipeline import InputPipeline
 
     workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
@@ -767,14 +396,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     if data_dir is None:
         if config.student_weights is not None:
             logging.warning("data_dir unset: training on random synthetic data")
-        data_dir = write_synthetic_data(os.path.join(workdir, "data"), config)
+        data_dir = synthetic.write_synthetic_data(os.path.join(workdir, "data"), config)
     schema = tfrecords.Schema.from_dict(tfrecords.validate_manifest(data_dir, split=config.split)["schema"])
     trainer.check_schema(schema)
     gb = int(config.global_batch_size)
     shards = sharding.batch_shards(mesh, trainer.rules)
     if gb % shards:
         raise ValueError(f"global_batch_size {gb} is not a multiple of the {shards} batch shards")
-    fields = batch_fields(schema)
+    fields = step_lib.batch_fields(schema)
     pipeline_kw = dict(mesh=mesh, batch_axes=sharding.batch_axes(mesh, trainer.rules), fields=fields,
                        dtype=np.float32)
     it = InputPipeline(data_dir, config.split, gb, seed=config.seed,
@@ -787,13 +416,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     start = ckpt.latest_step()
     if start is not None:
         state, extra = ckpt.restore(start, abstract)
-        state = with_learning_rates(state, config)
-        _check_frozen(extra["frozen"], frozen_refs)
+        state = step_lib.with_learning_rates(state, config)
+        towers.check_frozen(extra["frozen"], frozen_refs)
         it.set_state(_data_state_for_restore(extra["data_iter"], it.get_state()))
         logging.info("resumed from step %d (%s)", start, ckpt.directory)
     else:
         state = trainer.init_state(schema)
-    step = int(_host(state["step"]))
+    step = int(sharding.host_value(state["step"]))
 
     t0 = time.perf_counter()
     train_step, flops = trainer.compile_step(abstract, schema, gb)
@@ -871,22 +500,13 @@ def _poison(batch: PyTree) -> PyTree:
     return {**batch, "latent": batch["latent"] * jnp.nan}
 
 
-def _check_frozen(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-    """Resuming with other frozen weights would silently change the objective: refuse."""
-    for name in ("student", "teacher"):
-        a, b = saved.get(name, {}).get("fingerprint"), current[name]["fingerprint"]
-        if a is not None and a != b:
-            raise ValueError(f"the {name} weights differ from the checkpoint's ({saved[name]} vs "
-                             f"{current[name]}); resume with the same frozen weights")
-
-
 def _mean_metrics(history: Sequence[Mapping[str, jax.Array]]) -> dict[str, float]:
     """Per-metric means over the steps since the last log (min/max for lambda's extremes)."""
     out = {}
     for key in history[0]:
         if key == "ok":
             continue
-        vals = np.asarray([float(_host(m[key])) for m in history])
+        vals = np.asarray([float(sharding.host_value(m[key])) for m in history])
         out[key] = float(vals.min() if key == "lambda_min" else vals.max() if key == "lambda_max"
                          else vals.mean())
     return out
@@ -896,7 +516,7 @@ def _write_samples(writer, workdir: str, step: int, out: Mapping[str, jax.Array]
     """PNG grids (target | neighbour | with | without retrieval) and the same in TensorBoard."""
     if not is_main:
         return
-    arrays = {k: _host(v) for k, v in out.items()}
+    arrays = {k: sharding.host_value(v) for k, v in out.items()}
     n = arrays["target"].shape[0]
     stacked = np.concatenate([arrays[k] for k in ("target", "neighbour", "with_retrieval",
                                                   "without_retrieval")])

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM pod slice: installs the repo and starts the same command on every host.
 #
-# Each host runs one process; `initialize_distributed()` (imagerag_jax/train.py) sees more than one
+# Each host runs one process; `initialize_distributed()` (imagerag_jax/sharding.py) sees more than one
 # name in TPU_WORKER_HOSTNAMES and calls jax.distributed.initialize(), which finds the coordinator,
 # process count and id from the TPU metadata. Every host reads only its own TFRecord files
 # (files[process_index::process_count]: write at least one shard per host) and contributes

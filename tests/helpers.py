@@ -1,4 +1,4 @@
-"""Shared test helpers: layout conversion and the parity tolerance of DESIGN section 4."""
+"""Shared test helpers: layout conversion and the fp32 parity tolerance (docs/design.md, "Numerics")."""
 
 from __future__ import annotations
 

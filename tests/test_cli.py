@@ -63,3 +63,28 @@ def test_generate_rejects_a_path_that_is_not_a_model(tmp_path):
 def test_unknown_subcommand(tmp_path):
     res = run_cli("paint", cwd=str(tmp_path))
     assert res.returncode != 0 and "usage" in (res.stderr + res.stdout).lower()
+
+
+def test_cli_writes_what_the_library_function_returns(pipeline_dir, tmp_path):
+    """`generate` is `generate.text_to_images` plus a PNG: the same pixels from Python."""
+    from imagerag_jax import generate, images
+
+    out = tmp_path / "cli.png"
+    res = run_cli("generate", f"--weights={pipeline_dir}", "--prompt=a red bird", "--steps=2",
+                  "--guidance=3", "--seed=3", "--height=32", f"--out={out}", cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    pipe = generate.load_pipeline(pipeline_dir)
+    ours = generate.text_to_images(pipe, ["a red bird"], seed=3, steps=2, guidance=3.0, height=32)
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), images.to_uint8(ours)[0])
+
+
+def test_generate_bad_arguments_are_one_error_line(pipeline_dir, tmp_path):
+    res = run_cli("generate", f"--weights={pipeline_dir}", "--height=30", cwd=str(tmp_path))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "multiples of" in res.stderr and res.stderr.count("error:") == 1
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_export_flag_is_out_dir_and_generate_out_is_a_file(tmp_path):
+    res = run_cli("export", f"--workdir={tmp_path}", cwd=str(tmp_path))
+    assert res.returncode != 0 and "--out_dir" in res.stderr

@@ -39,7 +39,7 @@ SD21_TEXT_CONFIG = dict(
 
 
 def parity_tol(ref: np.ndarray) -> float:
-    """DESIGN section 4: max |diff| <= 1e-4 * max(1, max|ref|) in fp32."""
+    """fp32 parity (docs/design.md, "Numerics"): max |diff| <= 1e-4 * max(1, max|ref|) in fp32."""
     return 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
@@ -89,7 +89,7 @@ def torch_forward(model: Any, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def assert_parity(ours: tuple[jax.Array, jax.Array], ref: tuple[np.ndarray, np.ndarray]) -> None:
-    """Both outputs within the DESIGN tolerance of the reference."""
+    """Both outputs within the parity tolerance of the reference."""
     for name, a, r in zip(("last_hidden_state", "pooled"), ours, ref):
         a = np.asarray(a)
         assert a.shape == r.shape and a.dtype == np.float32, (name, a.shape, a.dtype)

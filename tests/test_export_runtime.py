@@ -25,14 +25,14 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from imagerag_jax import export, lora, sampling, train, weights  # noqa: E402
+from imagerag_jax import export, lora, sampling, towers, train, weights  # noqa: E402
+from imagerag_jax import torch_runtime as rt  # noqa: E402
 from imagerag_jax.models import adapter as adapter_lib  # noqa: E402
 from imagerag_jax.models.clip_text import Tokenizer  # noqa: E402
 from imagerag_jax.retrieval import database as db_lib  # noqa: E402
 from imagerag_jax.retrieval import index as index_lib  # noqa: E402
 from imagerag_jax.schedule import scaled_linear_schedule  # noqa: E402
 from imagerag_jax.weights import convert, to_torch  # noqa: E402
-from imagerag_jax.weights import torch_runtime as rt  # noqa: E402
 from tests.helpers import assert_parity, nchw, parity_error  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def torch_out(model, x_nhwc, t, ctx) -> np.ndarray:
 def synth(tmp_path_factory):
     """Tiny UNet, a LoRA with random B, its merge, and the three written as diffusers/PEFT folders."""
     out = tmp_path_factory.mktemp("synth")
-    unet, base = train._random_tower("unet", "tiny", 0)  # pylint: disable=protected-access
+    unet, base = towers.random_tower("unet", "tiny", 0)
     lora_p = lora.init_lora(jax.random.PRNGKey(1), base, lora.DEFAULT_DECODER_PATTERN, RANK)
     flat = lora.flatten(lora_p)
     for i, path in enumerate(sorted(p for p in flat if p.endswith("/b"))):
@@ -259,6 +259,20 @@ def test_d_torch_adapter_hook_matches_jax_one_step(rag):
         np.testing.assert_array_equal(sd[key].numpy(), value, err_msg=key)
 
 
+def test_d_load_adapter_refuses_missing_and_foreign_configs(rag, tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no adapter"):
+        rt.load_adapter(str(tmp_path))
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    cfg = json.loads((rag["folder"] / "adapter" / "config.json").read_text())
+    for key, value, match in (("version", 99, "version 99"), ("format", "other", "format 'other'")):
+        (folder / "config.json").write_text(json.dumps(dict(cfg, **{key: value})))
+        with pytest.raises(ValueError, match=match):
+            rt.load_adapter(str(tmp_path))
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable JSON adapter config"):
+        rt.load_adapter(str(folder))
+
 def test_d_zero_adapter_is_plain_one_step(rag):
     j, t = rag["jax"], rag["torch"]
     pipe = rag["make"]("zero")
@@ -296,13 +310,13 @@ def test_a_export_then_import_is_the_identity(run):
     assert np.any(params["adapter"]["to_out"]["kernel"]), "4 steps at lr 1e-4 left the adapter at zero"
     assert sorted(run["paths"]) == ["adapter", "base_unet", "lora", "manifest", "model_index",
                                     "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
-    _, base = train._random_tower("unet", "tiny", 0)  # pylint: disable=protected-access
+    _, base = towers.random_tower("unet", "tiny", 0)
     merged = lora.merge(base, params["lora"], 4.0, 4)
     same_tree(weights.load_unet(str(out / "unet"))[1], merged, "merged unet")
     same_tree(weights.load_unet(str(out / "lora" / "base_unet"))[1], base, "base unet")
-    same_tree(weights.load_vae(str(out / "vae"))[1], train._random_tower("vae", "tiny", 0)[1], "vae")
+    same_tree(weights.load_vae(str(out / "vae"))[1], towers.random_tower("vae", "tiny", 0)[1], "vae")
     same_tree(weights.load_text_encoder(str(out / "text_encoder"))[1],
-         train._random_tower("text_encoder", "tiny", 0)[1], "text")
+         towers.random_tower("text_encoder", "tiny", 0)[1], "text")
     sd = rt.load_adapter(str(out)).state_dict()
     for key, value in to_torch.torch_state_dict(params["adapter"]).items():
         np.testing.assert_array_equal(sd[key].numpy(), value, err_msg=key)
@@ -322,7 +336,7 @@ def test_a_export_then_import_is_the_identity(run):
 @pytest.fixture(scope="module")
 def retrieval_db(run):
     """A 6-entry DB (random latents, captions encoded by the run's text encoder) and its exact index."""
-    text, text_p = train._random_tower("text_encoder", "tiny", 0)  # pylint: disable=protected-access
+    text, text_p = towers.random_tower("text_encoder", "tiny", 0)
     tok = Tokenizer.from_pretrained(str(run["out"] / "tokenizer"))
     hidden, pooled = jax.jit(lambda ids: text.apply({"params": text_p}, ids))(jnp.asarray(tok(CAPTIONS)))
     hidden, pooled = np.asarray(hidden), np.asarray(pooled)
@@ -353,7 +367,7 @@ def test_e_trained_run_reruns_in_pytorch_like_jax(run, retrieval_db, synth):
     np.testing.assert_array_equal(res.retrieved_ids, ids)
     db = db_lib.Database(retrieval_db["db"])
     got = {k: np.asarray(v, np.float32) for k, v in db.gather(db.rows_for_ids(ids)).items()}
-    _, base = train._random_tower("unet", "tiny", 0)  # pylint: disable=protected-access
+    _, base = towers.random_tower("unet", "tiny", 0)
     merged = lora.merge(base, params["lora"], 4.0, 4)
     lam = np.asarray(adapter_lib.retrieval_lambda(jnp.asarray(pooled), jnp.asarray(got["pooled"])))
     check("e_lambda", res.lam.numpy(), lam)
@@ -364,7 +378,7 @@ def test_e_trained_run_reruns_in_pytorch_like_jax(run, retrieval_db, synth):
                           got["latents"], got["prompt_embeds"])
     MEASURED["e_adapter_effect"] = float(np.abs(x0 - x0_plain).max())
     assert MEASURED["e_adapter_effect"] > 0, "the trained adapter changes nothing"
-    vae, vae_p = train._random_tower("vae", "tiny", 0)  # pylint: disable=protected-access
+    vae, vae_p = towers.random_tower("vae", "tiny", 0)
     decode = jax.jit(lambda z: jnp.clip(vae.apply({"params": vae_p}, z / vae.scaling_factor,
                                                   method=vae.decode), -1, 1))
     check("e_images", res.images.numpy(), nchw(decode(jnp.asarray(x0))))
@@ -410,7 +424,7 @@ def test_f_bad_workdir_and_out_dir_fail_clearly_and_keep_everything(run, tmp_pat
     (target / "keep.txt").write_text("mine")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
     cmd = [sys.executable, "-m", "imagerag_jax.main", "export", "--workdir", str(run["workdir"]),
-           "--out", str(target)]
+           "--out_dir", str(target)]
     res = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr[-2000:]
     assert "Traceback" not in res.stderr

@@ -46,7 +46,7 @@ if mode == "multi":
 import numpy as np
 from jax.experimental import multihost_utils
 from imagerag_jax import train
-from imagerag_jax.data import pipeline
+from imagerag_jax.data import pipeline, synthetic
 
 spec = importlib.util.spec_from_file_location("tiny", os.path.join("configs", "tiny.py"))
 tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)
@@ -64,7 +64,7 @@ cfg.min_shard_size = 256  # FSDP-shard the tiny towers too
 
 assert len(jax.devices()) == 8 and jax.process_count() == (2 if mode == "multi" else 1)
 if mode == "ref":
-    train.write_synthetic_data(data_dir, cfg)  # once, by this single process
+    synthetic.write_synthetic_data(data_dir, cfg)  # once, by this single process
 
     OneHost = pipeline.InputPipeline
 

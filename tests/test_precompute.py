@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagerag_jax.data import pipeline, precompute, sources, tfrecords
+from imagerag_jax import towers
+from imagerag_jax.data import build_db, encoders, pipeline, precompute, sources, tfrecords
 from imagerag_jax.retrieval import database, index as index_lib
 
 SIZE = 16
@@ -57,7 +58,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(workdir):
     """The digits DB (first DB_LIMIT entries of the 'database' split) and its index."""
-    summary = precompute.build_db(make_config(), workdir)
+    summary = build_db.build_db(make_config(), workdir)
     return summary
 
 
@@ -81,16 +82,16 @@ def test_build_db_and_reload(workdir, built):
     assert '"kind": "digits"' in m["source"] and m["extra"]["skipped"] == {}
 
     # Latents are the VAE's scaled mean (checked against an unjitted encode of two images).
-    pipe = precompute.load_models(make_config(), workdir).pipe
+    pipe = towers.load_pipeline_towers(make_config(), workdir).pipe
     images = np.stack([src.image(i) for i in src.ids[:2]])
     mean, _ = pipe.vae.apply({"params": pipe.vae_params}, jnp.asarray(images, jnp.float32) / 127.5 - 1,
                              method=pipe.vae.encode)
     np.testing.assert_allclose(db.latents[:2], np.asarray(mean) * pipe.vae.scaling_factor,
                                atol=2e-3, rtol=2e-3)
 
-    hashes = precompute.load_image_hashes(db.path)
+    hashes = build_db.load_image_hashes(db.path)
     assert hashes.shape == (DB_LIMIT,)
-    assert hashes[5] == precompute.image_hash(src.image(src.ids[5]))
+    assert hashes[5] == build_db.image_hash(src.image(src.ids[5]))
 
     index = index_lib.Index.load(os.path.join(workdir, "index"))
     assert index.count == DB_LIMIT and built["index"]["count"] == DB_LIMIT
@@ -101,15 +102,15 @@ def test_build_db_and_reload(workdir, built):
 
 def test_build_db_resume_equals_uninterrupted(workdir, built):
     path = os.path.join(workdir, "db_resume")
-    first = precompute.build_db(make_config(**{"db.dir": path, "db.limit": 20}), workdir)
+    first = build_db.build_db(make_config(**{"db.dir": path, "db.limit": 20}), workdir)
     assert first["count"] == 20
     # A run killed mid-batch leaves uncommitted bytes behind; resuming must drop them.
-    for fname in ("latents.bin", "captions.bin", precompute.HASHES_FILE):
+    for fname in ("latents.bin", "captions.bin", build_db.HASHES_FILE):
         with open(os.path.join(path, fname), "ab") as f:
             f.write(b"\x07" * 37)
-    second = precompute.build_db(make_config(**{"db.dir": path}), workdir)
+    second = build_db.build_db(make_config(**{"db.dir": path}), workdir)
     assert (second["count"], second["added"]) == (DB_LIMIT, DB_LIMIT - 20)
-    assert precompute.build_db(make_config(**{"db.dir": path}), workdir)["added"] == 0
+    assert build_db.build_db(make_config(**{"db.dir": path}), workdir)["added"] == 0
 
     a, b = database.Database(path), database.Database(os.path.join(workdir, "db"))
     assert len(np.unique(a.ids)) == a.count == b.count
@@ -118,8 +119,8 @@ def test_build_db_resume_equals_uninterrupted(workdir, built):
     for name in ("latents", "prompt_embeds", "pooled"):
         np.testing.assert_allclose(np.asarray(getattr(a, name), np.float32),
                                    np.asarray(getattr(b, name), np.float32), atol=1e-3)
-    np.testing.assert_array_equal(precompute.load_image_hashes(path),
-                                  precompute.load_image_hashes(b.path))
+    np.testing.assert_array_equal(build_db.load_image_hashes(path),
+                                  build_db.load_image_hashes(b.path))
 
 
 def test_build_db_counts_unreadable_images(workdir, tmp_path):
@@ -131,7 +132,7 @@ def test_build_db_counts_unreadable_images(workdir, tmp_path):
     (tmp_path / "d0002_broken.txt").write_text("a broken image")
     cfg = make_config(**{"db.dir": str(tmp_path / "db"), "index_dir": str(tmp_path / "index"),
                          "db.source": {"kind": "folder", "root": str(tmp_path)}})
-    summary = precompute.build_db(cfg, workdir)
+    summary = build_db.build_db(cfg, workdir)
     db = database.Database(str(tmp_path / "db"))
     assert db.count == 5 and summary["skipped"] == {"unreadable image": 1}
     assert db.manifest["extra"]["skipped"] == {"unreadable image": 1}
@@ -284,7 +285,7 @@ def test_teacher_mode_stores_noise(workdir, built):
     examples = _read_split(cfg.data_dir)
     assert len(examples) == 6
     for eid, ex in examples.items():
-        want = precompute.example_noise(cfg.seed, [eid], ex["latent"].shape)[0]
+        want = encoders.example_noise(cfg.seed, [eid], ex["latent"].shape)[0]
         np.testing.assert_array_equal(ex["noise"], want.astype(np.float32))
         assert np.isfinite(ex["latent"]).all() and not np.allclose(ex["latent"], ex["noise"])
         assert eid not in ex["retrieved_ids"]

@@ -20,7 +20,7 @@ SCHEDULE = sch.scaled_linear_schedule()
 
 
 def assert_close(ours, ref) -> None:
-    """fp32 parity (DESIGN 4): max |ours - ref| <= 1e-4 * max(1, max |ref|)."""
+    """fp32 parity: max |ours - ref| <= 1e-4 * max(1, max |ref|)."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     assert np.all(np.isfinite(ref)), "reference is not finite"
@@ -216,7 +216,7 @@ def test_one_step_matches_ddim_single_trailing_step(prediction_type):
     ref = diffusers_loop(ddim_ref(prediction_type, "trailing", 0, set_alpha_to_one=True), NOISE, CTX, None, 1, 0.0)
     ours = smp.one_step(fake_jax, jnp.asarray(NOISE), jnp.asarray(CTX), SCHEDULE, prediction_type)
     assert_close(ours, ref)
-    # DESIGN 4's formula, in float64 from diffusers' acp[999] ~ 0.00466.
+    # The one-step x0 formula, in float64 from diffusers' acp[999] ~ 0.00466.
     if prediction_type == "epsilon":
         a = float(DDIMScheduler(**SD).alphas_cumprod[999])
         eps = np.asarray(fake_jax(jnp.asarray(NOISE), jnp.full((B,), 999), jnp.asarray(CTX)), np.float64)
@@ -249,6 +249,17 @@ def test_samplers_jit_trace_model_once_with_cfg_batch(sampler, guidance):
     assert calls == [2 * B if guidance > 1 else B]
     sched = ddim_ref("epsilon") if sampler == "ddim" else euler_ref("epsilon")
     assert_close(ours, diffusers_loop(sched, NOISE, CTX, UNCOND, 12, guidance))
+
+
+@pytest.mark.parametrize("sampler,guidance", [("ddim", 3.0), ("euler", 2.0), ("euler", 0.0)])
+def test_multistep_sample_dispatches_to_the_named_sampler(sampler, guidance):
+    x, c, u = jnp.asarray(NOISE), jnp.asarray(CTX), jnp.asarray(UNCOND)
+    fn = {"ddim": smp.ddim_sample, "euler": smp.euler_sample}[sampler]
+    want = fn(fake_jax, x, c, u, SCHEDULE, 4, guidance, "v_prediction")
+    got = smp.multistep_sample(fake_jax, x, c, u, SCHEDULE, sampler, 4, guidance, "v_prediction")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match=r"unknown sampler 'lms'; expected one of"):
+        smp.multistep_sample(fake_jax, x, c, u, SCHEDULE, "lms", 4, guidance)
 
 
 def test_cfg_broadcasts_single_uncond_embedding():

@@ -1,4 +1,4 @@
-"""schedule.py against diffusers' DDIMScheduler / EulerDiscreteScheduler (independent oracle, DESIGN 11)."""
+"""schedule.py against diffusers' DDIMScheduler / EulerDiscreteScheduler (independent oracle)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
 def assert_close(ours, ref) -> None:
-    """fp32 parity (DESIGN 4): max |ours - ref| <= 1e-4 * max(1, max |ref|)."""
+    """fp32 parity: max |ours - ref| <= 1e-4 * max(1, max |ref|)."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     err, bound = np.max(np.abs(ours - ref)), 1e-4 * max(1.0, float(np.max(np.abs(ref))))
@@ -44,7 +44,7 @@ def test_scaled_linear_matches_diffusers():
     assert ours.betas.dtype == jnp.float32 and ours.alphas_cumprod.dtype == jnp.float32
     assert_close(ours.betas, ref.betas.numpy())
     assert_close(ours.alphas_cumprod, ref.alphas_cumprod.numpy())
-    # The value the SD-Turbo one-step formula depends on (DESIGN 4), checked to 1e-6 relative.
+    # The value the SD-Turbo one-step formula depends on, checked to 1e-6 relative.
     np.testing.assert_allclose(float(ours.alphas_cumprod[999]), 0.0046600983, rtol=1e-5)
     np.testing.assert_allclose(
         float(ours.alphas_cumprod[999]), float(ref.alphas_cumprod[999]), rtol=1e-5

@@ -87,6 +87,7 @@ EQUIVALENCE_SCRIPT = r"""
 import importlib.util, json, sys
 import jax, numpy as np
 from imagerag_jax import sharding, train
+from imagerag_jax.data import synthetic
 
 spec = importlib.util.spec_from_file_location("tiny", sys.argv[1])
 tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)
@@ -97,7 +98,7 @@ def run(mesh):
     cfg.global_batch_size = 8
     cfg.min_shard_size = 256  # shard even the tiny towers, so FSDP gathers are exercised
     trainer = train.Trainer(cfg, mesh)
-    schema = train.synthetic_schema(cfg)
+    schema = synthetic.synthetic_schema(cfg)
     abstract = trainer.abstract_state(schema)
     state = trainer.init_state(schema)
     step, _ = trainer.compile_step(abstract, schema, 8)

@@ -1,4 +1,4 @@
-"""Oracle tests for imagerag_jax.weights.single_file (DESIGN section 11).
+"""Oracle tests for imagerag_jax.weights.single_file (docs/design.md, "Test oracles").
 
 Random tiny diffusers/transformers models are written out in the original CompVis/Stability
 single-file layout (by a test-only inverse mapping), then converted both by diffusers' own pure

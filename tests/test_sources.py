@@ -95,6 +95,31 @@ def test_caption_file_sources(tmp_path):
         sources.CaptionFileSource(str(tmp_path / "pairs.csv"))
 
 
+def test_raw_items_number_examples_and_skips(tmp_path):
+    rng = np.random.default_rng(2)
+    rows = [{"path": "x.png", "caption": "an x", "id": 10},
+            {"path": "missing.png", "caption": "gone", "id": 11},
+            {"path": "y.png", "caption": "a y", "id": 12}]
+    for name in ("x.png", "y.png"):
+        _png(tmp_path / name, rng.integers(0, 255, (5, 7, 3), dtype=np.uint8))
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    # None-valued keys (config placeholders) are dropped before the constructor sees them.
+    config = {"kind": "captions", "path": str(tmp_path / "pairs.jsonl"), "id_key": "id",
+              "root": None}
+    items = list(sources.raw_items(sources.source_from_config(config)))
+    assert [(r.position, r.example is None, r.skip_reason) for r in items] == [
+        (0, False, None), (1, True, "unreadable image"), (2, False, None)]
+    assert [r.example[0] for r in items if r.example is not None] == [10, 12]
+    stopped = sources.raw_items(sources.source_from_config(config), stop=2)
+    assert [r.position for r in stopped] == [0, 1]
+    identity = sources.source_identity(config, 16)
+    assert identity.endswith("@16px") and '"root"' not in identity
+    image = items[0].example[1]
+    assert sources.prepare_image(image, 4).shape == (4, 4, 3)
+    np.testing.assert_array_equal(sources.prepare_image(image, None), image)
+
+
 def test_tfds_source_local(tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     try:

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from imagerag_jax import checkpoints, lora, train
+from imagerag_jax.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +88,7 @@ def test_step_keeps_frozen_weights_and_overfits_one_batch(compile_cache):
     # so its loss must fall on a repeated batch (with a training D the adversarial term moves).
     cfg = quiet_config(**{"optimizer.lr": 1e-3, "disc_optimizer.lr": 0.0})
     trainer = train.Trainer(cfg)
-    schema = train.synthetic_schema(cfg)
+    schema = synthetic.synthetic_schema(cfg)
     state = trainer.init_state(schema)
     step, flops = trainer.compile_step(trainer.abstract_state(schema), schema, cfg.global_batch_size)
     assert flops > 0
@@ -148,7 +149,7 @@ def test_resume_is_bitwise_exact(compile_cache, tmp_path):
     # donated state: it must still hold step N's values.
     ck = checkpoints.Checkpointer(str(tmp_path / "straight" / "checkpoints"))
     trainer = train.Trainer(cfg)
-    at_n, _ = ck.restore(n, trainer.abstract_state(train.synthetic_schema(cfg)))
+    at_n, _ = ck.restore(n, trainer.abstract_state(synthetic.synthetic_schema(cfg)))
     ck.close()
     assert_trees_equal(host_tree(at_n), first, "step-N checkpoint")
 

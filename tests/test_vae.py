@@ -96,7 +96,7 @@ def run_ours(vae: AutoencoderKL, params: Any, x: jax.Array, z: jax.Array) -> tup
 
 
 def assert_close(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
-    """DESIGN section 4 parity bound: max|diff| <= 1e-4 * max(1, max|ref|)."""
+    """fp32 parity bound: max|diff| <= 1e-4 * max(1, max|ref|)."""
     assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
     err, bound = np.abs(ours - ref).max(), 1e-4 * max(1.0, np.abs(ref).max())
     assert err <= bound, f"{what}: max|diff| {err:.3g} > {bound:.3g}"

@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     models.add_arguments(parser)
     parser.add_argument("--json", help="also write the result to this JSON file")
     args = parser.parse_args(rest)
+    from imagerag_jax.benchmark import common
+
+    print(common.machine_block(common.machine_info(models.FRAMEWORKS)), flush=True)
     result = models.BENCHMARKS[name](args)
     if args.json:
         with open(args.json, "w") as f:

@@ -26,6 +26,9 @@ from imagerag_jax.benchmark import common
 from imagerag_jax.data import pipeline
 from imagerag_jax.data import tfrecords
 
+# What machine_info reports versions and threads of.
+FRAMEWORKS = ("jax", "tensorflow")
+
 
 def write_set(out_dir: str, schema: tfrecords.Schema, n: int, shards: int) -> int:
     """Writes n examples (a few distinct random payloads, unique ids); returns total bytes."""
@@ -95,12 +98,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--dir", help="where to write the TFRecords (default: a temp dir, removed)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    print(f"machine: {common.machine_description()}")
+    machine = common.machine_info(FRAMEWORKS)
+    print(common.machine_block(machine))
     root = args.dir or tempfile.mkdtemp(prefix="imagerag_input_bench_")
     results = []
     try:
         for k in (int(s) for s in args.k.split(",")):
+            if results:
+                machine = common.machine_info(FRAMEWORKS)
             res = run_one(k, args, root)
+            res["machine"] = machine
             print(f"k={k}: {res['examples_per_s']:,.0f} examples/s "
                   f"({res['examples_per_s_per_core']:,.0f} per core, {res['cores']} cores), "
                   f"{res['mib_per_s_read']:,.0f} MiB/s of records ({res['record_kib']:.0f} KiB each), "

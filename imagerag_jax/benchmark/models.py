@@ -213,9 +213,12 @@ def _compare(name, ours_fn, ref_fn, args, to_ref_layout) -> dict[str, Any]:
     result = {"name": name, "ours": ours, "reference": theirs, "max_abs_diff": diff}
     if theirs:
         result["ratio"] = ours["median_s"] / theirs["median_s"]
+    result["machine"] = common.machine_info(FRAMEWORKS)
     return result
 
 
+# What machine_info reports versions and threads of for these benchmarks.
+FRAMEWORKS = ("jax", "torch")
 BENCHMARKS = {"unet": bench_unet, "vae": bench_vae, "text": bench_text, "pipeline": bench_pipeline}
 
 

@@ -8,7 +8,7 @@ text embeddings of captions). "random" draws i.i.d. Gaussian directions, the wor
 partitioned index: in 1024-d the top-10 are barely closer than the bulk, so a tree that searches
 a small fraction of leaves cannot find them. Queries are fresh draws from the same distribution.
 
-Bars (DESIGN section 9): recall@10 >= 0.95 at N=1M, batch-256 throughput >= 10x exact, single-query
+Bars: recall@10 >= 0.95 at N=1M, batch-256 throughput >= 10x exact, single-query
 latency < 2 ms.
 """
 
@@ -25,6 +25,9 @@ from tqdm import tqdm
 
 from imagerag_jax.benchmark import common
 from imagerag_jax.retrieval import index as index_lib
+
+# What machine_info reports versions of (the benchmark does not use JAX).
+FRAMEWORKS = ("scann",)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -191,10 +194,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--sweep", default="", help="also evaluate these leaves_to_search values")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    print(f"machine: {common.machine_description()}")
+    machine = common.machine_info(FRAMEWORKS)
+    print(common.machine_block(machine))
     results = []
     for n in (int(float(s)) for s in args.n.split(",")):
+        if results:
+            machine = common.machine_info(FRAMEWORKS)
         res = run_one(n, args)
+        res["machine"] = machine
         _print(res)
         results.append(res)
     if args.json:

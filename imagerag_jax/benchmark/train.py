@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from imagerag_jax.benchmark import common
+
 CONFIGS = {"tiny": ("tiny.py", None), "sd21": ("imageragturbo_sd21.py", "random")}
 
 
@@ -132,6 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "config": args.config,
         "device": machine_description(),
+        "machine": common.machine_info(),
         "devices": mesh.size,
         "mesh": dict(mesh.shape),
         "global_batch": batch,
@@ -170,6 +173,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--json", help="also write the result to this JSON file")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    print(common.machine_block(common.machine_info()), flush=True)
     result = run(args)
     mem = result["xla_memory_analysis_bytes"]
     print(f"== train step, {args.config} on {result['device']} ({result['devices']} device(s), "

@@ -1,5 +1,6 @@
-"""Image-text sources, the TFRecord schema and the tf.data input pipeline.
+"""Data: sources, the offline jobs (build_db, precompute), the TFRecord schema, the input pipeline.
 
-Submodules are imported explicitly (`from imagerag_jax.data import tfrecords`): `tfrecords` and
-`pipeline` import TensorFlow, which `sources` does not need.
+Submodules are imported explicitly (`from imagerag_jax.data import build_db`): `tfrecords`,
+`pipeline`, `precompute` and `synthetic` import TensorFlow, which `sources`, `encoders` and
+`build_db` do not need.
 """

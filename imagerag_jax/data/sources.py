@@ -9,6 +9,10 @@ Ids are stable int64s: the source's own id column where there is one, else the p
 deterministic order (sorted paths, file order, TFDS split order; the original index for digits).
 Unreadable images are skipped, logged and counted in `source.skipped` (a `SkipCounter`), never
 silently dropped. All sources optionally center-crop and resize to `image_size` (square).
+
+The offline jobs build a source from their config with `source_from_config` and walk it with
+`raw_items`, which numbers every raw item (an example or a skip) so that a source splits into
+position ranges that do not depend on which images are readable.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+
+from imagerag_jax import config_args, jsonfiles
 
 Example = tuple[int, np.ndarray, str]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -374,3 +380,65 @@ def make_source(config: Mapping[str, Any] | Any) -> Source:
     if kind not in kinds:
         raise ValueError(f"unknown source kind {kind!r}; expected one of {sorted(kinds)}")
     return kinds[kind](**cfg)
+
+
+# --- sources from job configs -----------------------------------------------------------------
+
+
+def source_from_config(source_config: Any) -> Source:
+    """A source from a job config (None-valued keys dropped: configs may carry placeholders)."""
+    return make_source(config_args.plain(source_config))
+
+
+def source_identity(source_config: Any, image_size: int | None) -> str:
+    """Stable identity string of a source config plus the image size (recorded in manifests)."""
+    return f"{jsonfiles.canonical(config_args.plain(source_config))}@{image_size}px"
+
+
+def prepare_image(image: np.ndarray, size: int | None) -> np.ndarray:
+    """uint8 [H, W, 3] centre-cropped and resized to size x size (unchanged when already so)."""
+    if size is None or image.shape[:2] == (size, size):
+        return np.ascontiguousarray(image, np.uint8)
+    return center_crop_resize(image, size)
+
+
+class RawItem(NamedTuple):
+    """One raw item of a source: an example, or the reason it was skipped."""
+
+    position: int
+    example: Example | None
+    skip_reason: str | None
+
+
+def raw_items(source: Source, stop: int | None = None) -> Iterator[RawItem]:
+    """Yields every raw item of `source` with its position: examples and skips, in order.
+
+    Every raw item of a source is either yielded or skipped exactly once, so position = yielded +
+    skipped so far; it does not depend on which images are readable.
+    """
+    reasons: list[str] = []
+    counter = source.skipped
+    original_skip = counter.skip
+
+    def recording_skip(item: str, reason: str, error: Exception | None = None) -> None:
+        reasons.append(reason)
+        original_skip(item, reason, error)
+
+    counter.skip = recording_skip  # instance attribute: only this source object is affected
+    position = 0
+    it = iter(source)
+    try:
+        while stop is None or position < stop:
+            example = next(it, None)
+            for reason in reasons:
+                if stop is not None and position >= stop:
+                    return
+                yield RawItem(position, None, reason)
+                position += 1
+            reasons.clear()
+            if example is None or (stop is not None and position >= stop):
+                return
+            yield RawItem(position, example, None)
+            position += 1
+    finally:
+        counter.skip = original_skip

@@ -1,6 +1,6 @@
 """The TFRecord schema of training examples (versioned), its writer, parser and manifest.
 
-One example (DESIGN section 6), stored dtypes; k retrieved neighbours, NHWC latents:
+One example (docs/design.md, "Formats"), stored dtypes; k retrieved neighbours, NHWC latents:
 
   prompt                   bytes      utf-8 caption
   latent                   f16 [H, W, C]     target z0 (VAE latent, scaled)
@@ -35,6 +35,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from imagerag_jax import jsonfiles
+from imagerag_jax.errors import UserError
+
 SCHEMA_VERSION = 1
 FORMAT_NAME = "imagerag-jax-tfrecord"
 MANIFEST = "manifest.json"
@@ -58,7 +61,7 @@ RETRIEVED_FIELDS = ("retrieved_latents", "retrieved_prompt_embeds", "retrieved_p
                     "retrieval_scores", "retrieved_ids")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A TFRecord manifest is missing, of another schema version, or does not match expectations."""
 
 
@@ -377,11 +380,8 @@ def validate_manifest(data_dir: str, *, split: str | None = None,
     """
     m = read_manifest(data_dir)
     where = os.path.join(data_dir, MANIFEST)
-    if m.get("format") != FORMAT_NAME:
-        raise ManifestError(f"{where}: format {m.get('format')!r}, expected {FORMAT_NAME!r}")
-    if m.get("schema_version") != SCHEMA_VERSION:
-        raise ManifestError(f"{where}: schema version {m.get('schema_version')!r}, this code reads "
-                            f"version {SCHEMA_VERSION}; regenerate the TFRecords")
+    jsonfiles.check_version(m, where, FORMAT_NAME, SCHEMA_VERSION, version_key="schema_version",
+                            error=ManifestError, hint="regenerate the TFRecords")
     for key in ("schema", "shapes", "dtypes", "splits"):
         if key not in m:
             raise ManifestError(f"{where}: missing key {key!r}")

@@ -8,7 +8,6 @@ from typing import Sequence
 
 import numpy as np
 
-from imagerag_jax import evaluate
 from imagerag_jax.data import sources
 
 
@@ -30,7 +29,8 @@ def load_split(split: str, size: int, seed: int = 0) -> DigitSplit:
     """A digits split ('train', 'eval', 'database') exactly as the precompute jobs see it."""
     src = sources.DigitsSource(split, size=size, seed=seed)
     ids = np.asarray(src.ids, np.int64)
-    images, labels = evaluate.load_digits_split(split, size, seed)
+    images = np.stack([src.image(int(i)) for i in ids]).astype(np.float32) / 127.5 - 1.0
+    labels = src.labels.astype(np.int64)
     return DigitSplit(ids, images, labels, tuple(src.caption(int(i)) for i in ids))
 
 

@@ -15,9 +15,9 @@ from absl import logging
 
 from imagerag_jax import evaluate, images as images_lib, lora, sampling
 from imagerag_jax import schedule as schedule_lib
-from imagerag_jax.data import precompute, sources
+from imagerag_jax.data import encoders, sources
 from imagerag_jax.miniature import data as data_lib
-from imagerag_jax.miniature import stages
+from imagerag_jax.miniature import judge, stages
 from imagerag_jax.models import adapter as adapter_lib
 from imagerag_jax.retrieval import database as db_lib
 from imagerag_jax.retrieval import index as index_lib
@@ -39,9 +39,9 @@ def load_classifier(workdir: str, train: data_lib.DigitSplit, seed: int, epochs:
     """The judge: trained on the real 'train' split only, cached in workdir/classifier."""
     path = os.path.join(workdir, "classifier")
     if os.path.exists(os.path.join(path, "done")):
-        return evaluate.DigitClassifier.load(path)
+        return judge.DigitClassifier.load(path)
     kw = {"epochs": epochs} if epochs else {}
-    clf = evaluate.DigitClassifier(**kw).fit(train.images, train.labels, seed=seed)
+    clf = judge.DigitClassifier(**kw).fit(train.images, train.labels, seed=seed)
     clf.save(path)
     open(os.path.join(path, "done"), "w").close()
     return clf
@@ -96,8 +96,8 @@ def evaluate_all(config: ml_collections.ConfigDict, workdir: str, towers: Any, s
     spec = stages.teacher_spec(samp["steps"], samp["guidance"])
 
     def teacher(ids):
-        return precompute.teacher_latents(spec, unet, text, towers.teacher_p, towers.text_p, ids, empty_ids,
-                                          noise[: len(ids)])
+        return encoders.teacher_latents(spec, unet, text, towers.teacher_p, towers.text_p, ids, empty_ids,
+                                        noise[: len(ids)])
     apply = lambda p: (lambda x, t, c: unet.apply({"params": p}, x, t, c))
 
     @jax.jit
@@ -142,7 +142,7 @@ def evaluate_all(config: ml_collections.ConfigDict, workdir: str, towers: Any, s
                   ("vae", decode(stages.encode_latents(vae, towers.vae_p, ev.images)))]
     for name, imgs in references + [(m, generated[m]) for m in METHODS]:
         target = ev.labels if name in ("real", "vae") else labels
-        rows[name] = {"fidelity": float(evaluate.prompt_fidelity(clf, imgs, target)),
+        rows[name] = {"fidelity": float(judge.prompt_fidelity(clf, imgs, target)),
                       "frechet": float(evaluate.frechet_distance(clf.features(imgs), real_feats))}
     rows["teacher"]["nfe"] = 2 * int(samp["steps"]) if float(samp["guidance"]) > 1 else int(samp["steps"])
     for m in ("turbo", "direct_w", "imagerag"):

@@ -1,4 +1,4 @@
-"""`run(config, workdir)`: every stage of the digits miniature, then the comparison (DESIGN 8).
+"""`run(config, workdir)`: every stage of the digits miniature, then the comparison.
 
 Stages (each resumable): vae -> text -> teacher -> student (turbo) -> build-db -> precompute ->
 ImageRAGTurbo training (the production `train.train_and_evaluate`) -> classifier -> evaluation.
@@ -99,18 +99,19 @@ def train_towers(config: ml_collections.ConfigDict, workdir: str) -> Towers:
 def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, str, str]:
     """Stage 5: build-db -> precompute -> train with the production jobs; (state, db, index dirs)."""
     from imagerag_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+    from imagerag_jax.data import build_db as build_db_lib  # pylint: disable=g-import-not-at-top
     from imagerag_jax.data import precompute as precompute_lib  # pylint: disable=g-import-not-at-top
 
     rag = os.path.join(workdir, "rag")
     pre = _job_config(config.precompute, weights=_models_dir(workdir, "turbo"),
                       teacher_weights=_models_dir(workdir, "teacher"), seed=int(config.seed))
-    precompute_lib.build_db(pre, rag)
+    build_db_lib.build_db(pre, rag)
     precompute_lib.precompute(pre, rag)
     tcfg = _job_config(config.train, student_weights=_models_dir(workdir, "turbo"),
                        teacher_weights=_models_dir(workdir, "teacher"),
                        data_dir=os.path.join(rag, "data"), seed=int(config.seed))
     state = train_lib.train_and_evaluate(tcfg, os.path.join(rag, "train"))
-    return state, precompute_lib.db_dir(pre, rag), precompute_lib.index_dir(pre, rag)
+    return state, build_db_lib.db_dir(pre, rag), build_db_lib.index_dir(pre, rag)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from imagerag_jax.miniature import fit as fit_lib
 from imagerag_jax.models.clip_text import CLIPTextTransformer, Tokenizer
 from imagerag_jax.models.unet import CROSS_DOWN, CROSS_UP, UNet
 from imagerag_jax.models.vae import AutoencoderKL
-from imagerag_jax.data import precompute, sources
+from imagerag_jax.data import encoders, sources
 from imagerag_jax.weights import random_pipeline
 
 PyTree = Any
@@ -155,34 +155,33 @@ def train_vae(workdir: str, cfg: Mapping[str, Any], images: np.ndarray, *, seed:
     batch_fn = lambda step: {"images": images[data_lib.batch_indices(len(images), cfg["batch"], step, seed)]}
     params, stats = _run(stage, init, loss_fn, batch_fn, seed=seed, progress=progress)
     if "scaling_factor" not in stats:
-        mean = encode_latents(vae, params, images, scaling_factor=1.0)
+        mean = encode_latents(vae.clone(scaling_factor=1.0), params, images)
         stats = {**stats, "scaling_factor": float(1.0 / np.std(mean))}
         stage.finish(params, stats)
     return make_vae(cfg, stats["scaling_factor"]), params, stats
 
 
-def _vae_mean(vae: AutoencoderKL, params: PyTree, x: jax.Array) -> jax.Array:
-    return vae.apply({"params": params}, x, method=vae.encode)[0]
-
-
-_vae_mean_jit = jax.jit(_vae_mean, static_argnums=0)
-_vae_decode_jit = jax.jit(lambda vae, p, z: vae.apply({"params": p}, z, method=vae.decode), static_argnums=0)
+_encode_jit = jax.jit(lambda vae, p, x: vae.apply({"params": p}, x, method=vae.encode_latents),
+                      static_argnums=0)
+_decode_jit = jax.jit(lambda vae, p, z: vae.apply({"params": p}, z, method=vae.decode),
+                      static_argnums=0)
 
 
 def encode_latents(vae: AutoencoderKL, params: PyTree, images: np.ndarray, *,
-                   scaling_factor: float | None = None, batch: int = 256) -> np.ndarray:
-    """Images in [-1, 1] -> scaled mean latents (what the UNets see)."""
-    scale = vae.scaling_factor if scaling_factor is None else scaling_factor
-    out = [np.asarray(_vae_mean_jit(vae, params, jnp.asarray(images[i:i + batch])))
+                   batch: int = 256) -> np.ndarray:
+    """Images in [-1, 1] -> scaled mean latents (what the UNets see), `batch` images per call."""
+    out = [np.asarray(_encode_jit(vae, params, jnp.asarray(images[i:i + batch])))
            for i in range(0, len(images), batch)]
-    return np.concatenate(out) * scale
+    return np.concatenate(out)
 
 
 def decode_latents(vae: AutoencoderKL, params: PyTree, latents: np.ndarray | jax.Array,
                    batch: int = 256) -> np.ndarray:
-    """Scaled latents -> images in [-1, 1] (clipped)."""
-    latents = np.asarray(latents) / vae.scaling_factor
-    out = [np.asarray(_vae_decode_jit(vae, params, jnp.asarray(latents[i:i + batch])))
+    """Scaled latents -> images in [-1, 1] (clipped), `batch` latents per call."""
+    # Unscaled on the host: an exact division (XLA would multiply by the reciprocal), which keeps
+    # the miniature's reported numbers those of its first runs.
+    latents = vae.from_latent_space(np.asarray(latents))
+    out = [np.asarray(_decode_jit(vae, params, jnp.asarray(latents[i:i + batch])))
            for i in range(0, len(latents), batch)]
     return np.clip(np.concatenate(out), -1.0, 1.0)
 
@@ -249,7 +248,7 @@ _text_jit = jax.jit(lambda text, p, ids: text.apply({"params": p}, ids), static_
 
 def embed_ids(text: CLIPTextTransformer, params: PyTree, ids: np.ndarray, batch: int = 256
               ) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids -> (hidden states, L2-normalised pooled), as precompute computes them."""
+    """Token ids -> (hidden states, L2-normalised pooled), as `encoders.encode_text` has them."""
     hid, pooled = [], []
     for i in range(0, len(ids), batch):
         h, p = _text_jit(text, params, jnp.asarray(ids[i:i + batch]))
@@ -293,9 +292,9 @@ def train_teacher(workdir: str, cfg: Mapping[str, Any], unet: UNet, latents: np.
     return _run(stage, init, loss_fn, batch_fn, seed=seed, progress=progress, ema=cfg["ema"])
 
 
-def teacher_spec(steps: int, guidance: float) -> "precompute.TeacherSpec":
+def teacher_spec(steps: int, guidance: float) -> encoders.TeacherSpec:
     """The teacher's sampler (DDIM + CFG, eps), as the precompute jobs run it."""
-    return precompute.TeacherSpec("ddim", int(steps), float(guidance), "epsilon")
+    return encoders.TeacherSpec("ddim", int(steps), float(guidance), "epsilon")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -323,9 +322,9 @@ def teacher_pairs(workdir: str, cfg: Mapping[str, Any], unet: UNet, teacher_para
     out = []
     for i in tqdm(range(0, len(rows), b), desc="teacher pairs", disable=not progress, leave=False):
         r, n = rows[i:i + b], noise[i:i + b]
-        z = precompute.teacher_latents(spec, unet, text, teacher_params, text_params,
-                                       precompute.pad_rows(table.ids[r], b), table.empty_ids,
-                                       precompute.pad_rows(n, b))
+        z = encoders.teacher_latents(spec, unet, text, teacher_params, text_params,
+                                     encoders.pad_rows(table.ids[r], b), table.empty_ids,
+                                     encoders.pad_rows(n, b))
         out.append(np.asarray(z)[:len(r)])
     pairs = {"rows": rows, "noise": noise, "latents": np.concatenate(out)}
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -68,7 +68,7 @@ def attention(
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     if implementation == "auto":
         # Measured on a 2-core CPU at 4096 tokens: XLA's generic dot_product_attention and the
-        # full matmul path are 3-6x slower than query blocks (DESIGN section 9).
+        # full matmul path are 3-6x slower than query blocks (docs/design.md, "Performance on CPU").
         implementation = "chunked" if jax.default_backend() == "cpu" else "xla"
     if implementation == "chunked" and (causal or q.shape[1] <= QUERY_CHUNK or q.shape[1] % QUERY_CHUNK):
         implementation = "einsum"  # short or ragged sequences: one block is the whole thing

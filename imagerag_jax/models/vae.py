@@ -1,9 +1,10 @@
 """The Stable Diffusion KL autoencoder (diffusers ``AutoencoderKL``) in Flax Linen, NHWC.
 
 ``encode`` maps an image in [-1, 1] to the mean and clipped log-variance of the latent Gaussian;
-``decode`` maps an *unscaled* latent back to an image. Callers map latents to the UNet's space as
-``(z - shift_factor) * scaling_factor`` (0.18215 and 0 for SD 2.x) and invert that before
-``decode``.
+``decode`` maps an *unscaled* latent back to an image. ``to_latent_space``/``from_latent_space``
+are the one definition of the UNets' latent space, ``(z - shift_factor) * scaling_factor``
+(0.18215 and 0 for SD 2.x), and ``encode_latents``/``decode_latents`` the image <-> latent paths
+built on them; every sampler, job and report goes through these.
 Submodule names mirror the diffusers state-dict keys (``encoder/down_blocks_0/resnets_1``,
 ``decoder/up_blocks_0/upsamplers_0/conv``, ``encoder/mid_block/attentions_0/to_q``) so weight
 conversion is a mechanical rename (``weights/convert.py``).
@@ -221,6 +222,23 @@ class AutoencoderKL(nn.Module):
         if self.use_post_quant_conv:
             z = self.post_quant_conv(z)
         return self.decoder(z).astype(jnp.float32)
+
+    def to_latent_space(self, mean: Any) -> Any:
+        """Unscaled latent -> the UNets' latent space: (z - shift) * scale (numpy or jax arrays)."""
+        return (mean - self.shift_factor) * self.scaling_factor
+
+    def from_latent_space(self, z: Any) -> Any:
+        """The UNets' latent space -> unscaled latent: z / scale + shift (numpy or jax arrays)."""
+        return z / self.scaling_factor + self.shift_factor
+
+    def encode_latents(self, x: jax.Array) -> jax.Array:
+        """Image in [-1, 1] -> the scaled mean latent the UNets see, float32."""
+        mean, _ = self.encode(x)
+        return self.to_latent_space(mean).astype(jnp.float32)
+
+    def decode_latents(self, z: jax.Array) -> jax.Array:
+        """Scaled latent (what the UNets produce) -> image clipped to [-1, 1], float32."""
+        return jnp.clip(self.decode(self.from_latent_space(z.astype(jnp.float32))), -1.0, 1.0)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Reconstruction through the mean latent; touches every parameter (used by init)."""

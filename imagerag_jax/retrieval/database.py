@@ -18,7 +18,7 @@ Commit protocol: the writer appends a batch to every file, flushes (and fsyncs),
 replaces the manifest with the new count. The manifest's `count` is the only commit point: a writer
 killed mid-batch leaves bytes past the committed rows, which a resuming writer truncates away.
 
-Building the database (encoding image-text pairs) is `data/precompute.py`'s job; this module only
+Building the database (encoding image-text pairs) is `data/build_db.py`'s job; this module only
 owns the format.
 """
 
@@ -33,6 +33,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from imagerag_jax import jsonfiles
+from imagerag_jax.errors import UserError
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "imagerag-jax-retrieval-db"
@@ -49,7 +52,7 @@ CAPTIONS = "captions.bin"
 CAPTION_OFFSETS = "caption_offsets.bin"
 
 
-class DatabaseError(ValueError):
+class DatabaseError(UserError):
     """A database directory is missing, inconsistent, or does not match what was asked for."""
 
 
@@ -82,17 +85,9 @@ def _read_manifest(path: str) -> dict[str, Any]:
         raise DatabaseError(f"retrieval database {path!r} does not exist")
     if not os.path.exists(mpath):
         raise DatabaseError(f"retrieval database {path!r} has no {MANIFEST}")
-    with open(mpath) as f:
-        try:
-            m = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DatabaseError(f"{mpath}: not valid JSON ({e})") from e
-    if m.get("format") != FORMAT_NAME:
-        raise DatabaseError(f"{mpath}: format is {m.get('format')!r}, expected {FORMAT_NAME!r}")
-    if m.get("schema_version") != SCHEMA_VERSION:
-        raise DatabaseError(
-            f"{mpath}: schema version {m.get('schema_version')!r} is not supported "
-            f"(this code reads version {SCHEMA_VERSION}); rebuild the database")
+    m = jsonfiles.read_versioned(mpath, FORMAT_NAME, SCHEMA_VERSION, what="database manifest",
+                                 version_key="schema_version", error=DatabaseError,
+                                 hint="rebuild the database")
     for key in ("count", "shapes", "dtypes"):
         if key not in m:
             raise DatabaseError(f"{mpath}: missing key {key!r}")

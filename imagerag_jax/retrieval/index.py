@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from imagerag_jax import jsonfiles
+
 INDEX_FORMAT = "imagerag-jax-index"
 INDEX_VERSION = 1
 META = "index.json"
@@ -255,11 +257,8 @@ class Index:
         mpath = os.path.join(path, META)
         if not os.path.exists(mpath):
             raise FileNotFoundError(f"{path!r} is not a saved index (no {META})")
-        with open(mpath) as f:
-            meta = json.load(f)
-        if meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
-            raise ValueError(f"{mpath}: unsupported index format/version "
-                             f"{meta.get('format')!r}/{meta.get('version')!r}")
+        meta = jsonfiles.read_versioned(mpath, INDEX_FORMAT, INDEX_VERSION, what="index metadata",
+                                        hint="rebuild the index")
         ids = np.load(os.path.join(path, "ids.npy")) if meta["has_ids"] else None
         cfg, count = meta["config"], meta["count"]
         if meta["kind"] == "exact":

@@ -1,4 +1,4 @@
-"""Weight import from (and export to) PyTorch checkpoints: the public API of DESIGN section 3."""
+"""Weight import from (and export to) PyTorch checkpoints: the public loading API."""
 
 from imagerag_jax.weights.convert import WeightLoadError
 from imagerag_jax.weights.from_torch import (

@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
+from imagerag_jax.errors import UserError
+
 TensorStream = Iterable[tuple[str, np.ndarray]]
 MAX_LISTED = 20
 WEIGHT_NAMES = ("kernel", "scale", "embedding")
@@ -28,7 +30,7 @@ LIST_CONTAINERS = (
 _LIST_ITEM = re.compile(r"^(%s)_(\d+)$" % "|".join(LIST_CONTAINERS))
 
 
-class WeightLoadError(ValueError):
+class WeightLoadError(UserError):
     """Raised when a checkpoint does not match the module it is loaded into."""
 
 

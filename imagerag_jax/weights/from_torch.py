@@ -1,6 +1,6 @@
 """Load Stable Diffusion 2.x weights (diffusers folders or single-file checkpoints) into Flax.
 
-Public API (DESIGN section 3): ``load_unet``, ``load_vae``, ``load_text_encoder``,
+Public API: ``load_unet``, ``load_vae``, ``load_text_encoder``,
 ``load_pipeline``. Each returns the Flax module and its parameter tree.
 """
 

@@ -1,10 +1,11 @@
 """Flax params -> diffusers/transformers model folders that PyTorch loads with ``from_pretrained``.
 
-``save_unet`` and ``save_vae`` (DESIGN section 3) write ``config.json`` plus
+``save_unet`` and ``save_vae`` write ``config.json`` plus
 ``diffusion_pytorch_model.safetensors``; ``save_text_encoder`` writes a transformers
 ``CLIPTextModel`` folder; ``save_pipeline`` a whole ``StableDiffusionPipeline`` folder.
 ``save_lora_peft`` writes a decoder LoRA in the PEFT/diffusers LoRA format and ``save_adapter``
-the H-space adapter for ``weights/torch_runtime.py``. No torch import is needed to write them.
+the H-space adapter for ``imagerag_jax/torch_runtime.py``. No torch import is needed to write
+them.
 """
 
 from __future__ import annotations
@@ -276,7 +277,7 @@ def save_lora_peft(lora_params: Mapping[str, Any], alpha: float, rank: int, out_
 
 
 # ---------------------------------------------------------------------------------------------
-# The H-space adapter (read by weights/torch_runtime.py).
+# The H-space adapter (read by imagerag_jax/torch_runtime.py).
 # ---------------------------------------------------------------------------------------------
 
 ADAPTER_FORMAT = "imagerag-jax-hspace-adapter"

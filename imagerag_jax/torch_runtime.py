@@ -1,7 +1,7 @@
 """PyTorch runtime for an exported ImageRAGTurbo folder (``imagerag_jax.export``): adapter, hook, pipeline.
 
     import torch
-    from imagerag_jax.weights import torch_runtime as rt
+    from imagerag_jax import torch_runtime as rt
     pipe = rt.ImageRAGTurboPipeline.from_pretrained("export/", database="W/db", index="W/index")
     out = pipe(["a handwritten digit seven"], generator=torch.Generator().manual_seed(0))
     rt.to_uint8(out.images)                     # (B, H, W, 3) uint8
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imagerag_jax import jsonfiles
 from imagerag_jax.weights import to_torch
 
 
@@ -97,10 +98,8 @@ def load_adapter(path: str, *, device: str | torch.device | None = None,
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path} has no adapter (expected {cfg_path})")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    if cfg.get("format") != to_torch.ADAPTER_FORMAT or cfg.get("version") != to_torch.ADAPTER_VERSION:
-        raise ValueError(f"{cfg_path}: not an {to_torch.ADAPTER_FORMAT} v{to_torch.ADAPTER_VERSION} config")
+    cfg = jsonfiles.read_versioned(cfg_path, to_torch.ADAPTER_FORMAT, to_torch.ADAPTER_VERSION,
+                                   what="adapter config")
     adapter = HSpaceAdapter(cfg["channels"], cfg["num_heads"], cfg["head_dim"], pre_norm=cfg["pre_norm"],
                             upcast_attention=cfg["upcast_attention"],
                             layer_norm_eps=cfg["layer_norm_eps"])
@@ -353,6 +352,7 @@ class ImageRAGTurboPipeline:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1] (B,3,H,W)."""
         cfg = self.vae.config
+        # The torch mirror of AutoencoderKL.decode_latents (models/vae.py): unscale, then decode.
         z = latents.to(self.vae.dtype) / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
         return self.vae.decode(z).sample.clamp(-1.0, 1.0)
 

@@ -1,0 +1,89 @@
+"""The house rules of docs/design.md: import floors, no upward arrows, nothing outside the repo."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "imagerag_jax"
+
+# docs/design.md, "Layout and import floors": a module may import only its floor or below.
+FLOORS = {
+    "errors": 0, "jsonfiles": 0, "config_args": 0, "images": 0,
+    "models": 1, "schedule": 1, "lora": 1, "sharding": 1,
+    "weights": 2, "losses": 2, "retrieval": 2, "checkpoints": 2,
+    "sampling": 3, "towers": 3,
+    "data": 4,
+    "train_step": 5, "evaluate": 5,
+    "train": 6, "generate": 6, "export": 6, "torch_runtime": 6,
+    "miniature": 7, "benchmark": 7,
+    "main": 8,
+}
+
+
+def room(module: str) -> str:
+    """'imagerag_jax.data.sources' -> 'data'; 'imagerag_jax.train' -> 'train'."""
+    return module.split(".")[1]
+
+
+def project_imports(path: Path) -> set[str]:
+    """Every imagerag_jax module a file imports (top level or inside functions)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("imagerag_jax."))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "imagerag_jax":
+                out.update(f"imagerag_jax.{a.name}" for a in node.names)
+            elif node.module.startswith("imagerag_jax."):
+                out.add(node.module)
+    return out
+
+
+def modules() -> dict[str, Path]:
+    """imagerag_jax module name -> file."""
+    return {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in PACKAGE.rglob("*.py")}
+
+
+def test_every_room_has_a_floor():
+    rooms = {room(m) for m in modules() if m != "imagerag_jax"}
+    assert rooms <= set(FLOORS), f"rooms without a floor in docs/design.md: {rooms - set(FLOORS)}"
+
+
+def test_imports_never_point_upward():
+    upward = []
+    for name, path in modules().items():
+        if name == "imagerag_jax":
+            continue
+        here = FLOORS[room(name)]
+        for target in project_imports(path):
+            if room(target) != room(name) and FLOORS[room(target)] > here:
+                upward.append(f"{name} (floor {here}) imports {target} (floor {FLOORS[room(target)]})")
+    assert not upward, "\n".join(upward)
+
+
+def test_export_and_runtime_do_not_import_the_trainer():
+    for name in ("imagerag_jax.export", "imagerag_jax.torch_runtime"):
+        imports = project_imports(modules()[name])
+        assert not imports & {"imagerag_jax.train", "imagerag_jax.train_step"}, (name, imports)
+
+
+def test_the_design_lists_every_room():
+    design = (ROOT / "docs" / "design.md").read_text()
+    missing = [r for r in FLOORS if f"`{r}" not in design]
+    assert not missing, f"docs/design.md does not name {missing}"
+
+
+def test_nothing_points_outside_the_repository():
+    res = subprocess.run(["git", "grep", "-n", "-I", r"\.\./shared", "--", ".", ":!tests/test_layout.py"],
+                         cwd=ROOT, capture_output=True, text=True)
+    if res.returncode not in (0, 1):  # not a git checkout (e.g. an sdist): search the files
+        hits = [str(p) for p in ROOT.rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".ipynb")
+                and "../shared" in p.read_text(errors="ignore") and p.name != "test_layout.py"]
+    else:
+        hits = res.stdout.splitlines()
+    assert not hits, "\n".join(hits)

@@ -88,3 +88,36 @@ def test_generate_bad_arguments_are_one_error_line(pipeline_dir, tmp_path):
 def test_export_flag_is_out_dir_and_generate_out_is_a_file(tmp_path):
     res = run_cli("export", f"--workdir={tmp_path}", cwd=str(tmp_path))
     assert res.returncode != 0 and "--out_dir" in res.stderr
+
+
+def _copy_pipeline(src: str, dst) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_truncated_weights_are_one_error_line_naming_the_file(pipeline_dir, tmp_path):
+    pipe = _copy_pipeline(pipeline_dir, tmp_path / "pipe")
+    weights = os.path.join(pipe, "unet", "diffusion_pytorch_model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    res = run_cli("generate", f"--weights={pipe}", "--height=32", cwd=str(tmp_path))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and weights in errors[0] and "truncated" in errors[0]
+
+
+def test_a_pickle_with_code_is_refused_without_advice_to_run_it(pipeline_dir, tmp_path):
+    import datetime
+
+    torch = pytest.importorskip("torch")
+    pipe = _copy_pipeline(pipeline_dir, tmp_path / "pipe")
+    os.remove(os.path.join(pipe, "unet", "diffusion_pytorch_model.safetensors"))
+    weights = os.path.join(pipe, "unet", "diffusion_pytorch_model.bin")
+    torch.save({"conv_in.weight": torch.zeros(1), "callback": datetime.datetime(2022, 12, 7)}, weights)
+    res = run_cli("generate", f"--weights={pipe}", "--height=32", cwd=str(tmp_path))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and weights in errors[0] and "refuses it" in errors[0]
+    assert "weights_only=False" not in res.stderr

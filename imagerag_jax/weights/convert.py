@@ -192,16 +192,36 @@ def iter_safetensors(path: str, keys: Iterable[str] | None = None) -> Iterator[t
             yield key, f.get(key, np.float32 if floating else None)
 
 
-def iter_torch_file(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Stream tensors from a PyTorch pickle (.bin/.ckpt/.pt), memory-mapped."""
+def load_torch_pickle(path: str) -> Any:
+    """torch.load of tensors and plain containers only; WeightLoadError naming the file otherwise."""
+    import pickle
+
     try:
         import torch
     except ImportError as e:  # pragma: no cover - exercised only without torch
+        raise WeightLoadError(f"{path} is a PyTorch pickle; install the [torch] extra to read it, "
+                              "or convert it to safetensors") from e
+    try:
+        try:  # mmap: tensors stay on disk until touched
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # Pre-zip (torch < 1.6) pickles cannot be mmapped: this path reads the whole file.
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's own message suggests weights_only=False, i.e. running the file's code: not here.
         raise WeightLoadError(
-            f"{path} is a PyTorch pickle; install the [torch] extra to read it, or convert it to "
-            "safetensors"
-        ) from e
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            f"{path}: the pickle holds objects other than tensors and plain containers, so "
+            "torch.load(weights_only=True) refuses it (unpickling it could run code); convert the "
+            "weights to safetensors where you trust the file") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise WeightLoadError(f"{path}: not a readable PyTorch weight file ({e})") from e
+
+
+def iter_torch_file(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Stream tensors from a PyTorch pickle (.bin/.ckpt/.pt), memory-mapped."""
+    state = load_torch_pickle(path)
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     for key, value in state.items():

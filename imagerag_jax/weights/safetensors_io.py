@@ -16,6 +16,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from imagerag_jax.errors import UserError
+
 DTYPES: dict[str, Any] = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -24,12 +26,19 @@ DTYPES: dict[str, Any] = {
 MAX_HEADER = 100 * 2**20
 
 
+class SafetensorsError(UserError):
+    """A file that is not a (complete) safetensors file; the message names it."""
+
+
 class SafetensorsFile:
     """Names, shapes and dtypes from the header; tensors read on demand."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._file = open(path, "rb")
+        try:
+            self._file = open(path, "rb")
+        except OSError as e:
+            raise SafetensorsError(f"{path}: cannot be opened ({e.strerror})") from e
         try:
             raw = self._file.read(8)
             if len(raw) != 8:
@@ -40,7 +49,7 @@ class SafetensorsFile:
             header = json.loads(self._file.read(size))
         except Exception as e:
             self._file.close()
-            raise ValueError(f"{path}: not a safetensors file ({e})") from e
+            raise SafetensorsError(f"{path}: not a safetensors file ({e})") from e
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._entries: dict[str, dict[str, Any]] = header
         self._data_start = 8 + size
@@ -58,16 +67,18 @@ class SafetensorsFile:
         """The tensor as a fresh array (converted to ``dtype`` when given)."""
         entry = self._entries[key]
         if entry["dtype"] not in DTYPES:
-            raise ValueError(f"{self.path}: tensor {key} has unsupported dtype {entry['dtype']}")
+            raise SafetensorsError(f"{self.path}: tensor {key} has unsupported dtype {entry['dtype']}")
         stored = np.dtype(DTYPES[entry["dtype"]])
         begin, end = entry["data_offsets"]
         out = np.empty(tuple(entry["shape"]), stored)
         if out.nbytes != end - begin:
-            raise ValueError(f"{self.path}: tensor {key} has {end - begin} bytes for shape {out.shape}")
+            raise SafetensorsError(f"{self.path}: tensor {key} has {end - begin} bytes for shape "
+                                   f"{out.shape}")
         self._file.seek(self._data_start + begin)
         view = memoryview(out.reshape(-1).view(np.uint8))
         if self._file.readinto(view) != out.nbytes:
-            raise ValueError(f"{self.path}: truncated while reading tensor {key}")
+            raise SafetensorsError(f"{self.path}: truncated (ends inside tensor {key}); the file is "
+                                   "incomplete, download or copy it again")
         return out if dtype is None or stored == np.dtype(dtype) else out.astype(dtype)
 
     def close(self) -> None:

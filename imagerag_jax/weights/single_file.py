@@ -26,9 +26,10 @@ Conventions copied from diffusers' single-file loader (``diffusers.loaders.singl
 - Prediction type and ``upcast_attention`` are not visible in the weights; see
   ``infer_prediction_type`` and the ``upcast_attention`` argument of ``infer_unet_config``.
 
-Of the project it imports only ``weights/safetensors_io.py`` (the header-first safetensors reader);
-torch is imported only for ``.ckpt`` files and bfloat16 safetensors. It is one job (the LDM ->
-diffusers key mapping for three towers) and stays one file of about 800 lines.
+Of the project it imports only the weight-file readers (``weights/safetensors_io.py`` and
+``convert.load_torch_pickle``); torch is imported only for ``.ckpt`` files and bfloat16
+safetensors. It is one job (the LDM -> diffusers key mapping for three towers) and stays one file
+of about 800 lines.
 """
 
 from __future__ import annotations
@@ -111,17 +112,11 @@ class _Reader:
         self.metadata = dict(self._st.metadata)
 
     def _open_torch(self) -> None:
-        import pickle
-
         import torch
 
-        try:
-            obj = _torch_load(self.path)
-        except pickle.UnpicklingError as e:
-            raise ValueError(
-                f"{self.path}: the pickle holds objects other than tensors and plain containers; "
-                f"refusing to unpickle it (torch.load weights_only=True): {e}"
-            ) from e
+        from imagerag_jax.weights.convert import load_torch_pickle
+
+        obj = load_torch_pickle(self.path)
         if not isinstance(obj, Mapping):
             raise ValueError(f"{self.path}: expected a dict of tensors, got {type(obj).__name__}")
         # Lightning-style checkpoints nest the weights; top-level extras (global_step...) are metadata.
@@ -148,19 +143,6 @@ class _Reader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _torch_load(path: str) -> Any:
-    """torch.load with mmap (tensors stay on disk until touched); legacy pickles cannot be mmapped."""
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        # Pre-zip (torch<1.6) pickles: mmap is impossible, so this path reads the whole file.
-        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_keys_and_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:

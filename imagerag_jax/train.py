@@ -409,8 +409,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     it = InputPipeline(data_dir, config.split, gb, seed=config.seed,
                        shuffle_buffer=config.shuffle_buffer, **pipeline_kw)
 
-    ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), config.keep_checkpoints,
-                                    config.async_checkpoints)
+    ckpt = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.DIRECTORY),
+                                    config.keep_checkpoints, config.async_checkpoints)
     abstract = trainer.abstract_state(schema)
     frozen_refs = trainer.frozen_fingerprints()
     start = ckpt.latest_step()

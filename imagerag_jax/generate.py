@@ -68,10 +68,6 @@ def text_to_images(pipe: Any, prompts: Sequence[str], *, seed: int = 0, steps: i
     """One image per prompt, float32 (B, H, W, 3) in [-1, 1]; noise from `seed`."""
     if not prompts:
         raise UserError("no prompts given")
-    if steps < 1:
-        raise UserError(f"steps must be >= 1, got {steps}")
-    if sampler not in sampling.SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; expected one of {sampling.SAMPLERS}")
     width = width or height
     h, w = latent_size(pipe, height, width)
     ids = jnp.asarray(pipe.tokenizer(list(prompts)))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imagerag_jax.errors import UserError
 from imagerag_jax.models.adapter import inject, slerp_blend
 from imagerag_jax.schedule import (
     NoiseSchedule,
@@ -255,6 +256,12 @@ def euler_sample(
 SAMPLERS = ("euler", "ddim")
 
 
+def check_sampler(sampler: str) -> None:
+    """UserError unless `sampler` is one of SAMPLERS."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+
+
 def multistep_sample(
     apply_fn: ApplyFn,
     noise: jax.Array,
@@ -267,8 +274,7 @@ def multistep_sample(
     prediction_type: str = "epsilon",
 ) -> jax.Array:
     """`sampler` ('euler' | 'ddim', each with its default spacing) with CFG from noise."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    check_sampler(sampler)
     fn = ddim_sample if sampler == "ddim" else euler_sample
     return fn(apply_fn, noise, context, uncond_context, schedule, num_steps, guidance_scale,
               prediction_type)
@@ -306,10 +312,9 @@ def text_to_image(
     One step without guidance is the SD-Turbo path (``one_step`` at t=999); otherwise the chosen
     multi-step sampler with classifier-free guidance when ``guidance > 1``.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    check_sampler(sampler)
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise UserError(f"steps must be >= 1, got {steps}")
     schedule = schedule or make_schedule("scaled_linear")
     use_cfg = float(guidance) > 1.0
     if use_cfg and uncond_ids is None:

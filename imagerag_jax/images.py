@@ -47,3 +47,23 @@ def save_images(images, path: str, columns: int | None = None) -> str:
 def caption_list(prompts: Sequence[str], batch: int) -> list[str]:
     """Repeat/cycle prompts to fill a batch."""
     return [prompts[i % len(prompts)] for i in range(batch)]
+
+
+def labelled_grid(images: np.ndarray, labels: Sequence[Sequence[str]], pad: int = 4,
+                  label_height: int = 28) -> np.ndarray:
+    """(R, C, H, W, 3) uint8 -> one image, row r column c captioned labels[r][c] (two short lines)."""
+    from PIL import Image, ImageDraw
+
+    rows, cols, h, w, _ = images.shape
+    max_chars = max(16, w // 6)  # PIL's default bitmap font is ~6 px per character
+    cell_w, cell_h = max(w, 6 * max_chars), h + label_height
+    canvas = Image.new("RGB", (cols * (cell_w + pad) + pad, rows * (cell_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r in range(rows):
+        for c in range(cols):
+            x, y = pad + c * (cell_w + pad), pad + r * (cell_h + pad)
+            canvas.paste(Image.fromarray(images[r, c]), (x, y))
+            text = str(labels[r][c])
+            lines = [text[i:i + max_chars] for i in range(0, min(len(text), 2 * max_chars), max_chars)]
+            draw.multiline_text((x, y + h + 2), "\n".join(lines), fill="black", spacing=1)
+    return np.asarray(canvas)

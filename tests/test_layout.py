@@ -15,10 +15,10 @@ FLOORS = {
     "models": 1, "schedule": 1, "lora": 1, "sharding": 1,
     "weights": 2, "losses": 2, "retrieval": 2, "checkpoints": 2,
     "sampling": 3, "towers": 3,
-    "data": 4,
+    "data": 4, "hspace_cache": 4,
     "train_step": 5, "evaluate": 5,
-    "train": 6, "generate": 6, "export": 6, "torch_runtime": 6,
-    "miniature": 7, "benchmark": 7,
+    "train": 6, "generate": 6, "export": 6, "torch_runtime": 6, "rag": 6,
+    "miniature": 7, "benchmark": 7, "evaluate_prompts": 7, "serve": 7,
     "main": 8,
 }
 

@@ -151,8 +151,12 @@ def build_db(config: Any, workdir: str) -> dict[str, Any]:
 
     if overwrite and os.path.exists(os.path.join(path, HASHES_FILE)):
         os.remove(os.path.join(path, HASHES_FILE))
+    # Weight fingerprints beside the architecture identities: generation refuses a DB whose
+    # text encoder or VAE had other weights (paths alone move between machines).
     extra = {"image_size": image_size, "image_hashes": HASHES_FILE,
-             "compute_dtype": get(config, "compute_dtype", "float32")}
+             "compute_dtype": get(config, "compute_dtype", "float32"),
+             "text_encoder_fingerprint": towers.fingerprint(models.pipe.text_params),
+             "vae_fingerprint": towers.fingerprint(models.pipe.vae_params)}
     writer = db_lib.DatabaseWriter(path, spec, source=src_id, text_encoder=models.text_encoder_id,
                                    vae=models.vae_id, overwrite=overwrite, fsync=fsync, extra=extra)
     hashes = _HashSidecar(path, writer.count, fsync)

@@ -192,10 +192,48 @@ def iter_safetensors(path: str, keys: Iterable[str] | None = None) -> Iterator[t
             yield key, f.get(key, np.float32 if floating else None)
 
 
+# Phrases of torch's weights-only unpickler when it meets a global, a call or a custom object:
+# the file holds code or objects, as opposed to being damaged.
+_REFUSED = ("GLOBAL", "unrecognized function", "Can only build", "Can only create new object",
+            "persistent")
+_GLOBAL = re.compile(r"GLOBAL (\S+)")
+
+
+def _pickle_error(path: str, error: Exception) -> WeightLoadError:
+    """A weights-only refusal (code/objects) or a damaged pickle, said without torch's advice."""
+    # torch re-raises the unpickler's error with advice to load with weights_only=False, that is
+    # to run the file's code; the original message is the context of the re-raised one.
+    raw = str(error.__context__ if error.__context__ is not None else error)
+    if any(phrase in raw for phrase in _REFUSED):
+        found = _GLOBAL.search(raw)
+        what = f" ({found.group(1).rstrip('.')})" if found else ""
+        return WeightLoadError(
+            f"{path}: the pickle holds code or objects{what} besides tensors and plain containers; "
+            "a weights-only load (torch.load weights_only=True) refuses it, and this program never "
+            "unpickles code: convert the file to safetensors with a tool you trust")
+    return WeightLoadError(f"{path}: not a readable PyTorch weight file (damaged pickle: "
+                           f"{_first_line(raw)})")
+
+
+def _first_line(text: str) -> str:
+    """The first sentence of a library's message (torch appends paragraphs of advice)."""
+    line = text.strip().split("\n")[0]
+    return line.split(". ")[0].rstrip(".") or "no details"
+
+
 def load_torch_pickle(path: str) -> Any:
     """torch.load of tensors and plain containers only; WeightLoadError naming the file otherwise."""
     import pickle
 
+    from imagerag_jax.weights.safetensors_io import AGAIN, open_weight_file
+
+    with open_weight_file(path) as f:
+        head = f.read(4)
+    if not head:
+        raise WeightLoadError(f"{path}: empty (0 bytes); {AGAIN}")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save zip, or a legacy pickle
+        raise WeightLoadError(f"{path}: not a PyTorch weight file (neither a torch.save zip nor a "
+                              f"pickle; it starts with {head!r})")
     try:
         import torch
     except ImportError as e:  # pragma: no cover - exercised only without torch
@@ -210,13 +248,16 @@ def load_torch_pickle(path: str) -> Any:
             # Pre-zip (torch < 1.6) pickles cannot be mmapped: this path reads the whole file.
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's own message suggests weights_only=False, i.e. running the file's code: not here.
-        raise WeightLoadError(
-            f"{path}: the pickle holds objects other than tensors and plain containers, so "
-            "torch.load(weights_only=True) refuses it (unpickling it could run code); convert the "
-            "weights to safetensors where you trust the file") from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise WeightLoadError(f"{path}: not a readable PyTorch weight file ({e})") from e
+        raise _pickle_error(path, e) from None  # `from None`: torch's advice stays out of tracebacks
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... for damaged files
+        message = _first_line(str(e))
+        if not isinstance(e, (RuntimeError, OSError)):
+            message = f"{type(e).__name__}: {message}"
+        if "zip archive" in message:
+            message = f"its zip container is truncated or damaged: {message}; copy it again"
+        elif isinstance(e, EOFError) or "EOF" in message:
+            message = f"truncated: {message}; {AGAIN}"
+        raise WeightLoadError(f"{path}: not a readable PyTorch weight file ({message})") from e
 
 
 def iter_torch_file(path: str) -> Iterator[tuple[str, np.ndarray]]:
@@ -224,6 +265,8 @@ def iter_torch_file(path: str) -> Iterator[tuple[str, np.ndarray]]:
     state = load_torch_pickle(path)
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise WeightLoadError(f"{path}: holds a {type(state).__name__}, not a dict of tensors")
     for key, value in state.items():
         if hasattr(value, "detach"):
             yield key, _np_from_any(value)
@@ -246,9 +289,7 @@ def find_weight_files(folder: str) -> list[str]:
             for ext in (".safetensors", ".bin"):
                 index = os.path.join(folder, f"{base}{variant}{ext}.index.json")
                 if os.path.exists(index):
-                    with open(index) as f:
-                        shards = sorted(set(json.load(f)["weight_map"].values()))
-                    return [os.path.join(folder, s) for s in shards]
+                    return [os.path.join(folder, s) for s in _index_shards(index)]
                 single = os.path.join(folder, f"{base}{variant}{ext}")
                 if os.path.exists(single):
                     return [single]
@@ -256,6 +297,21 @@ def find_weight_files(folder: str) -> list[str]:
         f"no weight file in {folder}: expected one of "
         + ", ".join(f"{b}.safetensors/.bin" for b in WEIGHT_BASENAMES)
     )
+
+
+def _index_shards(index: str) -> list[str]:
+    """The shard file names a sharded checkpoint's ``*.index.json`` lists."""
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise WeightLoadError(f"{index}: not a readable weight index (expected JSON with a "
+                              f"'weight_map' object of tensor -> shard file; {type(e).__name__}: "
+                              f"{e})") from e
+    if not shards or not all(isinstance(s, str) for s in shards):
+        raise WeightLoadError(f"{index}: its 'weight_map' names no shard files")
+    return shards
 
 
 def iter_folder_tensors(folder: str) -> Iterator[tuple[str, np.ndarray]]:

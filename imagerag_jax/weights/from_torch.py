@@ -54,8 +54,15 @@ UNET_UNSUPPORTED = {
 
 
 def _read_json(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
+    """A JSON object from a config file; WeightLoadError naming the file if it is not one."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise WeightLoadError(f"{path}: not a readable JSON config ({e})") from e
+    if not isinstance(value, dict):
+        raise WeightLoadError(f"{path}: expected a JSON object, got a {type(value).__name__}")
+    return value
 
 
 def _component_folder(path: str, subfolder: str) -> str:
@@ -147,13 +154,29 @@ def build_module(
     raise ValueError(f"unknown component {component!r}")
 
 
+def _build(component: str, cfg: Mapping[str, Any], where: str, **options: Any) -> Any:
+    """``build_module``, with a config the port cannot build reported against its file."""
+    name = where if os.path.isfile(where) else os.path.join(where, "config.json")
+    try:
+        return build_module(component, cfg, **options)
+    except KeyError as e:
+        raise WeightLoadError(f"{name}: the {component} config has no field {e}") from e
+    except ValueError as e:  # the models' from_config checks
+        raise WeightLoadError(f"{name}: {e}") from e
+
+
 def params_from_tensors(
     component: str,
     module: Any,
     tensors: Iterable[tuple[str, np.ndarray]],
     param_dtype: Any = jnp.float32,
+    *,
+    source: str | None = None,
 ) -> dict[str, Any]:
-    """Fill ``module``'s params from a stream of diffusers/transformers-named tensors."""
+    """Fill ``module``'s params from a stream of diffusers/transformers-named tensors.
+
+    ``source`` (the folder or file the tensors come from) is named in a mismatch error.
+    """
     if component == "unet":
         inputs = unet_dummy_inputs(module)
     else:
@@ -163,7 +186,8 @@ def params_from_tensors(
         component, ((), ())
     )
     return convert.torch_to_flax(
-        convert.renamed(tensors, rules), shapes, component=component, ignore=ignore, dtype=param_dtype
+        convert.renamed(tensors, rules), shapes, ignore=ignore, dtype=param_dtype,
+        component=f"{source} ({component})" if source else component,
     )
 
 
@@ -208,27 +232,27 @@ def load_unet(
         cfg["upcast_attention"] = upcast_attention
     if prediction_type is None:
         prediction_type = single_file.infer_prediction_type(where) if single else _prediction_type(where)
-    unet = build_module("unet", cfg, dtype=dtype, attention_impl=attention_impl,
-                        prediction_type=prediction_type)
-    return unet, params_from_tensors("unet", unet, tensors, param_dtype)
+    unet = _build("unet", cfg, where, dtype=dtype, attention_impl=attention_impl,
+                  prediction_type=prediction_type)
+    return unet, params_from_tensors("unet", unet, tensors, param_dtype, source=where)
 
 
 def load_vae(
     path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
 ) -> tuple[AutoencoderKL, dict[str, Any]]:
     """Load an AutoencoderKL from a diffusers folder (pipeline or ``vae/``) or a single file."""
-    cfg, tensors, _ = _source(path, "vae")
-    vae = build_module("vae", cfg, dtype=dtype)
-    return vae, params_from_tensors("vae", vae, tensors, param_dtype)
+    cfg, tensors, where = _source(path, "vae")
+    vae = _build("vae", cfg, where, dtype=dtype)
+    return vae, params_from_tensors("vae", vae, tensors, param_dtype, source=where)
 
 
 def load_text_encoder(
     path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
 ) -> tuple[CLIPTextTransformer, dict[str, Any]]:
     """Load a CLIP text encoder from a transformers folder (or ``text_encoder/``) or a single file."""
-    cfg, tensors, _ = _source(path, "text_encoder")
-    text = build_module("text_encoder", cfg, dtype=dtype)
-    return text, params_from_tensors("text_encoder", text, tensors, param_dtype)
+    cfg, tensors, where = _source(path, "text_encoder")
+    text = _build("text_encoder", cfg, where, dtype=dtype)
+    return text, params_from_tensors("text_encoder", text, tensors, param_dtype, source=where)
 
 
 @dataclasses.dataclass
@@ -244,6 +268,15 @@ class Pipeline:
     tokenizer: Tokenizer | None
     prediction_type: str
     source: str
+
+
+def _tokenizer(folder: str) -> Tokenizer:
+    """The CLIP tokenizer of a folder; WeightLoadError naming it if the folder holds none."""
+    try:
+        return Tokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:  # missing files; or transformers failing on damaged ones
+        message = str(e)
+        raise WeightLoadError(message if folder in message else f"{folder}: {message}") from e
 
 
 def load_pipeline(
@@ -269,7 +302,8 @@ def load_pipeline(
             f"model_index.json (unet/, vae/, text_encoder/, tokenizer/) or a single-file checkpoint "
             f"({', '.join(SINGLE_FILE_SUFFIXES)})"
         )
-    if _is_single_file(path) and not single_file.is_single_file_checkpoint(path):
+    # detect_components, not is_single_file_checkpoint: a damaged file's own error says what is wrong.
+    if _is_single_file(path) and not single_file.detect_components(path):
         raise WeightLoadError(f"{path} is not a Stable Diffusion single-file checkpoint")
     unet, unet_params = load_unet(path, dtype=dtype, param_dtype=param_dtype,
                                   attention_impl=attention_impl, prediction_type=prediction_type,
@@ -277,6 +311,6 @@ def load_pipeline(
     vae, vae_params = load_vae(path, dtype=dtype, param_dtype=param_dtype)
     text, text_params = load_text_encoder(path, dtype=dtype, param_dtype=param_dtype)
     tok_dir = tokenizer_path or (None if _is_single_file(path) else os.path.join(path, "tokenizer"))
-    tokenizer = Tokenizer.from_pretrained(tok_dir) if tok_dir and os.path.isdir(tok_dir) else None
+    tokenizer = _tokenizer(tok_dir) if tok_dir and (tokenizer_path or os.path.isdir(tok_dir)) else None
     return Pipeline(unet, unet_params, vae, vae_params, text, text_params, tokenizer,
                     unet.prediction_type, os.path.abspath(path))

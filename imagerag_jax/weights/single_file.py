@@ -27,7 +27,8 @@ Conventions copied from diffusers' single-file loader (``diffusers.loaders.singl
   ``infer_prediction_type`` and the ``upcast_attention`` argument of ``infer_unet_config``.
 
 Of the project it imports only the weight-file readers (``weights/safetensors_io.py`` and
-``convert.load_torch_pickle``); torch is imported only for ``.ckpt`` files and bfloat16
+``convert.load_torch_pickle``) and ``WeightLoadError``, which every problem with the file's bytes
+or keys raises (naming the file); torch is imported only for ``.ckpt`` files and bfloat16
 safetensors. It is one job (the LDM -> diffusers key mapping for three towers) and stays one file
 of about 800 lines.
 """
@@ -37,10 +38,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import struct
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
+
+from imagerag_jax.weights.convert import WeightLoadError, load_torch_pickle
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 UNET_PREFIX = "model.diffusion_model."
@@ -71,15 +73,21 @@ class PlanEntry(NamedTuple):
 
 def _sniff_format(path: str) -> str:
     """'safetensors' or 'torch' from the first bytes, so the extension does not matter."""
-    with open(path, "rb") as f:
+    from imagerag_jax.weights.safetensors_io import AGAIN, open_weight_file
+
+    with open_weight_file(path) as f:
         head = f.read(9)
+    if not head:
+        raise WeightLoadError(f"{path}: empty (0 bytes); {AGAIN}")
     if head[:4] == b"PK\x03\x04":  # torch.save zip container
         return "torch"
-    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < os.path.getsize(path):
-        return "safetensors"  # 8-byte little-endian header length, then a JSON header
+    if head[8:9] == b"{" or path.endswith(".safetensors"):
+        # 8-byte header length, then JSON; the reader says what is wrong with a damaged one.
+        return "safetensors"
     if head[:1] == b"\x80":  # legacy (non-zip) pickle protocol byte
         return "torch"
-    raise ValueError(f"{path}: not a checkpoint: expected a .safetensors file or a torch.save pickle")
+    raise WeightLoadError(f"{path}: not a checkpoint: expected a .safetensors file or a torch.save "
+                          f"pickle, but it starts with {head[:8]!r}")
 
 
 class _Reader:
@@ -96,12 +104,12 @@ class _Reader:
                 self._open_safetensors()
             else:
                 self._open_torch()
-        except ValueError:
+        except WeightLoadError:
             self.close()
             raise
         except Exception as e:  # any parse failure becomes one clear error naming the file
             self.close()
-            raise ValueError(f"{self.path}: cannot read as a {self.format} checkpoint: {e}") from e
+            raise WeightLoadError(f"{self.path}: cannot read as a {self.format} checkpoint: {e}") from e
 
     def _open_safetensors(self) -> None:
         # Our own reader: safe_open's mmap would leave every touched page resident.
@@ -112,13 +120,11 @@ class _Reader:
         self.metadata = dict(self._st.metadata)
 
     def _open_torch(self) -> None:
+        obj = load_torch_pickle(self.path)  # first: it explains a missing torch, naming the file
         import torch
 
-        from imagerag_jax.weights.convert import load_torch_pickle
-
-        obj = load_torch_pickle(self.path)
         if not isinstance(obj, Mapping):
-            raise ValueError(f"{self.path}: expected a dict of tensors, got {type(obj).__name__}")
+            raise WeightLoadError(f"{self.path}: expected a dict of tensors, got {type(obj).__name__}")
         # Lightning-style checkpoints nest the weights; top-level extras (global_step...) are metadata.
         state = obj["state_dict"] if isinstance(obj.get("state_dict"), Mapping) else obj
         self.metadata = {k: v for k, v in obj.items() if isinstance(v, (int, float, str))}
@@ -171,9 +177,9 @@ def _listing(keys: Iterable[str]) -> str:
     return f"{len(keys)} key(s){more}: {shown}"
 
 
-def _key_error(name: str, message: str, keys: Iterable[str]) -> ValueError:
-    """One ValueError naming the file, what was expected and the offending keys."""
-    return ValueError(f"{name}: {message}; {_listing(keys)}")
+def _key_error(name: str, message: str, keys: Iterable[str]) -> WeightLoadError:
+    """One error naming the file, what was expected and the offending keys."""
+    return WeightLoadError(f"{name}: {message}; {_listing(keys)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,7 +458,7 @@ def _unet_heads(
     if not linear:
         return 8  # SD 1.x: num_heads=8 in the original config
     if any(c % head_channels for c in channels):
-        raise ValueError(
+        raise WeightLoadError(
             f"{name}: block channels {channels} are not multiples of head_channels={head_channels}"
         )
     return [c // head_channels for c in channels]
@@ -648,7 +654,7 @@ def infer_text_config(
     vocab, hidden = (int(d) for d in view[TEXT_ANCHOR])
     n_blocks = len(_indices(view, r"^transformer\.resblocks\.(\d+)\."))
     if hidden % head_channels:
-        raise ValueError(
+        raise WeightLoadError(
             f"{name}: text hidden size {hidden} is not a multiple of head_channels={head_channels}"
         )
     projection = view.get("text_projection")

@@ -29,7 +29,9 @@ RUNTIME = [
 ] + SCANN
 
 TORCH = ["torch>=2.4", "diffusers>=0.31"]
-TEST = TORCH + ["pytest>=8", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"]
+SERVE = ["gradio>=5"]  # the demo page (`main serve`); gradio_client comes with it
+TEST = TORCH + SERVE + ["pytest>=8", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.10",
+                        "ipykernel>=6.29"]
 
 setup(
     name="imagerag-jax",
@@ -40,6 +42,6 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["imagerag_jax", "imagerag_jax.*"]),
     install_requires=RUNTIME,
-    extras_require={"torch": TORCH, "test": TEST},
+    extras_require={"torch": TORCH, "serve": SERVE, "test": TEST},
     license="Apache-2.0",
 )

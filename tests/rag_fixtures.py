@@ -3,8 +3,8 @@
     from tests.rag_fixtures import make_run_and_db
     made = make_run_and_db(tmp_path)    # {"workdir", "db", "index", "captions"}
 
-`tests/test_rag.py`, `test_serve.py` and `test_evaluate_prompts.py` share it (module fixtures call
-it once per file). The DB's latents are the VAE's encodings of random images, its embeddings the
+The session fixture `rag_run` (tests/conftest.py) makes it once for every test file; a test that
+writes beside the DB (an H-space cache) works on a copy. The DB's latents are the VAE's encodings of random images, its embeddings the
 run's text encoder's, and its manifest records the towers' identities and fingerprints as
 `build-db` does, so `rag.check_database` has something real to check.
 """

@@ -31,8 +31,8 @@ MEASURED: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
-    return rag_fixtures.make_run_and_db(tmp_path_factory.mktemp("rag"))
+def made(rag_run):
+    return rag_run
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -35,14 +36,16 @@ def one_error_line(res: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
-    return rag_fixtures.make_run_and_db(tmp_path_factory.mktemp("rag_cli"))
+def made(rag_run):
+    return rag_run
 
 
 def test_generate_with_retrieval_and_neighbour_grid_then_cache(made, tmp_path):
     out, grid = tmp_path / "out.png", tmp_path / "grid.png"
-    args = ["generate", f"--run={made['workdir']}", f"--database={made['db']}",
-            f"--index={made['index']}", "--prompt=a photo of a cat", "--prompt=a red square",
+    db, index = str(tmp_path / "db"), str(tmp_path / "index")  # the cache is written beside the DB
+    shutil.copytree(made["db"], db)
+    shutil.copytree(made["index"], index)
+    args = ["generate", f"--run={made['workdir']}", f"--database={db}", f"--index={index}", "--prompt=a photo of a cat", "--prompt=a red square",
             "--batch=2", "--k=2", f"--out={out}", f"--neighbours={grid}"]
     res = run_cli(*args, cwd=str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -53,8 +56,8 @@ def test_generate_with_retrieval_and_neighbour_grid_then_cache(made, tmp_path):
     assert grid_image.shape[0] > 2 * 16 and grid_image.shape[1] > 3 * 16  # 2 rows x (1 + k) cells
     first = image.copy()
 
-    res = run_cli("build-cache", f"--run={made['workdir']}", f"--database={made['db']}",
-                  f"--index={made['index']}", cwd=str(tmp_path))
+    res = run_cli("build-cache", f"--run={made['workdir']}", f"--database={db}", f"--index={index}",
+                  cwd=str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "hspace_cache" in res.stdout
     res = run_cli(*args, cwd=str(tmp_path))

@@ -1,4 +1,4 @@
-"""``python -m imagerag_jax.benchmark unet|vae|text|pipeline|retrieval|input [flags]``."""
+"""``python -m imagerag_jax.benchmark unet|vae|text|pipeline|retrieval|input|train|rag [flags]``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ OTHER_BENCHMARKS = {
     "retrieval": "imagerag_jax.benchmark.retrieval",
     "input": "imagerag_jax.benchmark.input",
     "train": "imagerag_jax.benchmark.train",
+    "rag": "imagerag_jax.benchmark.rag",
 }
 
 

@@ -145,6 +145,13 @@ def _run_retrieval_paths(config: Any, workdir: str) -> tuple[str | None, str | N
     return (index.get("database") or {}).get("path"), index.get("path")
 
 
+def _vae_label(ref: dict[str, Any]) -> str:
+    """The label build-db gives a VAE: its absolute path, or random:preset:seed."""
+    if ref.get("path"):
+        return os.path.abspath(ref["path"])
+    return f"random:{ref.get('random_preset')}:{ref.get('seed')}"
+
+
 def _load_adapter(folder: str) -> tuple[adapter_lib.HSpaceAdapter, dict[str, Any], dict[str, Any]]:
     """(module, params, config) of an export's adapter/ (``weights/to_torch.save_adapter``)."""
     from imagerag_jax.weights import convert, to_torch
@@ -243,14 +250,12 @@ class RagPipeline:
             else:
                 logging.info("the run's database %s, index %s", database, index)
         latent = run.config.get("synthetic", {}) or {}
-        vae_ref = run.frozen_refs.get("vae", {})
-        vae_label = (vae_ref.get("path") and os.path.abspath(vae_ref["path"])) or (
-            f"random:{vae_ref.get('random_preset')}:{vae_ref.get('seed')}")
         return cls(unet=run.student, unet_params=run.merged_unet_params(), vae=run.vae,
                    vae_params=run.vae_params, text=text, text_params=text_p,
                    tokenizer=_tokenizer_for(tok_dir, text_source) if text is not None else None,
                    source=f"run:{run.workdir}@{run.step}", text_label=text_source or "",
-                   vae_label=vae_label, adapter=run.adapter, adapter_params=run.adapter_params,
+                   vae_label=_vae_label(run.frozen_refs.get("vae", {})), adapter=run.adapter,
+                   adapter_params=run.adapter_params,
                    database=database, index=index, k=k if k is not None else (run.trained_k or 1),
                    timestep=run.timestep,
                    latent_size=tuple(latent["latent_shape"][:2]) if "latent_shape" in latent else None,
@@ -276,12 +281,10 @@ class RagPipeline:
             tokenizer = _tokenizer_for(os.path.join(path, "tokenizer") if os.path.isdir(
                 os.path.join(path, "tokenizer")) else None, meta.get("text_encoder"))
         adapter, adapter_p, acfg = _load_adapter(os.path.join(path, "adapter"))
-        vae_ref = (meta.get("frozen") or {}).get("vae", {})
-        vae_label = (vae_ref.get("path") and os.path.abspath(vae_ref["path"])) or (
-            f"random:{vae_ref.get('random_preset')}:{vae_ref.get('seed')}")
         return cls(unet=unet, unet_params=unet_p, vae=vae, vae_params=vae_p, text=text,
                    text_params=text_p, tokenizer=tokenizer, source=f"export:{os.path.abspath(path)}",
-                   text_label=meta.get("text_encoder") or "", vae_label=vae_label, adapter=adapter,
+                   text_label=meta.get("text_encoder") or "",
+                   vae_label=_vae_label((meta.get("frozen") or {}).get("vae", {})), adapter=adapter,
                    adapter_params=adapter_p, database=database, index=index,
                    k=k if k is not None else (acfg.get("k") or 1),
                    timestep=int(acfg.get("timestep", meta.get("timestep", 999))), **kwargs)
@@ -357,9 +360,10 @@ class RagPipeline:
         keys = jnp.stack([jax.random.PRNGKey(seed + j) for j in range(batch)])
         return np.asarray(jax.vmap(lambda key: jax.random.normal(key, self.latent_shape))(keys))
 
-    def _pad(self, x: np.ndarray, n: int) -> jax.Array:
-        """x padded along the batch (with its last row) to n rows and sharded over the devices."""
+    def _pad(self, x: np.ndarray) -> jax.Array:
+        """x padded along the batch (with its last row) to a multiple of the device count, sharded."""
         x = np.asarray(x)
+        n = -(-len(x) // self.num_devices) * self.num_devices
         if len(x) < n:
             x = np.concatenate([x, np.repeat(x[-1:], n - len(x), axis=0)])
         return jax.device_put(x, self._batch)
@@ -401,10 +405,9 @@ class RagPipeline:
         noise = self.noise(b, seed) if noise is None else np.asarray(noise, np.float32)
         if noise.shape != (b, *self.latent_shape):
             raise UserError(f"noise has shape {noise.shape}, expected {(b, *self.latent_shape)}")
-        n = -(-b // self.num_devices) * self.num_devices
 
         t0 = time.perf_counter()
-        ids = self._pad(self.tokenizer(prompts), n)
+        ids = self._pad(self.tokenizer(prompts))
         context, pooled = self._encode(self._params["text"], ids)
         pooled_host = np.asarray(pooled)[:b]
         t1 = time.perf_counter()
@@ -412,14 +415,14 @@ class RagPipeline:
         if mode != "none":
             got = self.retrieve(prompts, pooled_host, k)
             cached = self.cache is not None
-            retrieved["pooled"] = self._pad(got["pooled"], n)
+            retrieved["pooled"] = self._pad(got["pooled"])
             if cached:
-                retrieved["hspace"] = self._pad(self.cache.gather(got["rows"]), n)
+                retrieved["hspace"] = self._pad(self.cache.gather(got["rows"]))
             else:
-                retrieved["latents"] = self._pad(got["latents"], n)
-                retrieved["prompt_embeds"] = self._pad(got["prompt_embeds"], n)
+                retrieved["latents"] = self._pad(got["latents"])
+                retrieved["prompt_embeds"] = self._pad(got["prompt_embeds"])
         t2 = time.perf_counter()
-        out = self._denoise(self._params, self._pad(noise, n), context, pooled, retrieved,
+        out = self._denoise(self._params, self._pad(noise), context, pooled, retrieved,
                             jnp.float32(w), mode=mode, cached=cached, decode=decode)
         out = {name: np.asarray(v)[:b] for name, v in out.items()}
         t3 = time.perf_counter()
@@ -438,9 +441,8 @@ class RagPipeline:
             raise UserError("this pipeline has no retrieval database")
         ids = np.asarray(ids, np.int64)
         latents = self.database.gather(self.database.rows_for_ids(ids.reshape(-1)))["latents"]
-        n = -(-len(latents) // self.num_devices) * self.num_devices
         images = np.asarray(self._decode(self._params["vae"],
-                                         self._pad(latents.astype(np.float32), n)))[:len(latents)]
+                                         self._pad(latents.astype(np.float32))))[:len(latents)]
         return images.reshape(*ids.shape, *images.shape[1:])
 
     def describe(self) -> dict[str, Any]:

@@ -19,3 +19,11 @@ def rag_run(tmp_path_factory):
     from tests import rag_fixtures
 
     return rag_fixtures.make_run_and_db(tmp_path_factory.mktemp("rag_run"))
+
+
+@pytest.fixture(scope="session")
+def rag_pipe(rag_run):
+    """RagPipeline.from_run over `rag_run` with its DB and index (compiled once per session)."""
+    from imagerag_jax import rag
+
+    return rag.RagPipeline.from_run(rag_run["workdir"], database=rag_run["db"], index=rag_run["index"])

@@ -9,7 +9,6 @@ bad workdirs and output folders give one clear error and leave everything as it 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -34,6 +33,7 @@ from imagerag_jax.retrieval import index as index_lib  # noqa: E402
 from imagerag_jax.schedule import scaled_linear_schedule  # noqa: E402
 from imagerag_jax.weights import convert, to_torch  # noqa: E402
 from tests.helpers import assert_parity, nchw, parity_error  # noqa: E402
+from tests.rag_fixtures import tiny_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULE = scaled_linear_schedule()
@@ -60,18 +60,6 @@ def report_and_one_torch_thread():
     yield
     torch.set_num_threads(threads)
     print("\nmax |diff|: " + ", ".join(f"{k}={v:.2e}" for k, v in MEASURED.items()))
-
-
-def tiny_config(**changes):
-    """configs/tiny.py without sample grids, with `changes` applied."""
-    spec = importlib.util.spec_from_file_location("config_tiny", ROOT / "configs" / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config(None)
-    cfg.sample_every = 0
-    for key, value in changes.items():
-        cfg[key] = value
-    return cfg
 
 
 def same_tree(a, b, what: str) -> None:

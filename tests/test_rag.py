@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imagerag_jax import export, rag, sampling, towers
+from imagerag_jax import export, rag, sampling
 from imagerag_jax.errors import UserError
 from imagerag_jax.models import adapter as adapter_lib
 from imagerag_jax.retrieval import database as db_lib
@@ -36,8 +36,8 @@ def made(rag_run):
 
 
 @pytest.fixture(scope="module")
-def pipe(made):
-    return rag.RagPipeline.from_run(made["workdir"], database=made["db"], index=made["index"])
+def pipe(rag_pipe):
+    return rag_pipe
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagerag_jax import images, rag, serve
+from imagerag_jax import images, serve
 gradio = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
@@ -31,8 +31,8 @@ def made(rag_run):
 
 
 @pytest.fixture(scope="module")
-def pipe(made):
-    return rag.RagPipeline.from_run(made["workdir"], database=made["db"], index=made["index"])
+def pipe(rag_pipe):
+    return rag_pipe
 
 
 @pytest.fixture(scope="module")

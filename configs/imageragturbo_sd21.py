@@ -44,6 +44,9 @@ def get_config(arg=None):
     config.student_steps = 1
 
     config.data_dir = config_dict.placeholder(str)
+    # The paper's mixture (Sec. 4.1), teacher pairs at CFG 7.5 and real pairs, instead of data_dir:
+    # --config.data_mixture="(('gs://B/synthetic', 0.5), ('gs://B/real', 0.5))" (weights: ours).
+    config.data_mixture = ()
     config.split = "train"
     config.shuffle_buffer = 4096
     config.synthetic = ml_collections.ConfigDict(dict(

@@ -33,6 +33,8 @@ def get_config(arg=None):
 
     # Data: None writes `synthetic` examples to workdir/data (tiny shapes) and trains on them.
     config.data_dir = config_dict.placeholder(str)
+    # Or several TFRecord sets, ((data_dir, weight), ...), sampled by weight (data/mixture.py).
+    config.data_mixture = ()
     config.split = "train"
     config.shuffle_buffer = 64
     config.synthetic = ml_collections.ConfigDict(dict(

@@ -87,15 +87,16 @@ class RunWeights:
 
 def _trained_k(config: ml_collections.ConfigDict, workdir: str) -> int | None:
     """k of the run's training data (its manifest), None when it cannot be found."""
-    from imagerag_jax.data import tfrecords
+    from imagerag_jax.data import mixture, tfrecords
 
-    data_dir = config.get("data_dir") or os.path.join(workdir, "data")
+    data_dir = mixture.config_sets(config, workdir)[0][0]  # a mixture's sets share one k
     try:
         with open(os.path.join(data_dir, tfrecords.MANIFEST)) as f:
             return int(json.load(f)["schema"]["k"])
     except (OSError, KeyError, ValueError, TypeError):
         synthetic = config.get("synthetic")
-        return int(synthetic["k"]) if config.get("data_dir") is None and synthetic else None
+        unset = config.get("data_dir") is None and not config.get("data_mixture")
+        return int(synthetic["k"]) if unset and synthetic else None
 
 
 def load_run(workdir: str, step: int | None = None, *, check_frozen: bool = True) -> RunWeights:

@@ -134,9 +134,9 @@ def _tokenizer_for(tok_dir: str | None, source: str | None) -> Any:
 
 def _run_retrieval_paths(config: Any, workdir: str) -> tuple[str | None, str | None]:
     """(database, index) paths the run's TFRecord manifest records; (None, None) for synthetic data."""
-    from imagerag_jax.data import tfrecords
+    from imagerag_jax.data import mixture, tfrecords
 
-    data_dir = config.get("data_dir") or os.path.join(workdir, "data")
+    data_dir = mixture.config_sets(config, workdir)[0][0]  # a mixture's sets share one database
     try:
         with open(os.path.join(data_dir, tfrecords.MANIFEST)) as f:
             index = json.load(f).get("index") or {}

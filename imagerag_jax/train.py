@@ -41,7 +41,7 @@ State = dict[str, Any]
 # Config fields the jitted functions do not depend on (the loop's); see Trainer._jit_key.
 LOOP_FIELDS = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints",
                "async_checkpoints", "sample_every", "num_samples", "debug_nan_step", "data_dir",
-               "split", "shuffle_buffer", "synthetic", "global_batch_size")
+               "data_mixture", "split", "shuffle_buffer", "synthetic", "global_batch_size")
 # Jitted init/step functions per (config, mesh, shapes): a second Trainer with the same settings
 # (a resumed run, a notebook re-run) reuses them instead of tracing the UNets again.
 _JIT_CACHE: dict[tuple, Any] = {}
@@ -342,10 +342,10 @@ def _data_state_for_restore(saved: Mapping[str, Any], mine: Mapping[str, Any]) -
     if mine["process_count"] == 1:
         return dict(saved)
     out = dict(mine)
-    for key in ("seed", "split", "per_host_batch", "process_count", "shuffle_buffer"):
-        if saved.get(key) != mine[key]:
+    for key in ("seed", "split", "per_host_batch", "process_count", "shuffle_buffer", "weights"):
+        if saved.get(key) != mine.get(key):
             raise ValueError(f"iterator state was saved with {key}={saved.get(key)!r}, this run "
-                             f"has {mine[key]!r}")
+                             f"has {mine.get(key)!r}")
     out["batches_consumed"] = saved["batches_consumed"]  # every host consumes the same count
     return out
 
@@ -378,8 +378,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     """The body of `train_and_evaluate`."""
     from clu import metric_writers
 
-    from imagerag_jax.data import synthetic, tfrecords
-    from imagerag_jax.data.pipeline import InputPipeline
+    from imagerag_jax.data import mixture, synthetic
+    from imagerag_jax.data.pipeline import InputPipeline, data_schema
 
     workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
     os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
@@ -392,12 +392,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     mesh = sharding.make_mesh(config.mesh)
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
     trainer = Trainer(config, mesh)
-    data_dir = config.data_dir
-    if data_dir is None:
+    sets = mixture.config_sets(config, workdir)
+    if config.data_dir is None and not config.get("data_mixture"):
         if config.student_weights is not None:
             logging.warning("data_dir unset: training on random synthetic data")
-        data_dir = synthetic.write_synthetic_data(os.path.join(workdir, "data"), config)
-    schema = tfrecords.Schema.from_dict(tfrecords.validate_manifest(data_dir, split=config.split)["schema"])
+        synthetic.write_synthetic_data(sets[0][0], config)
+    # One set reads as its directory (the state of runs before mixtures), several as a mixture.
+    data = sets[0][0] if len(sets) == 1 and not config.get("data_mixture") else sets
+    schema = data_schema(data, config.split)
     trainer.check_schema(schema)
     gb = int(config.global_batch_size)
     shards = sharding.batch_shards(mesh, trainer.rules)
@@ -406,7 +408,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     fields = step_lib.batch_fields(schema)
     pipeline_kw = dict(mesh=mesh, batch_axes=sharding.batch_axes(mesh, trainer.rules), fields=fields,
                        dtype=np.float32)
-    it = InputPipeline(data_dir, config.split, gb, seed=config.seed,
+    it = InputPipeline(data, config.split, gb, seed=config.seed,
                        shuffle_buffer=config.shuffle_buffer, **pipeline_kw)
 
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.DIRECTORY),
@@ -433,7 +435,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     if sample_every > 0:
         sample = trainer.sample_fn()
         n = -(-max(int(config.num_samples), 1) // shards) * shards
-        sample_batch = next(InputPipeline(data_dir, config.split, n, seed=config.seed + 1,
+        sample_batch = next(InputPipeline(data, config.split, n, seed=config.seed + 1,
                                           shuffle_buffer=1, **pipeline_kw))
 
     def save(at: int) -> None:

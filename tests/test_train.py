@@ -154,6 +154,38 @@ def test_resume_is_bitwise_exact(compile_cache, tmp_path):
     assert_trees_equal(host_tree(at_n), first, "step-N checkpoint")
 
 
+def test_mixture_of_teacher_and_real_sets_trains_and_resumes_exactly(compile_cache, tmp_path):
+    from imagerag_jax.data import tfrecords
+
+    base = quiet_config()
+    teacher = synthetic.synthetic_schema(base)  # stores the teacher's noise
+    real = tfrecords.Schema(teacher.latent_shape, teacher.embed_shape, teacher.pooled_dim, teacher.k)
+    rng = np.random.default_rng(0)
+    sets = []
+    for name, schema, n in (("teacher", teacher, 24), ("real", real, 16)):
+        out = str(tmp_path / name)
+        tfrecords.write_examples(out, "train", (tfrecords.random_example(schema, rng, i) for i in range(n)),
+                                 schema, 2, source="test")
+        sets.append((out, 0.7 if name == "teacher" else 0.3))
+    n = 2
+    mixed = lambda steps: quiet_config(total_steps=steps, checkpoint_every=n, log_every=n,
+                                       data_mixture=tuple(sets))
+    straight = host_tree(train.train_and_evaluate(mixed(2 * n), str(tmp_path / "straight")))
+    train.train_and_evaluate(mixed(n), str(tmp_path / "resumed"))
+    resumed = host_tree(train.train_and_evaluate(mixed(2 * n), str(tmp_path / "resumed")))
+    assert_trees_equal(resumed, straight, "resumed mixture state")
+    ck = checkpoints.Checkpointer(str(tmp_path / "resumed" / "checkpoints"))
+    state = ck.restore_json(2 * n, "data_iter")
+    ck.close()
+    assert state["batches_consumed"] == 2 * n and state["weights"] == [0.7, 0.3]
+    with pytest.raises(ValueError, match="weights"):  # the stream depends on the weights
+        train.train_and_evaluate(quiet_config(total_steps=3 * n, data_mixture=((sets[0][0], 0.5), sets[1])),
+                                 str(tmp_path / "resumed"))
+    with pytest.raises(ValueError, match="not both"):
+        train.train_and_evaluate(quiet_config(data_dir=sets[0][0], data_mixture=tuple(sets)),
+                                 str(tmp_path / "both"))
+
+
 def test_nan_stops_with_step_and_keeps_last_good_checkpoint(compile_cache, tmp_path):
     cfg = quiet_config(total_steps=10, checkpoint_every=2, log_every=2, debug_nan_step=5)
     with pytest.raises(FloatingPointError, match=r"train step 5\b.*Last good checkpoint: step 4"):

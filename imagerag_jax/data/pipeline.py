@@ -12,11 +12,19 @@ buffer seeded by (seed, e), parses records, batches the per-host batch, casts fl
 dtype and prefetches. Epochs are concatenated before batching, so batches
 may straddle epochs.
 
+A mixture (`data_dir` a list of (dir, weight) pairs, `config.data_mixture`) reads every set as
+above, each its own stream of epochs, and takes example e of the host's stream from the set that
+`mixture.Choice` assigns to e (a deterministic function of e, the weights and the seed). The sets
+must agree on latent/embedding shapes, k and the retrieval database; where some store the
+teacher's noise and others do not, the others get fresh Gaussian noise seeded by (seed, set,
+record), which is what the train step would draw for them.
+
 Iterator state = number of batches consumed. The stream is a deterministic function of the seed,
 so restoring rebuilds the pipeline at epoch `consumed // examples_per_epoch` and skips the rest of
-that epoch's position as *serialised* records (no parsing, at most one epoch of reading); no
-shuffle buffer is stored in the checkpoint. The cost: the stream must not depend on anything else
-(same files, seed, batch size and process count; `set_state` checks).
+that epoch's position as *serialised* records (no parsing, at most one epoch of reading); in a
+mixture each set does so at its own count of consumed records (`Choice.counts`). No shuffle
+buffer is stored in the checkpoint. The cost: the stream must not depend on anything else
+(same files, weights, seed, batch size and process count; `set_state` checks).
 
 Corrupt data: the manifest is validated first (schema version, shapes, k, file sizes); a record
 that cannot be read or parsed raises `RecordError` naming the file and the record index.
@@ -24,6 +32,7 @@ that cannot be read or parsed raises `RecordError` naming the file and the recor
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,7 +41,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from imagerag_jax.data import tfrecords
+from imagerag_jax.data import mixture, tfrecords
 
 STATE_VERSION = 1
 
@@ -42,6 +51,53 @@ try:
     tf.config.set_visible_devices([], "TPU")
 except (RuntimeError, ValueError):  # Already initialised, or no such device type.
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSet:
+    """One TFRecord set of the stream: its manifest and this host's files."""
+
+    data_dir: str
+    weight: float
+    manifest: dict[str, Any]
+    schema: tfrecords.Schema
+    files: tuple[str, ...]
+    examples_per_epoch: int
+
+
+def _retrieval_source(manifest: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(database path, index path) a set's neighbours came from (None where not recorded)."""
+    index = manifest.get("index") or {}
+    return (index.get("database") or {}).get("path"), index.get("path")
+
+
+def mixture_schema(manifests: Sequence[tuple[str, Mapping[str, Any]]]) -> tfrecords.Schema:
+    """The schema of the stream over (data_dir, manifest) sets; MixtureError names a misfit."""
+    (first, m0), schema0 = manifests[0], tfrecords.Schema.from_dict(manifests[0][1]["schema"])
+    has_noise = schema0.has_noise
+    for data_dir, m in manifests[1:]:
+        schema = tfrecords.Schema.from_dict(m["schema"])
+        for field in ("latent_shape", "embed_shape", "pooled_dim", "k"):
+            a, b = getattr(schema0, field), getattr(schema, field)
+            if a != b:
+                raise mixture.MixtureError(f"mixture sets differ in {field}: {first} has {a}, "
+                                           f"{data_dir} has {b}")
+        if schema0.k and _retrieval_source(m0) != _retrieval_source(m):
+            raise mixture.MixtureError(
+                f"mixture sets retrieved from different databases: {first} from "
+                f"{_retrieval_source(m0)}, {data_dir} from {_retrieval_source(m)}; one adapter is "
+                "trained against one database")
+        has_noise = has_noise or schema.has_noise
+    return dataclasses.replace(schema0, has_noise=has_noise)
+
+
+def data_schema(data_dir: str | Sequence[tuple[str, float]], split: str) -> tfrecords.Schema:
+    """The schema `InputPipeline(data_dir, split, ...)` yields (manifests validated, not the files)."""
+    named = [(data_dir, 1.0)] if isinstance(data_dir, str) else mixture.parse_sets(data_dir)
+    if not named:
+        raise mixture.MixtureError("an empty mixture: name at least one (data_dir, weight)")
+    return mixture_schema([(d, tfrecords.validate_manifest(d, split=split, check_files=False))
+                           for d, _ in named])
 
 
 def host_files(files: Sequence[Any], process_index: int, process_count: int) -> list[Any]:
@@ -56,7 +112,8 @@ class InputPipeline:
     """Iterator of batches (global jax.Arrays with `mesh`, else host-local numpy dicts).
 
     Args:
-        data_dir: directory of a TFRecord set written by `data.tfrecords` (manifest + shards).
+        data_dir: directory of a TFRecord set written by `data.tfrecords` (manifest + shards), or
+          a mixture: (directory, weight) pairs (weights need not sum to 1).
         split: e.g. "train".
         global_batch_size: batch over all processes; each host reads global / process_count.
         mesh: shard the batch over `batch_axes` of this mesh; None yields host-local numpy arrays.
@@ -64,7 +121,7 @@ class InputPipeline:
     sharding: instead of mesh/batch_axes, the sharding of every batch array (leading dim = batch).
       seed: shuffling seed (file order and record buffer).
       shuffle_buffer: serialised records in the shuffle buffer (memory: buffer x record size).
-      num_epochs: None repeats forever; else stop after the batches every host can fill.
+      num_epochs: None repeats forever; else stop after the batches every host can fill (one set).
       expected: schema expectations checked against the manifest (`Schema` or e.g. {"k": 4}).
       dtype: output dtype of float fields (stored f16/f32 are cast; ids stay integers).
       fields: output keys (default: every stored field except "prompt").
@@ -74,9 +131,10 @@ class InputPipeline:
       prefetch: batches prepared ahead.
     """
 
-    def __init__(self, data_dir: str, split: str, global_batch_size: int, *,
+    def __init__(self, data_dir: str | Sequence[tuple[str, float]], split: str,
+                 global_batch_size: int, *,
                  mesh: jax.sharding.Mesh | None = None, batch_axes: Sequence[str] | None = None,
-               sharding: jax.sharding.Sharding | None = None,
+                 sharding: jax.sharding.Sharding | None = None,
                  seed: int = 0, shuffle_buffer: int = 512, num_epochs: int | None = None,
                  expected: tfrecords.Schema | Mapping[str, Any] | None = None,
                  dtype: Any = np.float32, fields: Sequence[str] | None = None,
@@ -87,12 +145,20 @@ class InputPipeline:
         if global_batch_size % self.process_count:
             raise ValueError(f"global batch {global_batch_size} not divisible by "
                              f"{self.process_count} processes")
-        self.manifest = tfrecords.validate_manifest(data_dir, split=split, expected=expected)
-        self.schema = tfrecords.Schema.from_dict(self.manifest["schema"])
+        self.is_mixture = not isinstance(data_dir, str)
+        named = mixture.parse_sets(data_dir) if self.is_mixture else [(data_dir, 1.0)]
+        if not named:
+            raise mixture.MixtureError("an empty mixture: name at least one (data_dir, weight)")
+        if self.is_mixture and num_epochs is not None:
+            raise mixture.MixtureError("num_epochs needs one TFRecord set; a mixture repeats forever")
         self.split, self.seed, self.shuffle_buffer = split, seed, shuffle_buffer
         self.global_batch_size = global_batch_size
         self.per_host_batch = global_batch_size // self.process_count
         self.num_epochs, self.cycle_length, self.prefetch = num_epochs, cycle_length, prefetch
+        self.sets = [self._read_set(d, w, expected) for d, w in named]
+        self.manifest = self.sets[0].manifest
+        self.schema = mixture_schema([(s.data_dir, s.manifest) for s in self.sets])
+        self.choice = mixture.Choice([s.weight for s in self.sets], seed) if self.is_mixture else None
         self.dtype = np.dtype(dtype)
         self.include_prompt = include_prompt
         all_fields = [f for f in self.schema.fields if f != "prompt"]
@@ -100,19 +166,15 @@ class InputPipeline:
         unknown = set(self.fields) - set(all_fields)
         if unknown:
             raise ValueError(f"fields {sorted(unknown)} not in the schema's fields {all_fields}")
-
-        shards = tfrecords.split_files(data_dir, self.manifest, split)
-        mine = host_files(shards, self.process_index, self.process_count)
-        self.files = [p for p, _ in mine]
-        self.examples_per_epoch = sum(n for _, n in mine)
+        self.files = [f for s in self.sets for f in s.files]
+        self.examples_per_epoch = sum(s.examples_per_epoch for s in self.sets)
         if self.examples_per_epoch < self.per_host_batch and num_epochs is not None:
             logging.warning("Host %d has %d examples per epoch, fewer than its batch %d.",
                             self.process_index, self.examples_per_epoch, self.per_host_batch)
-        if self.examples_per_epoch == 0:
-            raise ValueError(f"process {self.process_index}: the files {self.files} hold no examples")
         self.total_batches = None
         if num_epochs is not None:
             # Every host must yield the same number of batches, or multi-host steps would deadlock.
+            shards = tfrecords.split_files(self.sets[0].data_dir, self.manifest, split)
             per_host = [sum(n for _, n in host_files(shards, p, self.process_count))
                         for p in range(self.process_count)]
             self.total_batches = min(num_epochs * n // self.per_host_batch for n in per_host)
@@ -124,25 +186,62 @@ class InputPipeline:
         self._consumed = 0
         self._build()
 
+    def _read_set(self, data_dir: str, weight: float,
+                  expected: tfrecords.Schema | Mapping[str, Any] | None) -> DataSet:
+        """Validates one set's manifest and takes this host's share of its split's files."""
+        manifest = tfrecords.validate_manifest(data_dir, split=self.split, expected=expected)
+        mine = host_files(tfrecords.split_files(data_dir, manifest, self.split),
+                          self.process_index, self.process_count)
+        files = tuple(p for p, _ in mine)
+        n = sum(n for _, n in mine)
+        if n == 0:
+            raise ValueError(f"process {self.process_index}: the files {list(files)} hold no examples")
+        return DataSet(data_dir, weight, manifest, tfrecords.Schema.from_dict(manifest["schema"]),
+                       files, n)
+
     # --- the tf.data graph ----------------------------------------------------------------------
 
-    def _epoch(self, epoch: tf.Tensor) -> tf.data.Dataset:
-        """Serialised records of one epoch of this host's files, deterministically shuffled."""
+    def _epoch(self, files: Sequence[str], epoch: tf.Tensor) -> tf.data.Dataset:
+        """Serialised records of one epoch of one set's files, deterministically shuffled."""
         files = tf.random.experimental.stateless_shuffle(
-            tf.constant(self.files), seed=tf.stack([tf.constant(self.seed, tf.int64), epoch]))
+            tf.constant(list(files)), seed=tf.stack([tf.constant(self.seed, tf.int64), epoch]))
         ds = tf.data.Dataset.from_tensor_slices(files).interleave(
             lambda f: tf.data.TFRecordDataset(f, buffer_size=8 << 20),
-            cycle_length=min(self.cycle_length, len(self.files)), block_length=1,
+            cycle_length=min(self.cycle_length, len(files)), block_length=1,
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         if self.shuffle_buffer > 1:
             ds = ds.shuffle(self.shuffle_buffer, seed=self.seed * 1_000_003 + epoch,
                             reshuffle_each_iteration=False)
         return ds
 
-    def _parse(self, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-        ex = tfrecords.parse_example(serialized, self.schema)
+    def _parse(self, serialized: tf.Tensor, schema: tfrecords.Schema) -> dict[str, tf.Tensor]:
+        ex = tfrecords.parse_example(serialized, schema)
         keep = self.fields + (["prompt"] if self.include_prompt else [])
-        return {name: ex[name] for name in keep}
+        return {name: ex[name] for name in keep if name in ex}
+
+    def _records(self, index: int, start: int) -> tf.data.Dataset:
+        """Parsed records of set `index` from its record `start` on (epochs concatenated)."""
+        s = self.sets[index]
+        start_epoch, offset = divmod(start, s.examples_per_epoch)
+        end_epoch = self.num_epochs if self.num_epochs is not None else np.iinfo(np.int64).max
+        ds = tf.data.Dataset.range(start_epoch, max(start_epoch, end_epoch)).flat_map(
+            lambda e: self._epoch(s.files, e))
+        ds = ds.skip(offset)  # raw records: cheap compared to parsing
+        # Parse per record (parallel over records, small allocations), cast once per batch; the
+        # same speed as parsing whole batches at SD shapes (measured), and independent of batch.
+        ds = ds.map(lambda r: self._parse(r, s.schema), num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=True)
+        if "noise" in self.fields and not s.schema.has_noise:
+            shape = self.schema.latent_shape
+            seed = tf.constant([self.seed * 1_000_003 + index, 0], tf.int64)
+
+            def add_noise(i: tf.Tensor, ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+                noise = tf.random.stateless_normal(shape, seed=seed + tf.stack([0, i]))
+                return {**ex, "noise": tf.cast(noise, tfrecords.STORED_DTYPES["noise"])}
+
+            ds = ds.enumerate(start).map(add_noise, num_parallel_calls=tf.data.AUTOTUNE,
+                                         deterministic=True)
+        return ds
 
     def _cast(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         out = {}
@@ -156,13 +255,13 @@ class InputPipeline:
 
     def _build(self) -> None:
         consumed_examples = self._consumed * self.per_host_batch
-        start_epoch, offset = divmod(consumed_examples, self.examples_per_epoch)
-        end_epoch = self.num_epochs if self.num_epochs is not None else np.iinfo(np.int64).max
-        ds = tf.data.Dataset.range(start_epoch, max(start_epoch, end_epoch)).flat_map(self._epoch)
-        ds = ds.skip(offset)  # raw records: cheap compared to parsing
-        # Parse per record (parallel over records, small allocations), cast once per batch; the
-        # same speed as parsing whole batches at SD shapes (measured), and independent of batch.
-        ds = ds.map(self._parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if self.choice is None:
+            ds = self._records(0, consumed_examples)
+        else:
+            counts = self.choice.counts(consumed_examples)
+            streams = [self._records(i, c) for i, c in enumerate(counts)]
+            which = tf.data.Dataset.range(consumed_examples, np.iinfo(np.int64).max).map(self.choice.tf)
+            ds = tf.data.Dataset.choose_from_datasets(streams, which)
         ds = ds.batch(self.per_host_batch, drop_remainder=True)
         if self.total_batches is not None:
             ds = ds.take(max(0, self.total_batches - self._consumed))
@@ -184,9 +283,10 @@ class InputPipeline:
         try:
             batch = next(self._it)
         except tf.errors.OpError as e:
-            bad = tfrecords.find_bad_record(self.files, self.schema)
-            if bad is not None:
-                raise bad from e
+            for s in self.sets:
+                bad = tfrecords.find_bad_record(s.files, s.schema)
+                if bad is not None:
+                    raise bad from e
             raise
         self._consumed += 1
         out = {}
@@ -210,11 +310,16 @@ class InputPipeline:
 
     def get_state(self) -> dict[str, Any]:
         """JSON-able position (batches consumed plus what the stream depends on)."""
-        return {"version": STATE_VERSION, "batches_consumed": self._consumed, "seed": self.seed,
-                "split": self.split, "per_host_batch": self.per_host_batch,
-                "process_index": self.process_index, "process_count": self.process_count,
-                "shuffle_buffer": self.shuffle_buffer,
-                "files": [f.rsplit("/", 1)[-1] for f in self.files]}
+        state = {"version": STATE_VERSION, "batches_consumed": self._consumed, "seed": self.seed,
+                 "split": self.split, "per_host_batch": self.per_host_batch,
+                 "process_index": self.process_index, "process_count": self.process_count,
+                 "shuffle_buffer": self.shuffle_buffer,
+                 "files": [f.rsplit("/", 1)[-1] for f in self.files]}
+        if self.is_mixture:
+            # A mixture's stream depends on every set's files and on the weights.
+            state["files"] = [[f.rsplit("/", 1)[-1] for f in s.files] for s in self.sets]
+            state["weights"] = [s.weight for s in self.sets]
+        return state
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Restores a position from `get_state` (rebuilds the pipeline and skips to it)."""
@@ -222,7 +327,7 @@ class InputPipeline:
             raise ValueError(f"iterator state version {state.get('version')!r} != {STATE_VERSION}")
         mine = self.get_state()
         for key in ("seed", "split", "per_host_batch", "process_index", "process_count",
-                    "shuffle_buffer", "files"):
+                    "shuffle_buffer", "files", "weights"):
             if state.get(key) != mine[key]:
                 raise ValueError(f"iterator state was saved with {key}={state.get(key)!r}, but this "
                                  f"pipeline has {mine[key]!r}; the saved position does not apply")
@@ -231,7 +336,7 @@ class InputPipeline:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Batches per epoch of this host (the smallest host bounds finite runs)."""
+        """Batches per epoch of this host, all sets together (the smallest host bounds finite runs)."""
         return self.examples_per_epoch // self.per_host_batch
 
 

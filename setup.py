@@ -30,8 +30,8 @@ RUNTIME = [
 
 TORCH = ["torch>=2.4", "diffusers>=0.31"]
 SERVE = ["gradio>=5"]  # the demo page (`main serve`); gradio_client comes with it
-TEST = TORCH + SERVE + ["pytest>=8", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.10",
-                        "ipykernel>=6.29"]
+TEST = TORCH + SERVE + ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.11", "nbclient>=0.10",
+                        "nbformat>=5.10", "ipykernel>=6.29"]
 
 setup(
     name="imagerag-jax",

@@ -145,6 +145,12 @@ def test_mixture_resumes_exactly_and_checks_its_state(sets):
     single = pipeline.InputPipeline(synth, "train", 6, seed=0, shuffle_buffer=8)
     with pytest.raises(ValueError, match="files"):
         single.set_state(state)
+    # A single set's own state (no weights) still restores.
+    _ids(single, 2)
+    own, want = single.get_state(), _ids(single, 2)
+    again = pipeline.InputPipeline(synth, "train", 6, seed=0, shuffle_buffer=8)
+    again.set_state(own)
+    assert "weights" not in own and _ids(again, 2) == want
 
 
 def test_sets_that_do_not_fit_are_refused_by_name(sets, tmp_path):

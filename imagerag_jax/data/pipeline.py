@@ -328,9 +328,9 @@ class InputPipeline:
         mine = self.get_state()
         for key in ("seed", "split", "per_host_batch", "process_index", "process_count",
                     "shuffle_buffer", "files", "weights"):
-            if state.get(key) != mine[key]:
+            if state.get(key) != mine.get(key):  # "weights" exists for mixtures only
                 raise ValueError(f"iterator state was saved with {key}={state.get(key)!r}, but this "
-                                 f"pipeline has {mine[key]!r}; the saved position does not apply")
+                                 f"pipeline has {mine.get(key)!r}; the saved position does not apply")
         self._consumed = int(state["batches_consumed"])
         self._build()
 

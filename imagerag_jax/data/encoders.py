@@ -5,7 +5,7 @@
     teacher_latents(spec, unet, text, ...)     -> the teacher's multi-step CFG samples from noise
 
 One jit each, with the modules static; `Encoder` pads host batches to one fixed size (one compiled
-shape per function) and trims the outputs. `build_db` and `precompute` encode through these, so
+shape per function), splits them over every local device and trims the outputs. `build_db` and `precompute` encode through these, so
 the database and the training examples agree exactly, and the digits miniature samples its teacher
 with `teacher_latents`. `example_noise` is the teacher's initial noise, a function of the seed and
 the example id only (whichever host draws it).
@@ -80,11 +80,34 @@ def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
 
 
 class Encoder:
-    """Runs the jitted batch functions of one pipeline on padded host batches."""
+    """Runs the jitted batch functions of one pipeline data-parallel over this host's devices.
 
-    def __init__(self, models: towers.PipelineTowers, batch_size: int):
-        self.models, self.batch_size = models, batch_size
-        self.pipe = models.pipe
+    Host batches are padded to `batch_size` rounded up to a multiple of the device count and
+    split over a one-axis mesh of `devices` (default: every local device); the towers' params are
+    replicated once per device. Rows are independent, so the result does not depend on the
+    number of devices (up to float reassociation inside a device's kernels).
+    """
+
+    def __init__(self, models: towers.PipelineTowers, batch_size: int,
+                 devices: Sequence[jax.Device] | None = None):
+        self.models, self.pipe = models, models.pipe
+        self.devices = list(devices) if devices is not None else jax.local_devices()
+        n = len(self.devices)
+        self.batch_size = -(-int(batch_size) // n) * n
+        self.mesh = jax.sharding.Mesh(np.array(self.devices), ("batch",))
+        self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("batch"))
+        self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self._placed: dict[str, Any] = {}
+
+    def _params(self, name: str) -> Any:
+        """The pipeline's `name` params (vae_params, text_params, unet_params) on every device."""
+        if name not in self._placed:
+            self._placed[name] = jax.device_put(getattr(self.pipe, name), self.replicated)
+        return self._placed[name]
+
+    def _rows(self, x: np.ndarray) -> jax.Array:
+        """A host batch padded to `batch_size` and split over the devices."""
+        return jax.device_put(pad_rows(x, self.batch_size), self.batch_sharding)
 
     def output_shapes(self, image_shape: Sequence[int]
                       ) -> tuple[tuple[int, ...], tuple[int, ...], int]:
@@ -96,29 +119,34 @@ class Encoder:
             jax.ShapeDtypeStruct((1, self.pipe.tokenizer.max_length), jnp.int32))
         return tuple(lat.shape[1:]), tuple(hid.shape[1:]), int(pooled.shape[-1])
 
+    def image_latents(self, images: np.ndarray) -> jax.Array:
+        """uint8 [b, H, W, 3] -> latents [batch_size, h, w, C] float32, sharded over the devices."""
+        return encode_images(self.pipe.vae, self._params("vae_params"), self._rows(images))
+
     def images(self, images: np.ndarray) -> np.ndarray:
         """uint8 [b, H, W, 3] -> latents [b, h, w, C] float32."""
-        b = len(images)
-        out = encode_images(self.pipe.vae, self.pipe.vae_params, pad_rows(images, self.batch_size))
-        return np.asarray(out)[:b]
+        return np.asarray(self.image_latents(images))[:len(images)]
 
     def texts(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Captions -> (prompt embeds [b, L, D], normalised pooled [b, D]) float32."""
         b = len(captions)
-        ids = pad_rows(self.pipe.tokenizer(list(captions)), self.batch_size)
-        hidden, pooled = encode_text(self.pipe.text_encoder, self.pipe.text_params, ids)
+        ids = self._rows(self.pipe.tokenizer(list(captions)))
+        hidden, pooled = encode_text(self.pipe.text_encoder, self._params("text_params"), ids)
         return np.asarray(hidden)[:b], np.asarray(pooled)[:b]
+
+    def teacher_sample(self, spec: TeacherSpec, captions: Sequence[str], negative_prompt: str,
+                       noise: np.ndarray) -> jax.Array:
+        """Teacher latents [batch_size, h, w, C] from `noise`, sharded over the devices."""
+        ids = self._rows(self.pipe.tokenizer(list(captions)))
+        uncond = jax.device_put(self.pipe.tokenizer([negative_prompt]), self.replicated)
+        return teacher_latents(spec, self.pipe.unet, self.pipe.text_encoder,
+                               self._params("unet_params"), self._params("text_params"), ids, uncond,
+                               self._rows(noise.astype(np.float32)))
 
     def teacher(self, spec: TeacherSpec, captions: Sequence[str], negative_prompt: str,
                 noise: np.ndarray) -> np.ndarray:
         """Teacher latents [b, h, w, C] from `noise` [b, h, w, C] (this pipeline is the teacher)."""
-        b = len(captions)
-        ids = pad_rows(self.pipe.tokenizer(list(captions)), self.batch_size)
-        uncond = self.pipe.tokenizer([negative_prompt])
-        out = teacher_latents(spec, self.pipe.unet, self.pipe.text_encoder, self.pipe.unet_params,
-                              self.pipe.text_params, ids, uncond,
-                              pad_rows(noise.astype(np.float32), self.batch_size))
-        return np.asarray(out)[:b]
+        return np.asarray(self.teacher_sample(spec, captions, negative_prompt, noise))[:len(captions)]
 
 
 def example_noise(seed: int, example_ids: Sequence[int], shape: Sequence[int]) -> np.ndarray:

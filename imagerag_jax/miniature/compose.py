@@ -1,0 +1,194 @@
+"""The compositional miniature's data: two tinted handwritten digits side by side, bound by captions.
+
+A composition is (left digit, left colour, right digit, right colour): 10 x 4 x 10 x 4 = 1,600.
+A canvas is S x 2S RGB on black: each half one of scikit-learn's 8x8 digits upsampled to S x S
+and tinted with its colour. Captions name both digits, colours and sides in varied wording and
+order, so that a model must bind each colour to its digit and each digit to its side.
+
+Everything is a function of the seed:
+* digit *images* are divided by `sources.digits_split_indices` (train / database / eval pools,
+  disjoint), so no digit image appears in two splits;
+* compositions are ranked by a seeded permutation into frequency classes: 'frequent' (a few,
+  most of the training canvases), 'rare' (many, a few canvases each) and 'unseen' (none in
+  training);
+* the database holds every composition; the evaluation prompts are stratified over the classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import NamedTuple
+
+import numpy as np
+
+from imagerag_jax.data import sources
+
+COLOURS = ("red", "green", "blue", "yellow")
+PALETTE = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.35, 1.0], [1.0, 1.0, 0.0]], np.float32)
+NUM_COMPOSITIONS = 10 * len(COLOURS) * 10 * len(COLOURS)
+CLASSES = ("frequent", "rare", "unseen")
+# Both digit forms appear in captions: the numeral ("3") or the word ("three").
+TEMPLATES = (
+    "a {lc} {ld} to the left of a {rc} {rd}",
+    "a {rc} {rd} to the right of a {lc} {ld}",
+    "{lc} {ld} on the left, {rc} {rd} on the right",
+    "{rc} {rd} on the right, {lc} {ld} on the left",
+    "on the left a {lc} {ld}, on the right a {rc} {rd}",
+    "a {lc} {ld} and a {rc} {rd}, from left to right",
+)
+
+
+class Composition(NamedTuple):
+    """Digit and colour index of each side."""
+
+    left_digit: int
+    left_colour: int
+    right_digit: int
+    right_colour: int
+
+    @property
+    def index(self) -> int:
+        """A dense id in [0, NUM_COMPOSITIONS)."""
+        c = len(COLOURS)
+        return ((self.left_digit * c + self.left_colour) * 10 + self.right_digit) * c + self.right_colour
+
+    @classmethod
+    def from_index(cls, index: int) -> Composition:
+        """Inverse of `index`."""
+        c = len(COLOURS)
+        rest, rc = divmod(int(index), c)
+        rest, rd = divmod(rest, 10)
+        ld, lc = divmod(rest, c)
+        return cls(ld, lc, rd, rc)
+
+
+def caption(comp: Composition, variant: int) -> str:
+    """Caption `variant` of a composition (template and numeral/word forms from the variant)."""
+    template = TEMPLATES[variant % len(TEMPLATES)]
+    forms = variant // len(TEMPLATES)
+    word = lambda d, bit: sources.DIGIT_WORDS[d] if (forms >> bit) & 1 else str(d)
+    return template.format(lc=COLOURS[comp.left_colour], ld=word(comp.left_digit, 0),
+                           rc=COLOURS[comp.right_colour], rd=word(comp.right_digit, 1))
+
+
+_TOKEN = re.compile(r"[a-z]+|[0-9]")
+
+
+def parse_caption(text: str) -> Composition | None:
+    """The composition a caption of `TEMPLATES` names (None for anything else)."""
+    tokens = _TOKEN.findall(text.lower())
+    pairs = []  # (colour, digit) in caption order
+    for a, b in zip(tokens, tokens[1:]):
+        if a in COLOURS and (b.isdigit() or b in sources.DIGIT_WORDS):
+            pairs.append((COLOURS.index(a), int(b) if b.isdigit() else sources.DIGIT_WORDS.index(b)))
+    if len(pairs) != 2:
+        return None
+    (c1, d1), (c2, d2) = pairs
+    # In every template the first side word ("left"/"right") is the side of the first pair.
+    side = next(t for t in tokens if t in ("left", "right"))
+    if side == "right":
+        return Composition(d2, c2, d1, c1)
+    return Composition(d1, c1, d2, c2)
+
+
+@functools.lru_cache(maxsize=4)
+def frequency_classes(seed: int, frequent: int = 40, unseen: int = 400) -> np.ndarray:
+    """Class (0 frequent, 1 rare, 2 unseen) of each composition index, from a seeded ranking."""
+    order = np.random.default_rng([seed, 7]).permutation(NUM_COMPOSITIONS)
+    classes = np.ones(NUM_COMPOSITIONS, np.int64)
+    classes[order[:frequent]] = 0
+    classes[order[NUM_COMPOSITIONS - unseen:]] = 2
+    return classes
+
+
+def tint(digit: np.ndarray, colour: int, size: int) -> np.ndarray:
+    """An 8x8 digit (0..16) upsampled to size x size and tinted: float32 RGB in [0, 1]."""
+    if size % 8:
+        raise ValueError(f"canvas half size {size} must be a multiple of 8 (the digits are 8x8)")
+    x = np.clip(digit.astype(np.float32) / 16.0, 0.0, 1.0)
+    x = np.kron(x, np.ones((size // 8, size // 8), np.float32))
+    return x[..., None] * PALETTE[colour]
+
+
+def canvas(left: np.ndarray, right: np.ndarray, comp: Composition, size: int = 16) -> np.ndarray:
+    """uint8 [size, 2 size, 3]: the two 8x8 digits tinted and placed left and right on black."""
+    halves = [tint(left, comp.left_colour, size), tint(right, comp.right_colour, size)]
+    return np.round(np.concatenate(halves, axis=1) * 255.0).astype(np.uint8)
+
+
+def colour_of(half: np.ndarray) -> int:
+    """The palette colour of a half canvas (uint8 or [-1, 1] float), -1 when nothing is drawn."""
+    x = half.astype(np.float32)
+    x = x / 255.0 if half.dtype == np.uint8 else (x + 1.0) / 2.0
+    ink = x.max(-1) > 0.3
+    if not ink.any():
+        return -1
+    mean = x[ink].mean(0)
+    mean = mean / max(float(mean.max()), 1e-6)
+    return int(np.argmin(((PALETTE - mean) ** 2).sum(-1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ComposeSplit:
+    """One split in memory: canvases uint8 [N, S, 2S, 3], compositions, captions, classes."""
+
+    images: np.ndarray
+    compositions: np.ndarray  # [N] composition indices
+    left_ids: np.ndarray  # [N] digit-image ids (sklearn indices) on each side
+    right_ids: np.ndarray
+    captions: tuple[str, ...]
+    classes: np.ndarray  # [N] frequency class of each canvas's composition
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def _pools(seed: int) -> dict[str, dict[int, np.ndarray]]:
+    """Digit-image ids of each split, per digit."""
+    _, labels = sources._load_digits()  # pylint: disable=protected-access
+    return {name: {d: idx[labels[idx] == d] for d in range(10)}
+            for name, idx in sources.digits_split_indices(seed).items()}
+
+
+def _make(comps: np.ndarray, pool: dict[int, np.ndarray], rng: np.random.Generator, size: int,
+          classes: np.ndarray) -> ComposeSplit:
+    """Canvases of the given compositions, each side a random digit image of the pool."""
+    digits, _ = sources._load_digits()  # pylint: disable=protected-access
+    images, lefts, rights, caps = [], [], [], []
+    for index in comps:
+        comp = Composition.from_index(int(index))
+        left = int(rng.choice(pool[comp.left_digit]))
+        right = int(rng.choice(pool[comp.right_digit]))
+        images.append(canvas(digits[left], digits[right], comp, size))
+        lefts.append(left)
+        rights.append(right)
+        caps.append(caption(comp, int(rng.integers(1 << 30))))
+    return ComposeSplit(np.stack(images), np.asarray(comps, np.int64), np.asarray(lefts, np.int64),
+                        np.asarray(rights, np.int64), tuple(caps), classes[np.asarray(comps, np.int64)])
+
+
+def make_splits(seed: int = 0, *, size: int = 16, train: int = 4000, frequent_share: float = 0.6,
+                database_per_composition: int = 2, eval_per_class: int = 60,
+                frequent: int = 40, unseen: int = 400) -> dict[str, ComposeSplit]:
+    """'train' (long-tailed, no unseen composition), 'database' (every composition) and 'eval'.
+
+    `frequent_share` of the training canvases spread over the `frequent` compositions, the rest
+    uniformly over the rare ones; the eval split holds `eval_per_class` distinct compositions of
+    each class, drawn from the eval digit pool.
+    """
+    classes = frequency_classes(seed, frequent, unseen)
+    pools = _pools(seed)
+    rng = np.random.default_rng([seed, 11])
+    by_class = [np.nonzero(classes == c)[0] for c in range(3)]
+    n_freq = int(round(train * frequent_share))
+    train_comps = np.concatenate([rng.choice(by_class[0], n_freq),
+                                  rng.choice(by_class[1], train - n_freq)])
+    rng.shuffle(train_comps)
+    db_comps = np.repeat(np.arange(NUM_COMPOSITIONS), database_per_composition)
+    eval_comps = np.concatenate([rng.choice(c, min(eval_per_class, len(c)), replace=False)
+                                 for c in by_class])
+    return {"train": _make(train_comps, pools["train"], np.random.default_rng([seed, 1]), size, classes),
+            "database": _make(db_comps, pools["database"], np.random.default_rng([seed, 2]), size, classes),
+            "eval": _make(eval_comps, pools["eval"], np.random.default_rng([seed, 3]), size, classes)}

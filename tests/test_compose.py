@@ -1,0 +1,83 @@
+"""The compositional miniature's data: captions that bind, disjoint digit images, the long tail."""
+
+import numpy as np
+import pytest
+
+from imagerag_jax.data import sources
+from imagerag_jax.miniature import compose
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return compose.make_splits(0, train=1200, eval_per_class=20)
+
+
+def test_every_caption_of_every_composition_parses_back():
+    for index in range(compose.NUM_COMPOSITIONS):
+        comp = compose.Composition.from_index(index)
+        assert comp.index == index
+        for variant in range(4 * len(compose.TEMPLATES)):
+            text = compose.caption(comp, variant)
+            assert compose.parse_caption(text) == comp, text
+    # Word and numeral forms and both orders occur; a swapped caption is another composition.
+    comp = compose.Composition(3, 0, 7, 2)
+    texts = {compose.caption(comp, v) for v in range(4 * len(compose.TEMPLATES))}
+    assert "a red 3 to the left of a blue 7" in texts and "blue seven on the right, red three on the left" in texts
+    assert compose.parse_caption("a blue 7 to the left of a red 3") == compose.Composition(7, 2, 3, 0)
+    assert compose.parse_caption("a red 3") is None and compose.parse_caption("a digit") is None
+
+
+def test_canvas_halves_hold_the_tinted_digits():
+    digits, _ = sources._load_digits()
+    comp = compose.Composition(4, 1, 9, 3)
+    img = compose.canvas(digits[0], digits[5], comp, size=16)
+    assert img.shape == (16, 32, 3) and img.dtype == np.uint8
+    left, right = img[:, :16], img[:, 16:]
+    # Green: only the green channel; yellow: red = green, no blue; intensities follow the digit.
+    assert not left[..., [0, 2]].any() and left[..., 1].any()
+    assert np.array_equal(right[..., 0], right[..., 1]) and not right[..., 2].any()
+    np.testing.assert_array_equal(left[::2, ::2, 1], np.round(np.clip(digits[0] / 16, 0, 1) * 255).astype(np.uint8))
+    assert compose.colour_of(left) == 1 and compose.colour_of(right) == 3
+    assert compose.colour_of(np.zeros((16, 16, 3), np.uint8)) == -1
+    with pytest.raises(ValueError, match="multiple of 8"):
+        compose.canvas(digits[0], digits[1], comp, size=12)
+
+
+def test_colour_is_recovered_from_every_canvas(splits):
+    for s in splits.values():
+        for img, index in zip(s.images[:300], s.compositions[:300]):
+            comp = compose.Composition.from_index(int(index))
+            assert compose.colour_of(img[:, :16]) == comp.left_colour
+            assert compose.colour_of(img[:, 16:]) == comp.right_colour
+            # The float [-1, 1] form the towers see gives the same colours.
+            assert compose.colour_of(img[:, :16].astype(np.float32) / 127.5 - 1) == comp.left_colour
+
+
+def test_splits_are_deterministic_disjoint_and_long_tailed(splits):
+    again = compose.make_splits(0, train=1200, eval_per_class=20)
+    for name in splits:
+        np.testing.assert_array_equal(splits[name].images, again[name].images)
+        assert splits[name].captions == again[name].captions
+    other = compose.make_splits(1, train=1200, eval_per_class=20)
+    assert not np.array_equal(other["train"].compositions, splits["train"].compositions)
+    # No digit image is in two splits.
+    used = {n: set(s.left_ids) | set(s.right_ids) for n, s in splits.items()}
+    assert not used["train"] & used["database"] and not used["train"] & used["eval"]
+    assert not used["database"] & used["eval"]
+    # Captions name each canvas's composition; sides hold digit images of the named digits.
+    _, labels = sources._load_digits()
+    for s in splits.values():
+        for index, text, left, right in zip(s.compositions, s.captions, s.left_ids, s.right_ids):
+            comp = compose.Composition.from_index(int(index))
+            assert compose.parse_caption(text) == comp
+            assert labels[left] == comp.left_digit and labels[right] == comp.right_digit
+    classes = compose.frequency_classes(0)
+    train, db, ev = splits["train"], splits["database"], splits["eval"]
+    # The database covers every composition; training never sees an unseen one.
+    assert set(db.compositions) == set(range(compose.NUM_COMPOSITIONS))
+    assert not np.any(classes[train.compositions] == 2)
+    counts = np.bincount(train.compositions, minlength=compose.NUM_COMPOSITIONS)
+    freq, rare = counts[classes == 0], counts[classes == 1]
+    assert freq.mean() > 10 * rare.mean() and rare.max() < freq.min()
+    assert np.bincount(ev.classes, minlength=3).tolist() == [20, 20, 20]
+    assert len(set(ev.compositions)) == len(ev)

@@ -81,3 +81,30 @@ def test_splits_are_deterministic_disjoint_and_long_tailed(splits):
     assert freq.mean() > 10 * rare.mean() and rare.max() < freq.min()
     assert np.bincount(ev.classes, minlength=3).tolist() == [20, 20, 20]
     assert len(set(ev.compositions)) == len(ev)
+
+
+def test_score_against_a_hand_count():
+    comps = np.array([compose.Composition(1, 0, 2, 1).index, compose.Composition(3, 2, 4, 3).index,
+                      compose.Composition(5, 1, 6, 0).index])
+    pred = {"left_digit": np.array([1, 3, 5]), "left_colour": np.array([0, 2, 0]),
+            "right_digit": np.array([2, 9, 6]), "right_colour": np.array([1, 3, 0])}
+    out = compose.score(pred, comps, np.array([0, 1, 1]))
+    # Canvas 0 all right; canvas 1 wrong right digit; canvas 2 wrong left colour.
+    assert out["all_correct"] == pytest.approx(1 / 3)
+    assert out["attribute_accuracy"] == pytest.approx(
+        {"left_digit": 1.0, "left_colour": 2 / 3, "right_digit": 2 / 3, "right_colour": 1.0})
+    assert out["by_class"] == {"frequent": 1.0, "rare": 0.0, "unseen": None}
+
+
+def test_judge_ceiling_on_real_held_out_canvases(splits):
+    from imagerag_jax.miniature import judge as judge_lib
+
+    classifier = judge_lib.train_digit_classifier(16, seed=0, epochs=3)
+    ev = splits["eval"]
+    out = compose.score(compose.judge(classifier, ev.images), ev.compositions, ev.classes)
+    acc = out["attribute_accuracy"]
+    assert acc["left_colour"] == acc["right_colour"] == 1.0
+    assert min(acc["left_digit"], acc["right_digit"]) > 0.85, out
+    # Swapping the halves breaks the binding: the judge must see it.
+    swapped = np.concatenate([ev.images[:, :, 16:], ev.images[:, :, :16]], axis=2)
+    assert compose.score(compose.judge(classifier, swapped), ev.compositions, ev.classes)["all_correct"] < 0.2

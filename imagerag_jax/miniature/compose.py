@@ -12,6 +12,9 @@ Everything is a function of the seed:
   most of the training canvases), 'rare' (many, a few canvases each) and 'unseen' (none in
   training);
 * the database holds every composition; the evaluation prompts are stratified over the classes.
+
+The judge (`judge`, `score`) reads each half: the digit with the digits miniature's CNN on the
+half made white, the colour from the pixels.
 """
 
 from __future__ import annotations
@@ -192,3 +195,43 @@ def make_splits(seed: int = 0, *, size: int = 16, train: int = 4000, frequent_sh
     return {"train": _make(train_comps, pools["train"], np.random.default_rng([seed, 1]), size, classes),
             "database": _make(db_comps, pools["database"], np.random.default_rng([seed, 2]), size, classes),
             "eval": _make(eval_comps, pools["eval"], np.random.default_rng([seed, 3]), size, classes)}
+
+
+# --------------------------------------------------------------------------- the judge
+
+
+def white_halves(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(left, right) halves of canvases as white-on-black digits: the digit judge's input.
+
+    The tint scales each channel by the palette colour and every palette colour has a channel
+    at 1, so the per-pixel channel maximum is the digit's own intensity.
+    """
+    x = np.asarray(images)
+    half = x.shape[2] // 2
+    white = lambda h: np.repeat(h.max(axis=-1, keepdims=True), 3, axis=-1)
+    return white(x[:, :, :half]), white(x[:, :, half:])
+
+
+def judge(classifier, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Per canvas: the digit on each side (`classifier`, a miniature.judge.DigitClassifier on
+    each half) and the colour on each side (measured from the pixels)."""
+    x = np.asarray(images)
+    left, right = white_halves(x)
+    half = x.shape[2] // 2
+    return {"left_digit": classifier.predict(left), "right_digit": classifier.predict(right),
+            "left_colour": np.array([colour_of(h) for h in x[:, :, :half]], np.int64),
+            "right_colour": np.array([colour_of(h) for h in x[:, :, half:]], np.int64)}
+
+
+def score(predicted: dict[str, np.ndarray], compositions: np.ndarray,
+          classes: np.ndarray) -> dict[str, object]:
+    """TIFA-like: accuracy per attribute, the all-four-correct rate, and it per frequency class."""
+    comps = [Composition.from_index(int(i)) for i in compositions]
+    want = {name: np.array([getattr(c, name) for c in comps], np.int64) for name in Composition._fields}
+    right = {name: np.asarray(predicted[name]) == want[name] for name in Composition._fields}
+    all_four = np.logical_and.reduce([right[n] for n in Composition._fields])
+    classes = np.asarray(classes)
+    return {"all_correct": float(all_four.mean()),
+            "attribute_accuracy": {n: float(r.mean()) for n, r in right.items()},
+            "by_class": {name: (float(all_four[classes == c].mean()) if np.any(classes == c) else None)
+                         for c, name in enumerate(CLASSES)}}

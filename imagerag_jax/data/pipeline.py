@@ -17,7 +17,7 @@ above, each its own stream of epochs, and takes example e of the host's stream f
 `mixture.Choice` assigns to e (a deterministic function of e, the weights and the seed). The sets
 must agree on latent/embedding shapes, k and the retrieval database; where some store the
 teacher's noise and others do not, the others get fresh Gaussian noise seeded by (seed, set,
-record), which is what the train step would draw for them.
+host, record), which is what the train step would draw for them.
 
 Iterator state = number of batches consumed. The stream is a deterministic function of the seed,
 so restoring rebuilds the pipeline at epoch `consumed // examples_per_epoch` and skips the rest of
@@ -233,7 +233,9 @@ class InputPipeline:
                     deterministic=True)
         if "noise" in self.fields and not s.schema.has_noise:
             shape = self.schema.latent_shape
-            seed = tf.constant([self.seed * 1_000_003 + index, 0], tf.int64)
+            # Per (seed, set, host): hosts read different records at the same record index.
+            seed = tf.constant([(self.seed * 1_000_003 + index) * 65_537 + self.process_index, 0],
+                               tf.int64)
 
             def add_noise(i: tf.Tensor, ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
                 noise = tf.random.stateless_normal(shape, seed=seed + tf.stack([0, i]))

@@ -4,6 +4,7 @@
     CaptionFileSource("pairs.jsonl")        JSONL or CSV rows of (path, caption[, id])
     TFDSSource("coco_captions", "train", data_dir=..., image_key="image", caption_key="captions/text")
     DigitsSource("train")                   scikit-learn's bundled digits, upsampled, captioned
+    img2dataset.WebDatasetSource("*.tar")   img2dataset's webdataset shards, filtered by metadata
 
 Ids are stable int64s: the source's own id column where there is one, else the position in a
 deterministic order (sorted paths, file order, TFDS split order; the original index for digits).
@@ -367,16 +368,19 @@ class DigitsSource(Source):
 
 
 def make_source(config: Mapping[str, Any] | Any) -> Source:
-    """A source from a config dict / ConfigDict: {"kind": "folder"|"captions"|"tfds"|"digits", ...}.
+    """A source from a config dict / ConfigDict: {"kind": "folder"|"captions"|"tfds"|"digits"|
+    "webdataset", ...}.
 
     The remaining keys are the constructor's arguments, e.g.
     {"kind": "tfds", "name": "coco_captions", "split": "train", "data_dir": "/data/tfds",
      "caption_key": "captions/text"}.
     """
+    from imagerag_jax.data.img2dataset import WebDatasetSource  # it builds on this module
+
     cfg = dict(config.to_dict() if hasattr(config, "to_dict") else config)
     kind = cfg.pop("kind")
     kinds = {"folder": FolderSource, "captions": CaptionFileSource, "tfds": TFDSSource,
-             "digits": DigitsSource}
+             "digits": DigitsSource, "webdataset": WebDatasetSource}
     if kind not in kinds:
         raise ValueError(f"unknown source kind {kind!r}; expected one of {sorted(kinds)}")
     return kinds[kind](**cfg)

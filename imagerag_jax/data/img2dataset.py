@@ -1,0 +1,144 @@
+"""img2dataset's webdataset output as a source: tar shards of KEY.{jpg,png,webp} + KEY.txt + KEY.json.
+
+    WebDatasetSource("/data/laion/*.tar", image_size=512, min_side=512, max_pwatermark=0.5,
+                     max_punsafe=0.1, min_aesthetic=5.0)
+
+Shards are read in sorted path order with the standard library's `tarfile` in stream mode (one
+member at a time: a shard is never listed or held whole), and a sample is the run of consecutive
+members sharing a key, as img2dataset writes them. Ids are img2dataset's numeric keys. Every item
+that does not become an example is counted by reason in `skipped`: 'unreadable image',
+'missing caption', 'missing image', 'bad metadata', one 'corrupt shard' per shard that cannot be
+read to its end (the samples before the damage are kept), and one reason per filter ('min_side',
+'pwatermark', 'punsafe', 'aesthetic'; an item whose metadata lacks a filtered field fails it).
+`tarfile` rather than the `webdataset` package: the layout needs no more than the standard
+library, and the package's own readers stop or retry on a damaged shard instead of counting it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from imagerag_jax.data import sources
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# (config field, metadata key, reason, keep(value, bound)); min_side is checked on the image.
+FILTERS = (("max_pwatermark", "pwatermark", "pwatermark", lambda v, b: v <= b),
+           ("max_punsafe", "punsafe", "punsafe", lambda v, b: v <= b),
+           ("min_aesthetic", "aesthetic", "aesthetic", lambda v, b: v >= b))
+
+
+def expand_paths(paths: str | Sequence[str]) -> list[str]:
+    """Sorted shard paths of a glob (or of a list of paths and globs); FileNotFoundError if none."""
+    patterns = [paths] if isinstance(paths, str) else list(paths)
+    found = sorted({p for pattern in patterns for p in (glob.glob(pattern) or
+                                                       ([pattern] if os.path.isfile(pattern) else []))})
+    if not found:
+        raise FileNotFoundError(f"no webdataset shards match {paths!r}")
+    return found
+
+
+def _samples(path: str, read: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of each sample of one shard, streamed; raises on damage."""
+    key, members = None, {}
+    with tarfile.open(path, "r|*") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            base = os.path.basename(info.name)
+            stem, _, ext = base.partition(".")
+            if stem != key and key is not None:
+                yield key, members
+                members = {}
+            key = stem
+            f = tar.extractfile(info) if read else None
+            members[ext.lower()] = f.read() if f is not None else b""
+    if key is not None:
+        yield key, members
+
+
+class WebDatasetSource(sources.Source):
+    """Examples of img2dataset webdataset shards (see the module docstring)."""
+
+    def __init__(self, paths: str | Sequence[str], *, image_size: int | None = None,
+                 min_side: int | None = None, max_pwatermark: float | None = None,
+                 max_punsafe: float | None = None, min_aesthetic: float | None = None):
+        super().__init__("webdataset", image_size)
+        self.shards = expand_paths(paths)
+        self.min_side = min_side
+        self.bounds = {"max_pwatermark": max_pwatermark, "max_punsafe": max_punsafe,
+                       "min_aesthetic": min_aesthetic}
+        self._len: int | None = None
+
+    def __len__(self) -> int:
+        """Raw items: samples plus one per damaged shard (an upper bound where a shard is cut
+        inside a sample: the cut sample is counted here and read as the shard's skip)."""
+        if self._len is None:
+            n = 0
+            for path in self.shards:
+                try:
+                    for _ in _samples(path, read=False):
+                        n += 1
+                except (tarfile.TarError, EOFError, OSError, zlib.error):
+                    n += 1  # the shard's 'corrupt shard' item
+            self._len = n
+        return self._len
+
+    def __iter__(self) -> Iterator[sources.Example]:
+        position = 0
+        for path in self.shards:
+            try:
+                for key, members in _samples(path):
+                    name = f"{path}:{key}"
+                    example = self._example(name, key, members, position)
+                    position += 1
+                    if example is not None:
+                        yield example
+            except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+                self.skipped.skip(path, "corrupt shard", e)
+                position += 1
+
+    def _example(self, name: str, key: str, members: Mapping[str, bytes],
+                 position: int) -> sources.Example | None:
+        """One sample as an example, or None after counting why it is skipped."""
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        if ext is None:
+            self.skipped.skip(name, "missing image")
+            return None
+        caption = members.get("txt", b"").decode("utf-8", "replace").strip()
+        if not caption:
+            self.skipped.skip(name, "missing caption")
+            return None
+        meta: dict[str, Any] = {}
+        if "json" in members:
+            try:
+                meta = json.loads(members["json"])
+            except (ValueError, UnicodeDecodeError) as e:
+                self.skipped.skip(name, "bad metadata", e)
+                return None
+        for field, meta_key, reason, keep in FILTERS:
+            bound = self.bounds[field]
+            if bound is None:
+                continue
+            value = meta.get(meta_key)
+            if not isinstance(value, (int, float)) or not keep(float(value), float(bound)):
+                self.skipped.skip(name, reason)
+                return None
+        try:
+            image = sources.decode_image(members[ext])
+        except Exception as e:  # pylint: disable=broad-except
+            self.skipped.skip(name, "unreadable image", e)
+            return None
+        if self.min_side is not None and min(image.shape[:2]) < self.min_side:
+            self.skipped.skip(name, "min_side")
+            return None
+        key_id = str(meta.get("key") or key)
+        example_id = int(key_id) if key_id.isdigit() else position
+        return example_id, self._finish(image), caption

@@ -1,0 +1,126 @@
+"""img2dataset webdataset shards as a source: streaming, filters, damage counted, build-db and precompute."""
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagerag_jax.data import build_db, img2dataset, precompute, sources, tfrecords
+from tests.test_precompute import SIZE, make_config
+
+
+def _jpg(seed, side=24):
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side + 4, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(root, bad=True):
+    """Three shards in img2dataset's layout (with its .parquet/_stats.json siblings); returns the glob.
+
+    Shard 0 holds the good items and, with `bad`, a corrupt image, a missing caption, an
+    undersized image and a high-watermark item; shard 1 is good; shard 2 is truncated.
+    """
+    os.makedirs(root, exist_ok=True)
+    samples = [[], [], []]
+    for i in range(6):
+        samples[0].append((f"00000{i:04d}", _jpg(i), f"a photo number {i}", {"pwatermark": 0.1}))
+    for i in range(4):
+        samples[1].append((f"00001{i:04d}", _jpg(100 + i), f"a second-shard photo {i}", {"pwatermark": 0.2}))
+    for i in range(3):
+        samples[2].append((f"00002{i:04d}", _jpg(200 + i), f"a third-shard photo {i}", {"pwatermark": 0.2}))
+    if bad:
+        samples[0] += [("000000006", b"\xff\xd8 not a jpeg", "corrupt", {"pwatermark": 0.1}),
+                       ("000000007", _jpg(7), None, {"pwatermark": 0.1}),
+                       ("000000008", _jpg(8, side=8), "tiny", {"pwatermark": 0.1}),
+                       ("000000009", _jpg(9), "watermarked", {"pwatermark": 0.95})]
+    for s, items in enumerate(samples):
+        path = os.path.join(root, f"{s:05d}.tar")
+        with tarfile.open(path, "w") as tar:
+            for key, jpg, caption, extra in items:
+                _add(tar, f"{key}.jpg", jpg)
+                if caption is not None:
+                    _add(tar, f"{key}.txt", caption.encode())
+                meta = {"key": key, "status": "success", "width": 28, "height": 24, **extra}
+                _add(tar, f"{key}.json", json.dumps(meta).encode())
+        with open(os.path.join(root, f"{s:05d}_stats.json"), "w") as f:
+            json.dump({"count": len(items), "successes": len(items)}, f)
+        open(os.path.join(root, f"{s:05d}.parquet"), "wb").close()  # not a shard: never read
+    if bad:
+        last = os.path.join(root, "00002.tar")
+        with open(last, "r+b") as f:
+            cut = f.read().index(b"000020002.jpg") + 512 + 100  # inside the third sample's image
+            f.truncate(cut)
+    return os.path.join(root, "*.tar")
+
+
+def test_source_streams_filters_and_counts_every_skip(tmp_path):
+    pattern = write_shards(str(tmp_path / "shards"))
+    src = img2dataset.WebDatasetSource(pattern, image_size=SIZE, min_side=16, max_pwatermark=0.8)
+    assert [os.path.basename(p) for p in src.shards] == ["00000.tar", "00001.tar", "00002.tar"]
+    examples = list(src)
+    ids = [e[0] for e in examples]
+    assert ids == list(range(6)) + list(range(10000, 10004)) + [20000, 20001]
+    assert all(e[1].shape == (SIZE, SIZE, 3) and e[1].dtype == np.uint8 for e in examples)
+    assert examples[0][2] == "a photo number 0"
+    assert src.skipped.as_dict() == {"unreadable image": 1, "missing caption": 1, "min_side": 1,
+                                     "pwatermark": 1, "corrupt shard": 1}
+    assert src.skipped.examples["corrupt shard"] == [os.path.join(str(tmp_path / "shards"), "00002.tar")]
+    assert src.skipped.examples["pwatermark"][0].endswith("00000.tar:000000009")
+    # Raw items = examples + skips, and len() says so without decoding anything.
+    assert len(img2dataset.WebDatasetSource(pattern)) == len(examples) + src.skipped.total
+    # Unset filters keep the undersized and the watermarked items; a filter on absent metadata drops all.
+    loose = img2dataset.WebDatasetSource(pattern)
+    assert len(list(loose)) == 14 and "pwatermark" not in loose.skipped.as_dict()
+    strict = img2dataset.WebDatasetSource(pattern, min_aesthetic=5.0)
+    # Filters run before decoding: the corrupt image counts as filtered, the captionless as captionless.
+    assert list(strict) == [] and strict.skipped.as_dict()["aesthetic"] == 15
+    with pytest.raises(FileNotFoundError, match="no webdataset shards match"):
+        img2dataset.WebDatasetSource(str(tmp_path / "none" / "*.tar"))
+    made = sources.make_source({"kind": "webdataset", "paths": pattern, "min_side": 16})
+    assert isinstance(made, img2dataset.WebDatasetSource) and made.min_side == 16
+
+
+def test_build_db_and_precompute_from_shards(tmp_path):
+    work = str(tmp_path / "work")
+    pattern = write_shards(str(tmp_path / "shards"))
+    source = {"kind": "webdataset", "paths": pattern, "image_size": SIZE, "min_side": 16,
+              "max_pwatermark": 0.8}
+    cfg = make_config(**{"db.source": source, "db.limit": 0, "source": source, "limit": 0,
+                         "num_shards": 2, "db.dir": os.path.join(work, "db")})
+    summary = build_db.build_db(cfg, work)
+    assert summary["count"] == 12
+    assert summary["skipped"] == {"unreadable image": 1, "missing caption": 1, "min_side": 1,
+                                  "pwatermark": 1, "corrupt shard": 1}
+    precompute.precompute(cfg, work)
+    m = tfrecords.validate_manifest(os.path.join(work, "data"), split="train")
+    assert sum(f["num_examples"] for f in m["splits"]["train"]["files"]) == 12
+    skipped = m["splits"]["train"].get("skipped") or m.get("skipped")
+    assert skipped == {"unreadable image": 1, "missing caption": 1, "min_side": 1, "pwatermark": 1,
+                       "corrupt shard": 1}
+
+
+def test_precompute_webdataset_config(tmp_path):
+    from imagerag_jax.config_args import load_module
+
+    pattern = write_shards(str(tmp_path / "shards"))
+    module = load_module(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
+                                      "precompute_webdataset.py"))
+    cfg = module.get_config(f"paths={pattern},image_size=16,min_side=16,max_pwatermark=0.8,teacher")
+    assert cfg.latents == "teacher" and cfg.source.paths == cfg.db.source.paths == pattern
+    assert "max_punsafe" not in cfg.db.source  # unset filters are absent, not 0
+    src = sources.source_from_config(cfg.db.source)
+    assert len(list(src)) == 12 and src.skipped.total == 5
+    with pytest.raises(ValueError, match="needs paths=GLOB"):
+        module.get_config("")

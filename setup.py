@@ -21,6 +21,7 @@ RUNTIME = [
     "safetensors>=0.4",
     "numpy>=1.26",
     "pillow>=10",
+    "pyarrow>=14",  # parquet prompt lists
     "tqdm>=4.66",
     "scikit-learn>=1.4",
     "bm25s>=0.2",

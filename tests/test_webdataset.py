@@ -124,3 +124,63 @@ def test_precompute_webdataset_config(tmp_path):
     assert len(list(src)) == 12 and src.skipped.total == 5
     with pytest.raises(ValueError, match="needs paths=GLOB"):
         module.get_config("")
+
+
+def _prompt_files(root):
+    """The same five prompts (one empty) as .txt, .jsonl, .csv and .parquet lists."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prompts = ["a red cube", "two cats on a sofa", "", "a lighthouse at dusk", "a bowl of ramen"]
+    os.makedirs(root, exist_ok=True)
+    paths = {ext: os.path.join(root, f"prompts.{ext}") for ext in ("txt", "jsonl", "csv", "parquet")}
+    with open(paths["txt"], "w") as f:
+        f.write("\n".join(prompts) + "\n")
+    with open(paths["jsonl"], "w") as f:
+        f.writelines(json.dumps({"caption": p, "id": 50 + i}) + "\n" for i, p in enumerate(prompts))
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "caption"])
+        w.writerows([50 + i, p] for i, p in enumerate(prompts))
+    pq.write_table(pa.table({"caption": prompts, "id": [50 + i for i in range(5)]}), paths["parquet"],
+                   row_group_size=2)
+    return prompts, paths
+
+
+def test_prompt_lists_precompute_teacher_pairs(tmp_path):
+    prompts, paths = _prompt_files(str(tmp_path / "prompts"))
+    kept = [p for p in prompts if p]
+    for ext, path in paths.items():
+        src = sources.make_source({"kind": "prompts", "path": path,
+                                   **({} if ext == "txt" else {"id_key": "id"})})
+        got = list(src)
+        assert [c for _, _, c in got] == kept and all(im is None for _, im, _ in got), ext
+        assert [i for i, _, _ in got] == ([0, 1, 3, 4] if ext == "txt" else [50, 51, 53, 54]), ext
+        assert len(src) == 5 and src.skipped.as_dict() == {"empty prompt": 1}
+    with pytest.raises(KeyError, match="no column 'prompt'"):
+        list(sources.PromptListSource(paths["parquet"], caption_key="prompt"))
+    with pytest.raises(ValueError, match=r"\.txt, \.jsonl, \.csv or \.parquet"):
+        sources.PromptListSource(str(tmp_path / "prompts.xlsx"))
+
+    work = str(tmp_path / "work")
+    source = {"kind": "prompts", "path": paths["parquet"], "id_key": "id"}
+    build_db.build_db(make_config(**{"db.dir": os.path.join(work, "db")}), work)  # the digits DB
+    cfg = make_config("quick,teacher", source=source, limit=0, num_shards=1,
+                      **{"db.dir": os.path.join(work, "db")})
+    precompute.precompute(cfg, work)
+    data = os.path.join(work, "data")
+    m = tfrecords.validate_manifest(data, split="train")
+    assert m["schema"]["has_noise"] and m["splits"]["train"]["files"][0]["num_examples"] == 4
+    from imagerag_jax.data import pipeline
+
+    batch = next(pipeline.InputPipeline(data, "train", 4, shuffle_buffer=1, include_prompt=True))
+    assert sorted(batch["prompt"].tolist()) == sorted(kept)
+    assert sorted(batch["example_id"].tolist()) == [50, 51, 53, 54]
+    # Real-image latents and a retrieval database need images.
+    with pytest.raises(ValueError, match="prompts only: it needs config.latents='teacher'"):
+        precompute.precompute(make_config(source=source, data_dir=str(tmp_path / "vae"),
+                                          **{"db.dir": os.path.join(work, "db")}), work)
+    with pytest.raises(ValueError, match="a retrieval database needs images"):
+        build_db.build_db(make_config(**{"db.source": source, "db.dir": str(tmp_path / "db2")}), work)

@@ -139,6 +139,9 @@ def build_db(config: Any, workdir: str) -> dict[str, Any]:
     models = towers.load_pipeline_towers(config, workdir)
     enc = encoders.Encoder(models, batch_size)
     source = sources_lib.source_from_config(get(dbc, "source"))
+    if not source.has_images:
+        raise ValueError(f"{source.skipped.name} holds prompts only; a retrieval database needs "
+                         "images (use it as config.source of precompute with latents='teacher')")
     src_id = sources_lib.source_identity(get(dbc, "source"), image_size)
 
     # Shapes from abstract evaluation on the first image: the writer needs them before any batch.

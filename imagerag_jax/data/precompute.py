@@ -112,10 +112,10 @@ class _Retriever:
         return self.ids[self._order[lo:hi]]
 
     def __call__(self, pooled: np.ndarray, captions: Sequence[str], example_ids: np.ndarray,
-                 hashes: Sequence[int], k: int) -> dict[str, np.ndarray]:
+                 hashes: Sequence[int | None], k: int) -> dict[str, np.ndarray]:
         """Top-k neighbours of a batch: ids, scores and the gathered DB rows."""
-        excl = [np.concatenate([[eid], self.duplicates(h)]) if self.exclude_duplicates else
-                np.asarray([eid]) for eid, h in zip(example_ids, hashes)]
+        excl = [np.concatenate([[eid], self.duplicates(h)]) if self.exclude_duplicates and h is not None
+                else np.asarray([eid]) for eid, h in zip(example_ids, hashes)]
         width = max(len(e) for e in excl)
         exclude = np.full((len(excl), width), -1, np.int64)
         for j, e in enumerate(excl):
@@ -216,6 +216,9 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
                                build_db_lib.index_dir(config, workdir), models, exclude_dups)
 
     source = sources_lib.source_from_config(get(config, "source"))
+    if not source.has_images and mode != "teacher":
+        raise ValueError(f"{source.skipped.name} holds prompts only: it needs config.latents='teacher' "
+                         "(the teacher synthesizes the images), not 'vae'")
     limit = int(get(config, "limit", 0)) or None
     if not hasattr(source, "__len__"):
         if limit is None:
@@ -255,7 +258,7 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
 
     def process(batch: list[tuple[int, np.ndarray, str]]) -> list[dict[str, Any]]:
         ids = np.asarray([b[0] for b in batch], np.int64)
-        images = np.stack([b[1] for b in batch])
+        images = np.stack([b[1] for b in batch]) if source.has_images else None
         captions = [b[2] for b in batch]
         embeds, pooled = enc.texts(captions)
         out: dict[str, Any] = {"prompt_embeds": embeds, "pooled": pooled}
@@ -266,7 +269,9 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
             out["noise"] = noise
             out["latent"] = teacher_enc.teacher(spec, captions, negative, noise)
         if retriever is not None:
-            hashes = [build_db_lib.image_hash(im) for im in images]
+            # A prompt has no image to be a duplicate of: only its own id is excluded.
+            hashes = [build_db_lib.image_hash(im) for im in images] if images is not None else \
+                [None] * len(batch)
             out.update(retriever(pooled, captions, ids, hashes, k))
         return [{"prompt": captions[j], "example_id": ids[j],
                  **{name: v[j] for name, v in out.items()}} for j in range(len(batch))]
@@ -286,9 +291,10 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
                         writer.skip(item.skip_reason)
                         continue
                     example_id, image, caption = item.example
-                    image = sources_lib.prepare_image(image, image_size)
-                    if image.shape != (image_size, image_size, 3):
-                        raise ValueError(f"image {example_id}: shape {image.shape} after resizing")
+                    if image is not None:
+                        image = sources_lib.prepare_image(image, image_size)
+                        if image.shape != (image_size, image_size, 3):
+                            raise ValueError(f"image {example_id}: shape {image.shape} after resizing")
                     batch.append((int(example_id), image, caption))
                     if len(batch) == batch_size:
                         for ex in process(batch):

@@ -5,6 +5,7 @@
     TFDSSource("coco_captions", "train", data_dir=..., image_key="image", caption_key="captions/text")
     DigitsSource("train")                   scikit-learn's bundled digits, upsampled, captioned
     img2dataset.WebDatasetSource("*.tar")   img2dataset's webdataset shards, filtered by metadata
+    PromptListSource("prompts.parquet")     prompts only (no images), for teacher synthesis
 
 Ids are stable int64s: the source's own id column where there is one, else the position in a
 deterministic order (sorted paths, file order, TFDS split order; the original index for digits).
@@ -34,7 +35,7 @@ import numpy as np
 
 from imagerag_jax import config_args, jsonfiles
 
-Example = tuple[int, np.ndarray, str]
+Example = tuple[int, np.ndarray | None, str]  # None: a prompt-only source
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -115,6 +116,8 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
 
 class Source(abc.ABC):
     """Iterable of (example_id, image, caption); `skipped` counts what could not be read."""
+
+    has_images = True  # False: prompts only (image None), for teacher synthesis
 
     def __init__(self, name: str, image_size: int | None = None):
         self.skipped = SkipCounter(name)
@@ -210,6 +213,69 @@ class CaptionFileSource(Source):
             image = self._read(path, lambda p=path: read_image_file(p))
             if image is not None:
                 yield example_id, image, str(row[self.caption_key]).strip()
+
+
+class PromptListSource(Source):
+    """Prompts without images, for teacher synthesis: .txt (a prompt per line), .jsonl, .csv, .parquet.
+
+    Yields (id, None, prompt): the id is the `id_key` column where given, else the row's
+    position. Rows are streamed (parquet by record batch via pyarrow); an empty prompt is skipped
+    and counted ('empty prompt').
+    """
+
+    has_images = False
+
+    def __init__(self, path: str, *, caption_key: str = "caption", id_key: str | None = None):
+        super().__init__(f"PromptListSource({path})")
+        if not path.endswith((".txt", ".jsonl", ".csv", ".parquet")):
+            raise ValueError(f"{path}: a prompt list is .txt, .jsonl, .csv or .parquet")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such prompt list")
+        self.path, self.caption_key, self.id_key = path, caption_key, id_key
+        self._len: int | None = None
+
+    def _rows(self) -> Iterator[Mapping[str, Any]]:
+        """The file's rows as mappings, streamed."""
+        if self.path.endswith(".parquet"):
+            import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+            f = pq.ParquetFile(self.path)
+            columns = [c for c in (self.caption_key, self.id_key) if c]
+            missing = [c for c in columns if c not in f.schema_arrow.names]
+            if missing:
+                raise KeyError(f"{self.path}: no column {missing[0]!r} (have {f.schema_arrow.names})")
+            for batch in f.iter_batches(columns=columns, batch_size=4096):
+                yield from batch.to_pylist()
+            return
+        with open(self.path, encoding="utf-8", newline="") as f:
+            if self.path.endswith(".txt"):
+                yield from ({self.caption_key: line.rstrip("\n")} for line in f)
+                return
+            rows = (json.loads(line) for line in f if line.strip()) if self.path.endswith(".jsonl") \
+                else csv.DictReader(f)
+            for row in rows:
+                for key in filter(None, (self.caption_key, self.id_key)):
+                    if key not in row:
+                        raise KeyError(f"{self.path}: no column {key!r} (have {sorted(row)})")
+                yield row
+
+    def __len__(self) -> int:
+        if self._len is None:
+            if self.path.endswith(".parquet"):
+                import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+                self._len = pq.ParquetFile(self.path).metadata.num_rows
+            else:
+                self._len = sum(1 for _ in self._rows())
+        return self._len
+
+    def __iter__(self) -> Iterator[Example]:
+        for i, row in enumerate(self._rows()):
+            prompt = str(row.get(self.caption_key) or "").strip()
+            if not prompt:
+                self.skipped.skip(f"{self.path}:{i}", "empty prompt")
+                continue
+            yield (int(row[self.id_key]) if self.id_key else i), None, prompt
 
 
 def _get_path(features: Mapping[str, Any], key: str) -> Any:
@@ -369,7 +435,7 @@ class DigitsSource(Source):
 
 def make_source(config: Mapping[str, Any] | Any) -> Source:
     """A source from a config dict / ConfigDict: {"kind": "folder"|"captions"|"tfds"|"digits"|
-    "webdataset", ...}.
+    "webdataset"|"prompts", ...}.
 
     The remaining keys are the constructor's arguments, e.g.
     {"kind": "tfds", "name": "coco_captions", "split": "train", "data_dir": "/data/tfds",
@@ -380,7 +446,7 @@ def make_source(config: Mapping[str, Any] | Any) -> Source:
     cfg = dict(config.to_dict() if hasattr(config, "to_dict") else config)
     kind = cfg.pop("kind")
     kinds = {"folder": FolderSource, "captions": CaptionFileSource, "tfds": TFDSSource,
-             "digits": DigitsSource, "webdataset": WebDatasetSource}
+             "digits": DigitsSource, "webdataset": WebDatasetSource, "prompts": PromptListSource}
     if kind not in kinds:
         raise ValueError(f"unknown source kind {kind!r}; expected one of {sorted(kinds)}")
     return kinds[kind](**cfg)

@@ -184,3 +184,25 @@ def test_prompt_lists_precompute_teacher_pairs(tmp_path):
                                           **{"db.dir": os.path.join(work, "db")}), work)
     with pytest.raises(ValueError, match="a retrieval database needs images"):
         build_db.build_db(make_config(**{"db.source": source, "db.dir": str(tmp_path / "db2")}), work)
+
+
+def test_img2dataset_parquet_output(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [dict(key=f"00000{i:04d}", status="success", caption=f"photo {i}", jpg=_jpg(i), pwatermark=0.1)
+            for i in range(5)]
+    rows[1]["status"] = "failed_to_download"
+    rows[1]["jpg"] = None
+    rows[2]["caption"] = ""
+    rows[3]["pwatermark"] = 0.9
+    path = str(tmp_path / "00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2)
+    src = sources.make_source({"kind": "parquet", "paths": str(tmp_path / "*.parquet"),
+                               "image_size": SIZE, "max_pwatermark": 0.5})
+    got = list(src)
+    assert [i for i, _, _ in got] == [0, 4] and got[1][2] == "photo 4" and got[0][1].shape == (SIZE, SIZE, 3)
+    assert src.skipped.as_dict() == {"status": 1, "missing caption": 1, "pwatermark": 1}
+    assert len(src) == 5
+    with pytest.raises(KeyError, match="no column 'image'"):
+        list(sources.make_source({"kind": "parquet", "paths": path, "image_column": "image"}))

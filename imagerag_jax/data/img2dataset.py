@@ -1,4 +1,4 @@
-"""img2dataset's webdataset output as a source: tar shards of KEY.{jpg,png,webp} + KEY.txt + KEY.json.
+"""img2dataset's outputs as sources: webdataset tar shards (KEY.{jpg,png,webp} + .txt + .json) and parquet.
 
     WebDatasetSource("/data/laion/*.tar", image_size=512, min_side=512, max_pwatermark=0.5,
                      max_punsafe=0.1, min_aesthetic=5.0)
@@ -10,6 +10,7 @@ that does not become an example is counted by reason in `skipped`: 'unreadable i
 'missing caption', 'missing image', 'bad metadata', one 'corrupt shard' per shard that cannot be
 read to its end (the samples before the damage are kept), and one reason per filter ('min_side',
 'pwatermark', 'punsafe', 'aesthetic'; an item whose metadata lacks a filtered field fails it).
+`ParquetSource` reads img2dataset's parquet output (the image bytes in a column) with pyarrow.
 `tarfile` rather than the `webdataset` package: the layout needs no more than the standard
 library, and the package's own readers stop or retry on a damaged shard instead of counting it.
 """
@@ -112,10 +113,6 @@ class WebDatasetSource(sources.Source):
         if ext is None:
             self.skipped.skip(name, "missing image")
             return None
-        caption = members.get("txt", b"").decode("utf-8", "replace").strip()
-        if not caption:
-            self.skipped.skip(name, "missing caption")
-            return None
         meta: dict[str, Any] = {}
         if "json" in members:
             try:
@@ -123,22 +120,84 @@ class WebDatasetSource(sources.Source):
             except (ValueError, UnicodeDecodeError) as e:
                 self.skipped.skip(name, "bad metadata", e)
                 return None
-        for field, meta_key, reason, keep in FILTERS:
-            bound = self.bounds[field]
-            if bound is None:
-                continue
-            value = meta.get(meta_key)
-            if not isinstance(value, (int, float)) or not keep(float(value), float(bound)):
-                self.skipped.skip(name, reason)
-                return None
-        try:
-            image = sources.decode_image(members[ext])
-        except Exception as e:  # pylint: disable=broad-except
-            self.skipped.skip(name, "unreadable image", e)
+        caption = members.get("txt", b"").decode("utf-8", "replace")
+        return _checked(self, name, members[ext], caption, meta, key, position)
+
+
+def _checked(src: Any, name: str, image_bytes: bytes | None, caption: str | None,
+             meta: Mapping[str, Any], key: str, position: int) -> sources.Example | None:
+    """The example of one img2dataset item after its checks and filters (skips counted on `src`)."""
+    if not image_bytes:
+        src.skipped.skip(name, "missing image")
+        return None
+    caption = (caption or "").strip()
+    if not caption:
+        src.skipped.skip(name, "missing caption")
+        return None
+    for field, meta_key, reason, keep in FILTERS:
+        bound = src.bounds[field]
+        if bound is None:
+            continue
+        value = meta.get(meta_key)
+        if not isinstance(value, (int, float)) or not keep(float(value), float(bound)):
+            src.skipped.skip(name, reason)
             return None
-        if self.min_side is not None and min(image.shape[:2]) < self.min_side:
-            self.skipped.skip(name, "min_side")
-            return None
-        key_id = str(meta.get("key") or key)
-        example_id = int(key_id) if key_id.isdigit() else position
-        return example_id, self._finish(image), caption
+    try:
+        image = sources.decode_image(image_bytes)
+    except Exception as e:  # pylint: disable=broad-except
+        src.skipped.skip(name, "unreadable image", e)
+        return None
+    if src.min_side is not None and min(image.shape[:2]) < src.min_side:
+        src.skipped.skip(name, "min_side")
+        return None
+    key_id = str(meta.get("key") or key)
+    example_id = int(key_id) if key_id.isdigit() else position
+    return example_id, src._finish(image), caption  # pylint: disable=protected-access
+
+
+class ParquetSource(sources.Source):
+    """img2dataset's parquet output (`--output_format parquet`): rows with the image bytes.
+
+    Files in sorted order, read by record batch with pyarrow; a row whose `status` is not
+    'success' is skipped ('status'), the rest as `WebDatasetSource` (same filters and reasons,
+    read from the row's columns).
+    """
+
+    def __init__(self, paths: str | Sequence[str], *, image_column: str = "jpg",
+                 caption_column: str = "caption", image_size: int | None = None,
+                 min_side: int | None = None, max_pwatermark: float | None = None,
+                 max_punsafe: float | None = None, min_aesthetic: float | None = None):
+        super().__init__("parquet", image_size)
+        self.files = expand_paths(paths)
+        self.image_column, self.caption_column = image_column, caption_column
+        self.min_side = min_side
+        self.bounds = {"max_pwatermark": max_pwatermark, "max_punsafe": max_punsafe,
+                       "min_aesthetic": min_aesthetic}
+
+    def __len__(self) -> int:
+        import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
+
+    def __iter__(self) -> Iterator[sources.Example]:
+        import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+        position = 0
+        for path in self.files:
+            f = pq.ParquetFile(path)
+            names = f.schema_arrow.names
+            for column in (self.image_column, self.caption_column):
+                if column not in names:
+                    raise KeyError(f"{path}: no column {column!r} (have {names})")
+            for batch in f.iter_batches(batch_size=256):
+                for row in batch.to_pylist():
+                    key = str(row.get("key") or position)
+                    name = f"{path}:{key}"
+                    if row.get("status", "success") != "success":
+                        self.skipped.skip(name, "status")
+                    else:
+                        example = _checked(self, name, row.get(self.image_column),
+                                           row.get(self.caption_column), row, key, position)
+                        if example is not None:
+                            yield example
+                    position += 1

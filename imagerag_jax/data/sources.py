@@ -435,18 +435,19 @@ class DigitsSource(Source):
 
 def make_source(config: Mapping[str, Any] | Any) -> Source:
     """A source from a config dict / ConfigDict: {"kind": "folder"|"captions"|"tfds"|"digits"|
-    "webdataset"|"prompts", ...}.
+    "webdataset"|"parquet"|"prompts", ...}.
 
     The remaining keys are the constructor's arguments, e.g.
     {"kind": "tfds", "name": "coco_captions", "split": "train", "data_dir": "/data/tfds",
      "caption_key": "captions/text"}.
     """
-    from imagerag_jax.data.img2dataset import WebDatasetSource  # it builds on this module
+    from imagerag_jax.data.img2dataset import ParquetSource, WebDatasetSource  # they build on this module
 
     cfg = dict(config.to_dict() if hasattr(config, "to_dict") else config)
     kind = cfg.pop("kind")
     kinds = {"folder": FolderSource, "captions": CaptionFileSource, "tfds": TFDSSource,
-             "digits": DigitsSource, "webdataset": WebDatasetSource, "prompts": PromptListSource}
+             "digits": DigitsSource, "webdataset": WebDatasetSource, "parquet": ParquetSource,
+             "prompts": PromptListSource}
     if kind not in kinds:
         raise ValueError(f"unknown source kind {kind!r}; expected one of {sorted(kinds)}")
     return kinds[kind](**cfg)

@@ -204,5 +204,28 @@ def test_img2dataset_parquet_output(tmp_path):
     assert [i for i, _, _ in got] == [0, 4] and got[1][2] == "photo 4" and got[0][1].shape == (SIZE, SIZE, 3)
     assert src.skipped.as_dict() == {"status": 1, "missing caption": 1, "pwatermark": 1}
     assert len(src) == 5
+    # A damaged file (here: no parquet footer at all) is one counted 'corrupt shard'; the rest flows.
+    (tmp_path / "00001.parquet").write_bytes(b"PAR1 not really parquet")
+    src = sources.make_source({"kind": "parquet", "paths": str(tmp_path / "*.parquet"),
+                               "image_size": SIZE})
+    assert len(src) == 6 and [i for i, _, _ in src] == [0, 3, 4]
+    assert src.skipped.as_dict() == {"status": 1, "missing caption": 1, "corrupt shard": 1}
     with pytest.raises(KeyError, match="no column 'image'"):
         list(sources.make_source({"kind": "parquet", "paths": path, "image_column": "image"}))
+
+
+def test_shard_cut_at_a_header_boundary_is_counted(tmp_path):
+    # tarfile ends silently at a missing or garbled header; the end-of-archive check catches it.
+    pattern = write_shards(str(tmp_path / "shards"), bad=False)
+    last = str(tmp_path / "shards" / "00002.tar")
+    with open(last, "rb") as f:
+        raw = f.read()
+    for cut, garble in ((raw.index(b"000020002.jpg"), False), (raw.index(b"000020002.jpg"), True)):
+        with open(last, "wb") as f:
+            f.write(raw[:cut] + (b"\x01" * 512 + raw[cut + 512:] if garble else b""))
+        src = img2dataset.WebDatasetSource(pattern)
+        ids = [e[0] for e in src]
+        # The sample still open at the cut (000020001: more of its members may be lost) is dropped.
+        assert ids[-2:] == [10003, 20000] and len(ids) == 11, garble
+        assert src.skipped.as_dict() == {"corrupt shard": 1}
+        assert len(img2dataset.WebDatasetSource(pattern)) == 12

@@ -8,8 +8,10 @@ member at a time: a shard is never listed or held whole), and a sample is the ru
 members sharing a key, as img2dataset writes them. Ids are img2dataset's numeric keys. Every item
 that does not become an example is counted by reason in `skipped`: 'unreadable image',
 'missing caption', 'missing image', 'bad metadata', one 'corrupt shard' per shard that cannot be
-read to its end (the samples before the damage are kept), and one reason per filter ('min_side',
-'pwatermark', 'punsafe', 'aesthetic'; an item whose metadata lacks a filtered field fails it).
+read to its end (the samples before the damage are kept; a plain `.tar` must end in its
+end-of-archive block, since `tarfile` stops silently at a cut header), and one reason per filter
+('min_side', 'pwatermark', 'punsafe', 'aesthetic'; an item whose metadata lacks a filtered field
+fails it).
 `ParquetSource` reads img2dataset's parquet output (the image bytes in a column) with pyarrow.
 `tarfile` rather than the `webdataset` package: the layout needs no more than the standard
 library, and the package's own readers stop or retry on a damaged shard instead of counting it.
@@ -46,6 +48,19 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
     return found
 
 
+def _clean_end(path: str, offset: int) -> bool:
+    """True when a plain tar holds its end-of-archive zero block at `offset` (where reading stopped).
+
+    Compressed shards are left to the decompressor's own checks (the offset is not a file offset).
+    """
+    if not path.lower().endswith(".tar"):
+        return True
+    with open(path, "rb") as f:
+        f.seek(offset)
+        block = f.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and not any(block)
+
+
 def _samples(path: str, read: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) of each sample of one shard, streamed; raises on damage."""
     key, members = None, {}
@@ -61,6 +76,11 @@ def _samples(path: str, read: bool = True) -> Iterator[tuple[str, dict[str, byte
             key = stem
             f = tar.extractfile(info) if read else None
             members[ext.lower()] = f.read() if f is not None else b""
+            tar.members = []  # tarfile keeps every header it read; a shard's worth only grows
+        end = tar.offset
+    if not _clean_end(path, end):
+        # tarfile ends silently at a cut or garbled header; the sample being read is dropped.
+        raise tarfile.ReadError(f"no end-of-archive block at byte {end}: truncated or corrupt")
     if key is not None:
         yield key, members
 
@@ -175,22 +195,28 @@ class ParquetSource(sources.Source):
                        "min_aesthetic": min_aesthetic}
 
     def __len__(self) -> int:
-        import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in self.files)
+        """Raw items: rows over every file, from the footers (an unreadable file counts one)."""
+        return sum(n if (n := _num_rows(f)) is not None else 1 for f in self.files)
 
     def __iter__(self) -> Iterator[sources.Example]:
         import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
         position = 0
         for path in self.files:
-            f = pq.ParquetFile(path)
+            try:
+                f = pq.ParquetFile(path)
+            except Exception as e:  # pylint: disable=broad-except  # pyarrow raises several kinds
+                self.skipped.skip(path, "corrupt shard", e)  # one raw item, as __len__ counts it
+                position += 1
+                continue
             names = f.schema_arrow.names
             for column in (self.image_column, self.caption_column):
                 if column not in names:
-                    raise KeyError(f"{path}: no column {column!r} (have {names})")
-            for batch in f.iter_batches(batch_size=256):
-                for row in batch.to_pylist():
+                    raise KeyError(f"{path}: no column {column!r} (have {names}); a list of "
+                                   "captions without images is source kind 'prompts'")
+            end = position + f.metadata.num_rows
+            try:
+                for row in _rows(f):
                     key = str(row.get("key") or position)
                     name = f"{path}:{key}"
                     if row.get("status", "success") != "success":
@@ -201,3 +227,24 @@ class ParquetSource(sources.Source):
                         if example is not None:
                             yield example
                     position += 1
+            except Exception as e:  # pylint: disable=broad-except
+                # A damaged row group: every row not read is one raw item, so positions match len().
+                for _ in range(end - position):
+                    self.skipped.skip(path, "corrupt shard", e)
+                position = end
+
+
+def _num_rows(path: str) -> int | None:
+    """Rows of a parquet file from its footer; None when the file cannot be opened."""
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # pylint: disable=broad-except
+        return None
+
+
+def _rows(f: Any) -> Iterator[dict[str, Any]]:
+    """The rows of an open pyarrow ParquetFile, a bounded record batch at a time."""
+    for batch in f.iter_batches(batch_size=256):
+        yield from batch.to_pylist()

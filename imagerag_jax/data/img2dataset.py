@@ -85,17 +85,57 @@ def _samples(path: str, read: bool = True) -> Iterator[tuple[str, dict[str, byte
         yield key, members
 
 
-class WebDatasetSource(sources.Source):
+class _FilteredSource(sources.Source):
+    """An img2dataset source: its metadata filters and the checks every item goes through."""
+
+    def __init__(self, name: str, image_size: int | None, min_side: int | None,
+                 max_pwatermark: float | None, max_punsafe: float | None,
+                 min_aesthetic: float | None):
+        super().__init__(name, image_size)
+        self.min_side = min_side
+        self.bounds = {"max_pwatermark": max_pwatermark, "max_punsafe": max_punsafe,
+                       "min_aesthetic": min_aesthetic}
+
+    def _checked(self, name: str, image_bytes: bytes | None, caption: str | None,
+                 meta: Mapping[str, Any], key: str, position: int) -> sources.Example | None:
+        """The example of one item after its checks and filters (skips counted)."""
+        if not image_bytes:
+            self.skipped.skip(name, "missing image")
+            return None
+        caption = (caption or "").strip()
+        if not caption:
+            self.skipped.skip(name, "missing caption")
+            return None
+        for field, meta_key, reason, keep in FILTERS:
+            bound = self.bounds[field]
+            if bound is None:
+                continue
+            value = meta.get(meta_key)
+            if not isinstance(value, (int, float)) or not keep(float(value), float(bound)):
+                self.skipped.skip(name, reason)
+                return None
+        try:
+            image = sources.decode_image(image_bytes)
+        except Exception as e:  # pylint: disable=broad-except
+            self.skipped.skip(name, "unreadable image", e)
+            return None
+        if self.min_side is not None and min(image.shape[:2]) < self.min_side:
+            self.skipped.skip(name, "min_side")
+            return None
+        key_id = str(meta.get("key") or key)
+        example_id = int(key_id) if key_id.isdigit() else position
+        return example_id, self._finish(image), caption
+
+
+class WebDatasetSource(_FilteredSource):
     """Examples of img2dataset webdataset shards (see the module docstring)."""
 
     def __init__(self, paths: str | Sequence[str], *, image_size: int | None = None,
                  min_side: int | None = None, max_pwatermark: float | None = None,
                  max_punsafe: float | None = None, min_aesthetic: float | None = None):
-        super().__init__("webdataset", image_size)
+        super().__init__("webdataset", image_size, min_side, max_pwatermark, max_punsafe,
+                         min_aesthetic)
         self.shards = expand_paths(paths)
-        self.min_side = min_side
-        self.bounds = {"max_pwatermark": max_pwatermark, "max_punsafe": max_punsafe,
-                       "min_aesthetic": min_aesthetic}
         self._len: int | None = None
 
     def __len__(self) -> int:
@@ -141,41 +181,10 @@ class WebDatasetSource(sources.Source):
                 self.skipped.skip(name, "bad metadata", e)
                 return None
         caption = members.get("txt", b"").decode("utf-8", "replace")
-        return _checked(self, name, members[ext], caption, meta, key, position)
+        return self._checked(name, members[ext], caption, meta, key, position)
 
 
-def _checked(src: Any, name: str, image_bytes: bytes | None, caption: str | None,
-             meta: Mapping[str, Any], key: str, position: int) -> sources.Example | None:
-    """The example of one img2dataset item after its checks and filters (skips counted on `src`)."""
-    if not image_bytes:
-        src.skipped.skip(name, "missing image")
-        return None
-    caption = (caption or "").strip()
-    if not caption:
-        src.skipped.skip(name, "missing caption")
-        return None
-    for field, meta_key, reason, keep in FILTERS:
-        bound = src.bounds[field]
-        if bound is None:
-            continue
-        value = meta.get(meta_key)
-        if not isinstance(value, (int, float)) or not keep(float(value), float(bound)):
-            src.skipped.skip(name, reason)
-            return None
-    try:
-        image = sources.decode_image(image_bytes)
-    except Exception as e:  # pylint: disable=broad-except
-        src.skipped.skip(name, "unreadable image", e)
-        return None
-    if src.min_side is not None and min(image.shape[:2]) < src.min_side:
-        src.skipped.skip(name, "min_side")
-        return None
-    key_id = str(meta.get("key") or key)
-    example_id = int(key_id) if key_id.isdigit() else position
-    return example_id, src._finish(image), caption  # pylint: disable=protected-access
-
-
-class ParquetSource(sources.Source):
+class ParquetSource(_FilteredSource):
     """img2dataset's parquet output (`--output_format parquet`): rows with the image bytes.
 
     Files in sorted order, read by record batch with pyarrow; a row whose `status` is not
@@ -187,12 +196,9 @@ class ParquetSource(sources.Source):
                  caption_column: str = "caption", image_size: int | None = None,
                  min_side: int | None = None, max_pwatermark: float | None = None,
                  max_punsafe: float | None = None, min_aesthetic: float | None = None):
-        super().__init__("parquet", image_size)
+        super().__init__("parquet", image_size, min_side, max_pwatermark, max_punsafe, min_aesthetic)
         self.files = expand_paths(paths)
         self.image_column, self.caption_column = image_column, caption_column
-        self.min_side = min_side
-        self.bounds = {"max_pwatermark": max_pwatermark, "max_punsafe": max_punsafe,
-                       "min_aesthetic": min_aesthetic}
 
     def __len__(self) -> int:
         """Raw items: rows over every file, from the footers (an unreadable file counts one)."""
@@ -222,8 +228,8 @@ class ParquetSource(sources.Source):
                     if row.get("status", "success") != "success":
                         self.skipped.skip(name, "status")
                     else:
-                        example = _checked(self, name, row.get(self.image_column),
-                                           row.get(self.caption_column), row, key, position)
+                        example = self._checked(name, row.get(self.image_column),
+                                                row.get(self.caption_column), row, key, position)
                         if example is not None:
                             yield example
                     position += 1

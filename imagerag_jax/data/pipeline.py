@@ -91,11 +91,17 @@ def mixture_schema(manifests: Sequence[tuple[str, Mapping[str, Any]]]) -> tfreco
     return dataclasses.replace(schema0, has_noise=has_noise)
 
 
-def data_schema(data_dir: str | Sequence[tuple[str, float]], split: str) -> tfrecords.Schema:
-    """The schema `InputPipeline(data_dir, split, ...)` yields (manifests validated, not the files)."""
+def _named_sets(data_dir: str | Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    """(dir, weight) of one set or of a mixture; MixtureError for an empty or malformed one."""
     named = [(data_dir, 1.0)] if isinstance(data_dir, str) else mixture.parse_sets(data_dir)
     if not named:
         raise mixture.MixtureError("an empty mixture: name at least one (data_dir, weight)")
+    return named
+
+
+def data_schema(data_dir: str | Sequence[tuple[str, float]], split: str) -> tfrecords.Schema:
+    """The schema `InputPipeline(data_dir, split, ...)` yields (manifests validated, not the files)."""
+    named = _named_sets(data_dir)
     return mixture_schema([(d, tfrecords.validate_manifest(d, split=split, check_files=False))
                            for d, _ in named])
 
@@ -146,9 +152,7 @@ class InputPipeline:
             raise ValueError(f"global batch {global_batch_size} not divisible by "
                              f"{self.process_count} processes")
         self.is_mixture = not isinstance(data_dir, str)
-        named = mixture.parse_sets(data_dir) if self.is_mixture else [(data_dir, 1.0)]
-        if not named:
-            raise mixture.MixtureError("an empty mixture: name at least one (data_dir, weight)")
+        named = _named_sets(data_dir)
         if self.is_mixture and num_epochs is not None:
             raise mixture.MixtureError("num_epochs needs one TFRecord set; a mixture repeats forever")
         self.split, self.seed, self.shuffle_buffer = split, seed, shuffle_buffer

@@ -435,7 +435,7 @@ class DigitsSource(Source):
 
 def make_source(config: Mapping[str, Any] | Any) -> Source:
     """A source from a config dict / ConfigDict: {"kind": "folder"|"captions"|"tfds"|"digits"|
-    "webdataset"|"parquet"|"prompts", ...}.
+    "compose"|"webdataset"|"parquet"|"prompts", ...}.
 
     The remaining keys are the constructor's arguments, e.g.
     {"kind": "tfds", "name": "coco_captions", "split": "train", "data_dir": "/data/tfds",
@@ -448,6 +448,9 @@ def make_source(config: Mapping[str, Any] | Any) -> Source:
     kinds = {"folder": FolderSource, "captions": CaptionFileSource, "tfds": TFDSSource,
              "digits": DigitsSource, "webdataset": WebDatasetSource, "parquet": ParquetSource,
              "prompts": PromptListSource}
+    if kind == "compose":  # the compositional miniature's canvases (built on this module)
+        from imagerag_jax.miniature.compose import ComposeSource  # pylint: disable=g-import-not-at-top
+        kinds[kind] = ComposeSource
     if kind not in kinds:
         raise ValueError(f"unknown source kind {kind!r}; expected one of {sorted(kinds)}")
     return kinds[kind](**cfg)

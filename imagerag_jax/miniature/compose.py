@@ -1,8 +1,8 @@
 """The compositional miniature's data: two tinted handwritten digits side by side, bound by captions.
 
 A composition is (left digit, left colour, right digit, right colour): 10 x 4 x 10 x 4 = 1,600.
-A canvas is S x 2S RGB on black: each half one of scikit-learn's 8x8 digits upsampled to S x S
-and tinted with its colour. Captions name both digits, colours and sides in varied wording and
+A canvas is S x S RGB on black (square, as every production job expects): each half, S x S/2,
+one of scikit-learn's 8x8 digits stretched to fill it and tinted with its colour. Captions name both digits, colours and sides in varied wording and
 order, so that a model must bind each colour to its digit and each digit to its side.
 
 Everything is a function of the seed:
@@ -107,18 +107,25 @@ def frequency_classes(seed: int, frequent: int = 40, unseen: int = 400) -> np.nd
 
 
 def tint(digit: np.ndarray, colour: int, size: int) -> np.ndarray:
-    """An 8x8 digit (0..16) upsampled to size x size and tinted: float32 RGB in [0, 1]."""
-    if size % 8:
-        raise ValueError(f"canvas half size {size} must be a multiple of 8 (the digits are 8x8)")
+    """An 8x8 digit (0..16) stretched to a size x size/2 half and tinted: float32 RGB in [0, 1]."""
+    if size % 16:
+        raise ValueError(f"canvas size {size} must be a multiple of 16 (two 8x8 digits side by side)")
     x = np.clip(digit.astype(np.float32) / 16.0, 0.0, 1.0)
-    x = np.kron(x, np.ones((size // 8, size // 8), np.float32))
+    x = np.kron(x, np.ones((size // 8, size // 16), np.float32))
     return x[..., None] * PALETTE[colour]
 
 
 def canvas(left: np.ndarray, right: np.ndarray, comp: Composition, size: int = 16) -> np.ndarray:
-    """uint8 [size, 2 size, 3]: the two 8x8 digits tinted and placed left and right on black."""
+    """uint8 [size, size, 3]: the two 8x8 digits tinted and placed left and right on black."""
     halves = [tint(left, comp.left_colour, size), tint(right, comp.right_colour, size)]
     return np.round(np.concatenate(halves, axis=1) * 255.0).astype(np.uint8)
+
+
+def digit_halves(ids: np.ndarray, size: int = 16) -> np.ndarray:
+    """uint8 [N, size, size/2, 3]: digit images as white canvas halves (the judge's training input)."""
+    digits, _ = sources._load_digits()  # pylint: disable=protected-access
+    return np.stack([np.round(np.repeat(tint(digits[int(i)], 0, size)[..., :1], 3, -1) * 255.0)
+                     for i in ids]).astype(np.uint8)
 
 
 def colour_of(half: np.ndarray) -> int:
@@ -172,6 +179,7 @@ def _make(comps: np.ndarray, pool: dict[int, np.ndarray], rng: np.random.Generat
                         np.asarray(rights, np.int64), tuple(caps), classes[np.asarray(comps, np.int64)])
 
 
+@functools.lru_cache(maxsize=4)
 def make_splits(seed: int = 0, *, size: int = 16, train: int = 4000, frequent_share: float = 0.6,
                 database_per_composition: int = 2, eval_per_class: int = 60,
                 frequent: int = 40, unseen: int = 400) -> dict[str, ComposeSplit]:
@@ -195,6 +203,51 @@ def make_splits(seed: int = 0, *, size: int = 16, train: int = 4000, frequent_sh
     return {"train": _make(train_comps, pools["train"], np.random.default_rng([seed, 1]), size, classes),
             "database": _make(db_comps, pools["database"], np.random.default_rng([seed, 2]), size, classes),
             "eval": _make(eval_comps, pools["eval"], np.random.default_rng([seed, 3]), size, classes)}
+
+
+SPLIT_ID_OFFSET = {"train": 0, "database": 1_000_000, "eval": 2_000_000}
+NUM_VARIANTS = 4 * len(TEMPLATES)  # template x (numeral|word) on each side
+
+
+def all_captions() -> list[list[str]]:
+    """Every wording of every composition, by composition index (a `stages.CaptionTable`'s input)."""
+    return [[caption(Composition.from_index(i), v) for v in range(NUM_VARIANTS)]
+            for i in range(NUM_COMPOSITIONS)]
+
+
+class ComposeSource(sources.Source):
+    """A compositional split as a source of the production jobs (build-db, precompute).
+
+    Ids are the canvas's position in its split plus a per-split offset, so the splits share one
+    id space and never collide; the arguments after `seed` are `make_splits`'.
+    """
+
+    def __init__(self, split: str = "train", *, size: int = 16, seed: int = 0, **split_kw):
+        super().__init__(f"ComposeSource({split})", None)
+        if split not in SPLIT_ID_OFFSET:
+            raise ValueError(f"unknown compose split {split!r}; have {sorted(SPLIT_ID_OFFSET)}")
+        self.split = make_splits(seed, size=size, **split_kw)[split]
+        self.offset = SPLIT_ID_OFFSET[split]
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __iter__(self):
+        for i, (img, text) in enumerate(zip(self.split.images, self.split.captions)):
+            yield self.offset + i, img, text
+
+
+def train_judge(size: int = 16, *, split_seed: int = 0, seed: int = 0, epochs: int = 0):
+    """The digit judge: a `judge.DigitClassifier` fit on the real train-pool digits as white halves.
+
+    Never on the database or eval pools, never on a generated image.
+    """
+    from imagerag_jax.miniature import judge as judge_lib  # pylint: disable=g-import-not-at-top
+
+    _, labels = sources._load_digits()  # pylint: disable=protected-access
+    ids = sources.digits_split_indices(split_seed)["train"]
+    kw = {"epochs": epochs} if epochs else {}
+    return judge_lib.DigitClassifier(**kw).fit(digit_halves(ids, size), labels[ids], seed=seed)
 
 
 # --------------------------------------------------------------------------- the judge
@@ -223,15 +276,20 @@ def judge(classifier, images: np.ndarray) -> dict[str, np.ndarray]:
             "right_colour": np.array([colour_of(h) for h in x[:, :, half:]], np.int64)}
 
 
+def correct_attributes(predicted: dict[str, np.ndarray], compositions: np.ndarray) -> np.ndarray:
+    """(N, 4) bool: each attribute of `Composition._fields` judged right, per canvas."""
+    comps = [Composition.from_index(int(i)) for i in compositions]
+    return np.stack([np.asarray(predicted[name]) == np.array([getattr(c, name) for c in comps], np.int64)
+                     for name in Composition._fields], axis=1).reshape(len(comps), len(Composition._fields))
+
+
 def score(predicted: dict[str, np.ndarray], compositions: np.ndarray,
           classes: np.ndarray) -> dict[str, object]:
     """TIFA-like: accuracy per attribute, the all-four-correct rate, and it per frequency class."""
-    comps = [Composition.from_index(int(i)) for i in compositions]
-    want = {name: np.array([getattr(c, name) for c in comps], np.int64) for name in Composition._fields}
-    right = {name: np.asarray(predicted[name]) == want[name] for name in Composition._fields}
-    all_four = np.logical_and.reduce([right[n] for n in Composition._fields])
+    right = correct_attributes(predicted, compositions)
+    all_four = right.all(axis=1)
     classes = np.asarray(classes)
     return {"all_correct": float(all_four.mean()),
-            "attribute_accuracy": {n: float(r.mean()) for n, r in right.items()},
+            "attribute_accuracy": {n: float(right[:, i].mean()) for i, n in enumerate(Composition._fields)},
             "by_class": {name: (float(all_four[classes == c].mean()) if np.any(classes == c) else None)
                          for c, name in enumerate(CLASSES)}}

@@ -1,4 +1,4 @@
-"""`run(config, workdir)`: every stage of the digits miniature, then the comparison.
+"""`run(config, workdir)`: every stage of a miniature (digits, or compose), then the comparison.
 
 Stages (each resumable): vae -> text -> teacher -> student (turbo) -> build-db -> precompute ->
 ImageRAGTurbo training (the production `train.train_and_evaluate`) -> classifier -> evaluation.
@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import ml_collections
+import numpy as np
 from absl import logging
 
 from imagerag_jax.miniature import data as data_lib
@@ -50,44 +51,53 @@ class Towers:
         self.__dict__.update(kw)
 
 
-def train_towers(config: ml_collections.ConfigDict, workdir: str) -> Towers:
-    """Stages 1-4: VAE, text encoder, teacher, turbo student; writes models/{teacher,turbo}."""
+def train_towers(config: ml_collections.ConfigDict, workdir: str, images: np.ndarray | None = None,
+                 labels: np.ndarray | None = None, *, captions: list[list[str]] | None = None,
+                 prompt_labels: np.ndarray | None = None) -> Towers:
+    """Stages 1-4: VAE, text encoder, teacher, turbo student; writes models/{teacher,turbo}.
+
+    `images` (float [-1, 1]) and their `labels` train the towers, `captions[label]` are the
+    wordings of each label and `prompt_labels` the labels whose captions the student is distilled
+    on; the defaults are the digits miniature's (train + database splits, every digit).
+    """
     seed, progress = int(config.seed), bool(config.progress)
     size = int(config.image_size)
-    # The splits and captions are those of the precompute jobs (source seed 0) whatever the
-    # training seed, so the held-out split stays held out.
-    train, db = data_lib.load_split("train", size), data_lib.load_split("database", size)
-    pretrain = data_lib.join(train, db)
+    if images is None:
+        # The splits and captions are those of the precompute jobs (source seed 0) whatever the
+        # training seed, so the held-out split stays held out.
+        train, db = data_lib.load_split("train", size), data_lib.load_split("database", size)
+        pretrain = data_lib.join(train, db)
+        images, labels = pretrain.images, pretrain.labels
     stats: dict[str, Any] = {}
 
     t0 = time.perf_counter()
-    vae, vae_p, stats["vae"] = stages.train_vae(workdir, dict(config.vae), pretrain.images, seed=seed,
+    vae, vae_p, stats["vae"] = stages.train_vae(workdir, dict(config.vae), images, seed=seed,
                                                 progress=progress)
     logging.info("vae ready (%.0f s): %s", time.perf_counter() - t0, stats["vae"].get("final"))
 
     tok_dir = random_pipeline.write_byte_tokenizer(os.path.join(workdir, "models", "tokenizer"))
     tokenizer = Tokenizer.from_pretrained(tok_dir)
-    table = stages.CaptionTable(tokenizer)
+    table = stages.CaptionTable(tokenizer, captions)
     t0 = time.perf_counter()
-    text, text_p, stats["text"] = stages.train_text(workdir, dict(config.text), table, pretrain.images,
-                                                    pretrain.labels, seed=seed, progress=progress)
+    text, text_p, stats["text"] = stages.train_text(workdir, dict(config.text), table, images, labels,
+                                                    seed=seed, progress=progress)
     logging.info("text encoder ready (%.0f s): %s", time.perf_counter() - t0, stats["text"].get("final"))
-    contexts, _ = stages.embed_ids(text, text_p, table.ids)
-    empty_context = stages.embed_ids(text, text_p, table.empty_ids)[0][0]
 
     t0 = time.perf_counter()
-    latents = stages.encode_latents(vae, vae_p, pretrain.images)
+    latents = stages.encode_latents(vae, vae_p, images)
     unet = stages.make_unet(dict(config.teacher), text.hidden_size)
     teacher_p, stats["teacher"] = stages.train_teacher(
-        workdir, dict(config.teacher), unet, latents, pretrain.labels, contexts, empty_context, table,
+        workdir, dict(config.teacher), unet, latents, labels, text, text_p, table,
         seed=seed, progress=progress)
     logging.info("teacher ready (%.0f s): %s", time.perf_counter() - t0, stats["teacher"].get("final"))
 
     t0 = time.perf_counter()
     pairs = stages.teacher_pairs(workdir, dict(config.student), unet, teacher_p, text, text_p, table,
-                                 latents.shape[1:], seed=seed, progress=progress)
+                                 latents.shape[1:], seed=seed, labels=prompt_labels,
+                                 progress=progress)
     student_p, stats["student"] = stages.train_student(workdir, dict(config.student), unet, teacher_p,
-                                                       pairs, contexts, seed=seed, progress=progress)
+                                                       pairs, text, text_p, table, seed=seed,
+                                                       progress=progress)
     logging.info("turbo student ready (%.0f s): %s", time.perf_counter() - t0, stats["student"].get("final"))
 
     _write_pipeline(_models_dir(workdir, "teacher"), unet, teacher_p, vae, vae_p, text, text_p, tok_dir)
@@ -115,7 +125,13 @@ def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Every stage, then the evaluation; writes workdir/results.{json,md} and grids; returns results."""
+    """Every stage, then the evaluation; writes workdir/results.{json,md} and grids; returns results.
+
+    A config with `miniature = "compose"` (configs/compose.py) runs the compositional miniature.
+    """
+    if config.get("miniature", "digits") == "compose":
+        from imagerag_jax.miniature import compose_run  # pylint: disable=g-import-not-at-top
+        return compose_run.run(config, workdir)
     from imagerag_jax.miniature import report  # pylint: disable=g-import-not-at-top
 
     os.makedirs(workdir, exist_ok=True)

@@ -62,14 +62,16 @@ def make_unet(cfg: Mapping[str, Any], text_dim: int) -> UNet:
 
 
 class PixelTower(nn.Module):
-    """The image side of the CLIP-style text training: an MLP on grayscale pixels."""
+    """The image side of the CLIP-style text training: an MLP on grayscale (or RGB) pixels."""
 
     dim: int
     hidden: int = 256
+    colour: bool = False  # RGB input: the compositional captions name colours
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        x = images.mean(-1).reshape(images.shape[0], -1)
+        x = images if self.colour else images.mean(-1)
+        x = x.reshape(images.shape[0], -1)
         return nn.Dense(self.dim)(nn.gelu(nn.Dense(self.hidden)(x)))
 
 
@@ -192,11 +194,19 @@ def decode_latents(vae: AutoencoderKL, params: PyTree, latents: np.ndarray | jax
 
 
 class CaptionTable:
-    """Every (digit, template) caption tokenised once: batches index rows instead of tokenising."""
+    """Every (label, wording) caption tokenised once: batches index rows instead of tokenising.
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.templates = len(sources.DIGIT_TEMPLATES)
-        self.captions = [sources.digit_caption(d, v) for d in range(10) for v in range(self.templates)]
+    `captions[label]` lists the wordings of a label (default: the digits' templates).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, captions: list[list[str]] | None = None):
+        if captions is None:
+            captions = [[sources.digit_caption(d, v) for v in range(len(sources.DIGIT_TEMPLATES))]
+                        for d in range(10)]
+        self.templates = len(captions[0])
+        if any(len(c) != self.templates for c in captions):
+            raise ValueError("every label needs the same number of caption wordings")
+        self.captions = [c for per_label in captions for c in per_label]
         self.ids = np.asarray(tokenizer(self.captions), np.int32)
         self.empty_ids = np.asarray(tokenizer([""]), np.int32)
 
@@ -216,7 +226,7 @@ def train_text(workdir: str, cfg: Mapping[str, Any], table: CaptionTable, images
     """
     stage = Stage(workdir, "text", cfg)
     text = make_text(cfg)
-    tower = PixelTower(cfg["hidden"])
+    tower = PixelTower(cfg["hidden"], colour=bool(cfg.get("colour", False)))
     init = {"text": _init(text, seed, jnp.asarray(table.ids[:1])),
             "image": _init(tower, seed + 1, jnp.zeros((1, *images.shape[1:]))),
             "logit_scale": jnp.asarray(np.log(1 / 0.07), jnp.float32)}
@@ -263,16 +273,25 @@ def embed_ids(text: CLIPTextTransformer, params: PyTree, ids: np.ndarray, batch:
 # ------------------------------------------------------------------------------------------------
 
 
+def _contexts(text: CLIPTextTransformer, text_params: PyTree):
+    """ids -> frozen text-encoder hidden states, inside the training step.
+
+    Encoding in the step (not a table of every caption's states) keeps the jitted step free of
+    large constants: the compositional miniature has tens of thousands of captions.
+    """
+    return lambda ids: jax.lax.stop_gradient(text.apply({"params": text_params}, ids)[0])
+
+
 def train_teacher(workdir: str, cfg: Mapping[str, Any], unet: UNet, latents: np.ndarray,
-                  labels: np.ndarray, contexts: np.ndarray, empty_context: np.ndarray,
+                  labels: np.ndarray, text: CLIPTextTransformer, text_params: PyTree,
                   table: CaptionTable, *, seed: int, progress: bool = True
                   ) -> tuple[PyTree, dict[str, Any]]:
     """The DDPM eps objective over all 1000 timesteps on the VAE latents; EMA params are the teacher."""
     stage = Stage(workdir, "teacher", cfg)
     sched = schedule_lib.scaled_linear_schedule()
-    init = _init(unet, seed, jnp.zeros((1, *latents.shape[1:])), jnp.zeros((1,), jnp.int32),
-                 jnp.asarray(contexts[:1]))
-    ctx_table, empty = jnp.asarray(contexts), jnp.asarray(empty_context)
+    encode = _contexts(text, text_params)
+    empty = encode(jnp.asarray(table.empty_ids))[0]
+    init = _init(unet, seed, jnp.zeros((1, *latents.shape[1:])), jnp.zeros((1,), jnp.int32), empty[None])
 
     def loss_fn(params, batch, rng):
         z0 = batch["latents"]
@@ -281,13 +300,14 @@ def train_teacher(workdir: str, cfg: Mapping[str, Any], unet: UNet, latents: np.
         t = jax.random.randint(k_t, (b,), 0, sched.num_train_timesteps)
         eps = jax.random.normal(k_eps, z0.shape)
         drop = jax.random.uniform(k_drop, (b, 1, 1)) < cfg["uncond_prob"]
-        ctx = jnp.where(drop, empty[None], ctx_table[batch["rows"]])
+        ctx = jnp.where(drop, empty[None], encode(batch["ids"]))
         pred = unet.apply({"params": params}, schedule_lib.add_noise(z0, eps, t, sched), t, ctx)
         return jnp.mean(jnp.square(pred - eps)), {}
 
     def batch_fn(step):
         idx = data_lib.batch_indices(len(latents), cfg["batch"], step, seed)
-        return {"latents": latents[idx], "rows": table.rows(labels[idx], np.random.default_rng([seed, 11, step]))}
+        rows = table.rows(labels[idx], np.random.default_rng([seed, 11, step]))
+        return {"latents": latents[idx], "ids": table.ids[rows]}
 
     return _run(stage, init, loss_fn, batch_fn, seed=seed, progress=progress, ema=cfg["ema"])
 
@@ -304,9 +324,13 @@ def teacher_spec(steps: int, guidance: float) -> encoders.TeacherSpec:
 
 def teacher_pairs(workdir: str, cfg: Mapping[str, Any], unet: UNet, teacher_params: PyTree,
                   text: CLIPTextTransformer, text_params: PyTree, table: CaptionTable,
-                  latent_shape: tuple[int, ...], *, seed: int, progress: bool = True
-                  ) -> dict[str, np.ndarray]:
-    """(noise, caption row, teacher x0) pairs, cached in stages/student/pairs.npz."""
+                  latent_shape: tuple[int, ...], *, seed: int, labels: np.ndarray | None = None,
+                  progress: bool = True) -> dict[str, np.ndarray]:
+    """(noise, caption row, teacher x0) pairs, cached in stages/student/pairs.npz.
+
+    Prompts are drawn from `labels` (e.g. a training split's, with its frequencies; default:
+    every row of the table uniformly).
+    """
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
     path = os.path.join(workdir, "stages", "student", "pairs.npz")
@@ -315,7 +339,10 @@ def teacher_pairs(workdir: str, cfg: Mapping[str, Any], unet: UNet, teacher_para
             if len(f["rows"]) == cfg["pairs"]:
                 return dict(f)
     rng = np.random.default_rng([seed, 13])
-    rows = rng.integers(0, len(table.ids), cfg["pairs"])
+    if labels is None:
+        rows = rng.integers(0, len(table.ids), cfg["pairs"])
+    else:
+        rows = table.rows(rng.choice(np.asarray(labels), cfg["pairs"]), rng)
     noise = rng.standard_normal((cfg["pairs"], *latent_shape)).astype(np.float32)
     spec = teacher_spec(cfg["teacher_steps"], cfg["guidance"])
     b = 256
@@ -334,24 +361,26 @@ def teacher_pairs(workdir: str, cfg: Mapping[str, Any], unet: UNet, teacher_para
 
 
 def train_student(workdir: str, cfg: Mapping[str, Any], unet: UNet, teacher_params: PyTree,
-                  pairs: Mapping[str, np.ndarray], contexts: np.ndarray, *, seed: int,
-                  progress: bool = True) -> tuple[PyTree, dict[str, Any]]:
+                  pairs: Mapping[str, np.ndarray], text: CLIPTextTransformer, text_params: PyTree,
+                  table: CaptionTable, *, seed: int, progress: bool = True
+                  ) -> tuple[PyTree, dict[str, Any]]:
     """Initialised from the teacher; smooth-L1 (Eq. 8) between its one-step x0 and the teacher's."""
     stage = Stage(workdir, "student", {k: v for k, v in cfg.items()})
     sched = schedule_lib.scaled_linear_schedule()
-    ctx_table = jnp.asarray(contexts)
+    encode = _contexts(text, text_params)
     t_max = sched.num_train_timesteps - 1
 
     def loss_fn(params, batch, rng):
         del rng
         noise = batch["noise"]
         t = jnp.full((noise.shape[0],), t_max, jnp.int32)
-        eps = unet.apply({"params": params}, noise, t, ctx_table[batch["rows"]])
+        eps = unet.apply({"params": params}, noise, t, encode(batch["ids"]))
         x0 = schedule_lib.predict_x0(eps, noise, t, sched, "epsilon")
         return losses.smooth_l1(x0, batch["latents"]), {}
 
     def batch_fn(step):
         idx = data_lib.batch_indices(len(pairs["rows"]), cfg["batch"], step, seed)
-        return {k: pairs[k][idx] for k in ("noise", "rows", "latents")}
+        return {"noise": pairs["noise"][idx], "latents": pairs["latents"][idx],
+                "ids": table.ids[pairs["rows"][idx]]}
 
     return _run(stage, teacher_params, loss_fn, batch_fn, seed=seed, progress=progress)

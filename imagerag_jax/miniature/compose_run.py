@@ -1,0 +1,119 @@
+"""`run(config, workdir)` for the compositional miniature (configs/compose.py).
+
+Per training seed: towers (VAE, text encoder, teacher, turbo student: `run.train_towers` on the
+compositional canvases) -> build-db on the database split -> precompute two TFRecord sets of
+the training prompts (teacher-synthesised, real) -> ImageRAGTurbo trained on their mixture (and,
+as an ablation, on the teacher set alone) -> `compose_report.evaluate_seed`. With several seeds
+each runs in workdir/seed_S and `compose_report.aggregate` writes the table over seeds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from imagerag_jax.miniature import compose
+from imagerag_jax.miniature import compose_report
+from imagerag_jax.miniature import run as run_lib
+
+
+def splits(config: ml_collections.ConfigDict) -> dict[str, compose.ComposeSplit]:
+    """The run's splits (a function of data_seed and config.splits only)."""
+    return compose.make_splits(int(config.data_seed), size=int(config.image_size), **dict(config.splits))
+
+
+def as_float(images: np.ndarray) -> np.ndarray:
+    """uint8 canvases -> float32 in [-1, 1] (the towers' input)."""
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+def train_towers(config: ml_collections.ConfigDict, workdir: str) -> run_lib.Towers:
+    """The towers on train + database canvases; the student is distilled on the training prompts."""
+    s = splits(config)
+    images = as_float(np.concatenate([s["train"].images, s["database"].images]))
+    labels = np.concatenate([s["train"].compositions, s["database"].compositions])
+    return run_lib.train_towers(config, workdir, images, labels, captions=compose.all_captions(),
+                                prompt_labels=s["train"].compositions)
+
+
+def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """build-db -> precompute (teacher and real sets) -> train on the mixture (+ teacher only)."""
+    from imagerag_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+    from imagerag_jax.data import build_db as build_db_lib  # pylint: disable=g-import-not-at-top
+    from imagerag_jax.data import precompute as precompute_lib  # pylint: disable=g-import-not-at-top
+
+    rag = os.path.join(workdir, "rag")
+    models = dict(weights=run_lib._models_dir(workdir, "turbo"),  # pylint: disable=protected-access
+                  teacher_weights=run_lib._models_dir(workdir, "teacher"),  # pylint: disable=protected-access
+                  seed=int(config.seed))
+    pre = run_lib._job_config(config.precompute, **models)  # pylint: disable=protected-access
+    build_db_lib.build_db(pre, rag)
+    sets = {}
+    for name in ("teacher", "real"):
+        sets[name] = os.path.join(rag, f"data_{name}")
+        job = run_lib._job_config(config.precompute, **models, data_dir=sets[name],  # pylint: disable=protected-access
+                                  latents="teacher" if name == "teacher" else "vae")
+        precompute_lib.precompute(job, rag)
+    train_fields = dict(student_weights=models["weights"], teacher_weights=models["teacher_weights"],
+                        seed=int(config.seed))
+    mixture = tuple((sets[n], float(w)) for n, w in dict(config.mixture).items())
+    states, seconds = {}, {}
+    variants = [("imageragturbo", dict(data_mixture=mixture), "train")]
+    if config.teacher_only_ablation:
+        variants.append(("imageragturbo_teacher_only", dict(data_dir=sets["teacher"]), "train_teacher_only"))
+    for name, data, folder in variants:
+        t0 = time.perf_counter()
+        tcfg = run_lib._job_config(config.train, **train_fields, **data)  # pylint: disable=protected-access
+        states[name] = train_lib.train_and_evaluate(tcfg, os.path.join(rag, folder))
+        seconds[name] = round(time.perf_counter() - t0, 1)
+    return {"states": states, "seconds": seconds, "db": build_db_lib.db_dir(pre, rag),
+            "index": build_db_lib.index_dir(pre, rag)}
+
+
+def run_seed(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Every stage of one training seed, then its evaluation (results.{json,md} in workdir)."""
+    os.makedirs(workdir, exist_ok=True)
+    t_start = time.perf_counter()
+    towers = train_towers(config, workdir)
+    t0 = time.perf_counter()
+    trained = train_imagerag(config, workdir)
+    towers.stats["imagerag"] = {"steps": int(config.train.total_steps),
+                                "seconds": round(time.perf_counter() - t0, 1), **trained["seconds"]}
+    results = compose_report.evaluate_seed(config, workdir, towers, trained, splits(config))
+    results["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    compose_report.write(workdir, results)
+    return results
+
+
+def seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+    """The one-seed config of training seed `seed` (what `--config.seed=S` runs)."""
+    cfg = copy.deepcopy(config)
+    cfg.unlock()
+    cfg.seed, cfg.num_seeds = int(seed), 1
+    cfg.lock()
+    return cfg
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """One seed in workdir, or `num_seeds` seeds in workdir/seed_S and the table over them."""
+    n = int(config.num_seeds)
+    if n < 1:
+        raise ValueError(f"config.num_seeds must be >= 1, got {n}")
+    if n == 1:
+        return run_seed(config, workdir)
+    t_start = time.perf_counter()
+    per_seed = []
+    for s in range(int(config.seed), int(config.seed) + n):
+        per_seed.append(run_seed(seed_config(config, s), os.path.join(workdir, f"seed_{s}")))
+    results = compose_report.aggregate(config, per_seed, [os.path.join(workdir, f"seed_{s}")
+                                                          for s in range(int(config.seed), int(config.seed) + n)])
+    results["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    results["config"] = json.loads(config.to_json_best_effort())
+    compose_report.write(workdir, results)
+    return results

@@ -34,7 +34,8 @@ def _sibling(name):
 
 
 def _source(split, size, splits):
-    return ml_collections.ConfigDict(dict(kind="compose", split=split, size=size, **splits))
+    return ml_collections.ConfigDict(dict(kind="imagerag_jax.miniature.compose:ComposeSource",
+                                          split=split, size=size, **splits))
 
 
 def get_config(arg=None):
@@ -54,8 +55,10 @@ def get_config(arg=None):
     config.splits = dict(train=4000, frequent_share=0.6, database_per_composition=2,
                          eval_per_class=60, frequent=40, unseen=400)
 
-    config.vae = dict(channels=(16, 32), layers=1, groups=8, kl_weight=1e-4, lr=1e-3, warmup=50,
-                      batch=32, steps=300 if q else 1000)
+    # 1,500 steps reconstruct held-out canvases to 0.975 all-four-correct by the judge (its
+    # ceiling on the real canvases: 0.988); 300 steps at 1e-3 gave 0.49.
+    config.vae = dict(channels=(16, 32), layers=1, groups=8, kl_weight=1e-4, lr=2e-3, warmup=50,
+                      batch=32, steps=800 if q else 1500)
     config.text = dict(hidden=64, layers=2, heads=2, lr=1e-3, warmup=20, batch=256, colour=True,
                        steps=300 if q else 800)
     config.teacher = dict(channels=(32, 64), layers=1, head_dim=16, groups=8, lr=1e-3, warmup=100,

@@ -31,26 +31,26 @@ def test_canvas_halves_hold_the_tinted_digits():
     digits, _ = sources._load_digits()
     comp = compose.Composition(4, 1, 9, 3)
     img = compose.canvas(digits[0], digits[5], comp, size=16)
-    assert img.shape == (16, 32, 3) and img.dtype == np.uint8
-    left, right = img[:, :16], img[:, 16:]
+    assert img.shape == (16, 16, 3) and img.dtype == np.uint8
+    left, right = img[:, :8], img[:, 8:]
     # Green: only the green channel; yellow: red = green, no blue; intensities follow the digit.
     assert not left[..., [0, 2]].any() and left[..., 1].any()
     assert np.array_equal(right[..., 0], right[..., 1]) and not right[..., 2].any()
-    np.testing.assert_array_equal(left[::2, ::2, 1], np.round(np.clip(digits[0] / 16, 0, 1) * 255).astype(np.uint8))
+    np.testing.assert_array_equal(left[::2, :, 1], np.round(np.clip(digits[0] / 16, 0, 1) * 255).astype(np.uint8))
     assert compose.colour_of(left) == 1 and compose.colour_of(right) == 3
-    assert compose.colour_of(np.zeros((16, 16, 3), np.uint8)) == -1
-    with pytest.raises(ValueError, match="multiple of 8"):
-        compose.canvas(digits[0], digits[1], comp, size=12)
+    assert compose.colour_of(np.zeros((16, 8, 3), np.uint8)) == -1
+    with pytest.raises(ValueError, match="multiple of 16"):
+        compose.canvas(digits[0], digits[1], comp, size=24)
 
 
 def test_colour_is_recovered_from_every_canvas(splits):
     for s in splits.values():
         for img, index in zip(s.images[:300], s.compositions[:300]):
             comp = compose.Composition.from_index(int(index))
-            assert compose.colour_of(img[:, :16]) == comp.left_colour
-            assert compose.colour_of(img[:, 16:]) == comp.right_colour
+            assert compose.colour_of(img[:, :8]) == comp.left_colour
+            assert compose.colour_of(img[:, 8:]) == comp.right_colour
             # The float [-1, 1] form the towers see gives the same colours.
-            assert compose.colour_of(img[:, :16].astype(np.float32) / 127.5 - 1) == comp.left_colour
+            assert compose.colour_of(img[:, :8].astype(np.float32) / 127.5 - 1) == comp.left_colour
 
 
 def test_splits_are_deterministic_disjoint_and_long_tailed(splits):
@@ -97,14 +97,42 @@ def test_score_against_a_hand_count():
 
 
 def test_judge_ceiling_on_real_held_out_canvases(splits):
-    from imagerag_jax.miniature import judge as judge_lib
-
-    classifier = judge_lib.train_digit_classifier(16, seed=0, epochs=3)
+    classifier = compose.train_judge(16, epochs=3)
     ev = splits["eval"]
     out = compose.score(compose.judge(classifier, ev.images), ev.compositions, ev.classes)
     acc = out["attribute_accuracy"]
     assert acc["left_colour"] == acc["right_colour"] == 1.0
     assert min(acc["left_digit"], acc["right_digit"]) > 0.85, out
     # Swapping the halves breaks the binding: the judge must see it.
-    swapped = np.concatenate([ev.images[:, :, 16:], ev.images[:, :, :16]], axis=2)
+    swapped = np.concatenate([ev.images[:, :, 8:], ev.images[:, :, :8]], axis=2)
     assert compose.score(compose.judge(classifier, swapped), ev.compositions, ev.classes)["all_correct"] < 0.2
+
+
+def test_compose_source_feeds_the_production_jobs(splits):
+    src = sources.make_source({"kind": "imagerag_jax.miniature.compose:ComposeSource", "split": "database", "size": 16, "train": 1200,
+                               "eval_per_class": 20})
+    items = list(src)
+    db = splits["database"]
+    assert len(items) == len(src) == len(db)
+    ids = [i for i, _, _ in items]
+    assert ids[0] == compose.SPLIT_ID_OFFSET["database"] and len(set(ids)) == len(ids)
+    np.testing.assert_array_equal(items[5][1], db.images[5])
+    assert items[5][2] == db.captions[5]
+    with pytest.raises(ValueError, match="unknown compose split"):
+        compose.ComposeSource("test")
+    with pytest.raises(ValueError, match="cannot import Nope"):
+        sources.make_source({"kind": "imagerag_jax.miniature.compose:Nope"})
+    with pytest.raises(ValueError, match="not a data.sources.Source subclass"):
+        sources.make_source({"kind": "imagerag_jax.miniature.compose:Composition"})
+
+
+def test_bootstrap_interval_against_hand_values():
+    from imagerag_jax.miniature import compose_report
+
+    a, b = np.array([1, 1, 1, 0]), np.array([0, 1, 1, 0])
+    out = compose_report.bootstrap_difference(a, b, 4000, 0)
+    assert out["mean"] == 0.25 and out["prompts"] == 4
+    # Resampled means of a 0/1 difference with one 1 in 4 lie in [0, 1]; the interval holds 0.25.
+    assert 0.0 <= out["ci95"][0] <= 0.25 <= out["ci95"][1] <= 0.75
+    same = compose_report.bootstrap_difference(a, a, 100, 0)
+    assert same["mean"] == 0.0 and same["ci95"] == [0.0, 0.0]

@@ -435,7 +435,7 @@ class DigitsSource(Source):
 
 def make_source(config: Mapping[str, Any] | Any) -> Source:
     """A source from a config dict / ConfigDict: {"kind": "folder"|"captions"|"tfds"|"digits"|
-    "compose"|"webdataset"|"parquet"|"prompts", ...}.
+    "webdataset"|"parquet"|"prompts"|"package.module:Class", ...}.
 
     The remaining keys are the constructor's arguments, e.g.
     {"kind": "tfds", "name": "coco_captions", "split": "train", "data_dir": "/data/tfds",
@@ -448,12 +448,25 @@ def make_source(config: Mapping[str, Any] | Any) -> Source:
     kinds = {"folder": FolderSource, "captions": CaptionFileSource, "tfds": TFDSSource,
              "digits": DigitsSource, "webdataset": WebDatasetSource, "parquet": ParquetSource,
              "prompts": PromptListSource}
-    if kind == "compose":  # the compositional miniature's canvases (built on this module)
-        from imagerag_jax.miniature.compose import ComposeSource  # pylint: disable=g-import-not-at-top
-        kinds[kind] = ComposeSource
+    if ":" in str(kind):  # "package.module:Class": a Source subclass defined outside this module
+        return _import_source(kind)(**cfg)
     if kind not in kinds:
         raise ValueError(f"unknown source kind {kind!r}; expected one of {sorted(kinds)}")
     return kinds[kind](**cfg)
+
+
+def _import_source(kind: str) -> type:
+    """The Source subclass a "package.module:Class" kind names (e.g. your own dataset's reader)."""
+    import importlib  # pylint: disable=g-import-not-at-top
+
+    module, _, name = kind.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"source kind {kind!r}: cannot import {name} from {module} ({e})") from e
+    if not (isinstance(cls, type) and issubclass(cls, Source)):
+        raise ValueError(f"source kind {kind!r} is not a data.sources.Source subclass")
+    return cls
 
 
 # --- sources from job configs -----------------------------------------------------------------

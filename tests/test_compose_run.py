@@ -1,0 +1,98 @@
+"""The compositional miniature's `run` on its smoke config: every stage through the production
+build-db/precompute/train on the teacher + real mixture, every row of results.json, the grids,
+and the table over seeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from imagerag_jax.miniature import compose_report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = ("teacher", "turbo", "injection", "injection_best_w", "imageragturbo",
+        "imageragturbo_random_neighbours", "imageragturbo_lambda0", "imageragturbo_teacher_only")
+
+
+def _run(workdir, arg="smoke"):
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "imagerag_jax.main", "run", "--config",
+           os.path.join(REPO, "configs", "compose.py") + f":{arg}", "--workdir", str(workdir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((workdir / "results.json").read_text()), proc.stdout
+
+
+def _without_timings(results):
+    return [{k: v for k, v in r.items() if k != "latency_ms"} for r in results["rows"]]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("compose")
+    results, stdout = _run(workdir)
+    return workdir, results, stdout
+
+
+def test_compose_smoke_writes_every_row(smoke):
+    workdir, results, stdout = smoke
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(ROWS) | {"real", "vae"} == set(rows)
+    for r in rows.values():
+        assert 0.0 <= r["all_correct"] <= 1.0
+        assert set(r["attribute_accuracy"]) == {"left_digit", "left_colour", "right_digit", "right_colour"}
+        assert set(r["by_class"]) == {"frequent", "rare", "unseen"}
+        assert "retrieval_precision" in r
+    assert rows["real"]["attribute_accuracy"]["left_colour"] == 1.0  # colours are read exactly
+    assert rows["turbo"]["retrieval_precision"] is None
+    assert set(rows["imageragturbo"]["retrieval_precision"]) == {"overall", "frequent", "rare", "unseen"}
+    assert rows["teacher"]["nfe"] == 4 and rows["imageragturbo"]["nfe"] == 1
+    assert all(rows[m]["latency_ms"] > 0 for m in ROWS)
+    assert results["num_prompts"] == 12 and results["prompts_per_class"] == {"frequent": 4, "rare": 4, "unseen": 4}
+    d = results["differences"]["imageragturbo_minus_turbo"]
+    assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    assert sum(results["best_w_histogram"].values()) == 12
+    assert -1.0 <= results["retrieval"]["lambda"]["min"] <= results["retrieval"]["lambda"]["max"] <= 1.0
+    for name in ("frequent", "rare", "unseen"):
+        assert (workdir / "grids" / f"{name}.png").stat().st_size > 0
+    # Both ImageRAGTurbo trainings ran the production trainer: the mixture and the teacher set.
+    assert (workdir / "rag" / "train" / "checkpoints").is_dir()
+    assert (workdir / "rag" / "train_teacher_only" / "checkpoints").is_dir()
+    for name in ("data_teacher", "data_real"):
+        assert (workdir / "rag" / name / "manifest.json").exists()
+    assert "All four correct" in stdout and "ImageRAGTurbo minus turbo" in stdout
+
+
+def test_compose_rerun_resumes_and_reproduces_the_table(smoke, tmp_path):
+    workdir, results, _ = smoke
+    again = tmp_path / "again"
+    shutil.copytree(workdir, again)
+    os.remove(again / "results.json")
+    rerun, _ = _run(again)
+    assert _without_timings(rerun) == _without_timings(results)
+    assert rerun["differences"] == results["differences"]
+
+
+def test_aggregate_over_seeds(smoke, tmp_path):
+    workdir, results, _ = smoke
+    other = json.loads(json.dumps(results))
+    other["seeds"] = [1]
+    for r in other["rows"]:
+        r["all_correct"] = min(1.0, r["all_correct"] + 0.5)
+    config = json.loads(json.dumps(results["config"]))
+    import ml_collections
+    cfg = ml_collections.ConfigDict(config)
+    out = compose_report.aggregate(cfg, [results, other], [str(workdir), str(workdir)])
+    rows = {r["method"]: r for r in out["rows"]}
+    base = {r["method"]: r for r in results["rows"]}["turbo"]["all_correct"]
+    assert rows["turbo"]["all_correct_per_seed"] == [base, min(1.0, base + 0.5)]
+    assert rows["turbo"]["all_correct_std"] == pytest.approx(np.std([base, min(1.0, base + 0.5)], ddof=1))
+    assert out["seeds"] == [0, 1]
+    md = compose_report.markdown({**out, "total_seconds": 1.0})
+    assert "±" in md and "training seeds 0, 1" in md

@@ -47,6 +47,10 @@ def get_config(arg=None):
     config.db.limit = 96 if arg.quick else 0  # max entries (0: the whole source)
     config.db.overwrite = False  # True: wipe and rebuild instead of resuming
     config.db.fsync = True
+    # Multi-host: the database is built in parts, one raw range each (0: one per process; one
+    # process with 0 or 1: no parts); process 0 waits for them this long, then concatenates.
+    config.db.num_parts = 0
+    config.db.wait_timeout_s = 24 * 3600
 
     # Its index over the pooled embeddings (retrieval/index.py's config), saved to workdir/index.
     config.index = ml_collections.ConfigDict()

@@ -137,15 +137,21 @@ def generate() -> None:
 
 
 def build_db() -> None:
+    from imagerag_jax import sharding
     from imagerag_jax.data import build_db as build_db_lib
 
-    print(f"retrieval database: {build_db_lib.build_db(*_job_args('build-db'))}")
+    args = _job_args("build-db")
+    sharding.initialize_distributed()  # every host builds its parts of the database
+    print(f"retrieval database: {build_db_lib.build_db(*args)}")
 
 
 def precompute() -> None:
+    from imagerag_jax import sharding
     from imagerag_jax.data import precompute as precompute_lib
 
-    done = precompute_lib.precompute(*_job_args("precompute")) is not None
+    args = _job_args("precompute")
+    sharding.initialize_distributed()  # each host writes its own shards
+    done = precompute_lib.precompute(*args) is not None
     print("precompute done" if done else "this host is done; waiting for others' shards")
 
 

@@ -120,3 +120,26 @@ def test_empty_database(tmp_path):
     w = dblib.DatabaseWriter(str(tmp_path / "db"), SPEC)
     db = dblib.Database(w.path)
     assert len(db) == 0 and db.latents.shape == (0, 4, 4, 3) and db.captions() == []
+
+
+def test_concatenate_equals_one_database(tmp_path):
+    batches = [_batch(0, 5), _batch(5, 3), _batch(8, 4)]
+    whole = dblib.Database(_write(str(tmp_path / "whole"), batches).path)
+    # Three parts, the middle one empty, the last one with uncommitted tail bytes (a killed writer).
+    parts = [_write(str(tmp_path / "p0"), batches[:2]).path, _write(str(tmp_path / "p1"), []).path,
+             _write(str(tmp_path / "p2"), batches[2:]).path]
+    with open(os.path.join(parts[2], "captions.bin"), "ab") as f:
+        f.write(b"junk")
+    out = str(tmp_path / "out")
+    _write(out, [_batch(100, 2)])  # an older database there is replaced
+    db = dblib.concatenate(out, [dblib.Database(p) for p in parts], manifest_extra={"k": 1}, fsync=False)
+    assert db.count == whole.count == 12 and db.manifest["extra"] == {"k": 1}
+    assert db.captions() == whole.captions()
+    for name in dblib.ARRAYS:
+        np.testing.assert_array_equal(getattr(db, name), getattr(whole, name), err_msg=name)
+    with pytest.raises(dblib.DatabaseError, match="share ids"):
+        dblib.concatenate(str(tmp_path / "dup"), [dblib.Database(parts[0])] * 2, manifest_extra={})
+    other = dblib.DatabaseWriter(str(tmp_path / "other"), SPEC, source="test", text_encoder="x", vae="vae")
+    with pytest.raises(dblib.DatabaseError, match="their text_encoder differ"):
+        dblib.concatenate(str(tmp_path / "mix"), [dblib.Database(parts[0]), dblib.Database(other.path)],
+                          manifest_extra={})

@@ -2,8 +2,27 @@
 
 `build_db(config, workdir)` takes an ml_collections config (see `configs/precompute_digits.py`
 for every field) and a workdir. Default locations: `workdir/db` (database, `config.db.dir`) and
-`workdir/index` (its index, `config.index_dir`). It runs in one process; on a multi-host launch
-only process 0 works.
+`workdir/index` (its index, `config.index_dir`). Every process of a multi-host launch works:
+
+  * One process (and `config.db.num_parts` unset or 1) writes the database directory itself.
+  * Otherwise the build runs in parts (`config.db.num_parts`, default: the process count). Part i
+    of n holds the source's raw items [floor(i N / n), floor((i + 1) N / n)) (the position
+    numbering of `sources.raw_items`, split as precompute splits its shards), N = len(source), or
+    the raw position after the `config.db.limit`-th entry (a decoding-only pass finds it). Process
+    p of P writes parts p, p + P, ... into `<db>/parts/part-{i:05d}-of-{n:05d}/`, each a normal
+    resumable database with its own image hashes and skip counts; `done.json` in it (written after
+    its last commit) marks it complete, and a rerun skips complete parts without writing them.
+    Every process iterates the source from the start (decoding is cheap next to the models), so a
+    duplicate id is dropped where one process would drop it.
+  * Process 0 waits (up to `config.db.wait_timeout_s`) for every part's marker, polling the
+    shared filesystem that every host must see (a part built by another configuration is refused
+    with one error), concatenates the parts in order into the database directory (ids, rows,
+    captions, hashes and skip counts as a one-process build writes them; the manifest's
+    `extra.merged_from_parts` records which parts) and builds the index. The other processes wait
+    for both, so that a following job on any host can read them. With explicit
+    `process_index`/`process_count` (hosts run as separate jobs) nobody waits: process 0, rerun
+    after the others finished, concatenates. A part layout is pinned to its configuration (source,
+    N, models, image size, limit): change it with `config.db.overwrite=True`.
 
   * Images are centre-cropped/resized to `config.image_size`, encoded by the VAE (mean latent,
     `(mean - shift) * scaling_factor`, stored f16); captions -> tokenizer -> text encoder (77xD
@@ -27,12 +46,15 @@ only process 0 works.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -42,12 +64,18 @@ import tqdm
 from imagerag_jax import config_args, jsonfiles, towers
 from imagerag_jax.data import encoders
 from imagerag_jax.data import sources as sources_lib
+from imagerag_jax.errors import UserError
 from imagerag_jax.retrieval import database as db_lib
 from imagerag_jax.retrieval import index as index_lib
 
 HASHES_FILE = "image_hashes.bin"
 INDEX_STAMP = "built_from.json"
 _HASH_DTYPE = np.dtype("<u8")
+PARTS_DIR = "parts"  # <db>/parts/part-00003-of-00008/: one database per raw range
+PART_DONE = "done.json"  # a part's completion marker, written after its last commit
+MERGED_KEY = "merged_from_parts"  # manifest extra: the parts' records the database was made of
+_PINNED_EXTRA = ("image_size", "compute_dtype", "text_encoder_fingerprint", "vae_fingerprint")
+_POLL_S = 1.0  # how often a waiting process looks at the shared filesystem again
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,114 +141,211 @@ class _HashSidecar:
 
 
 # ------------------------------------------------------------------------------------------------
-# build_db.
+# The job's settings and the pieces both layouts share.
 # ------------------------------------------------------------------------------------------------
 
 
-def build_db(config: Any, workdir: str) -> dict[str, Any]:
-    """Builds (or resumes) the retrieval DB from `config.db.source`, then its index.
+@dataclasses.dataclass
+class _Job:
+    """One build_db call's settings, models and source."""
 
-    Returns a summary: {"path", "count", "added", "skipped", "index"}.
-    """
+    path: str
+    image_size: int | None
+    batch_size: int
+    limit: int | None
+    fsync: bool
+    overwrite: bool
+    wait_timeout_s: float
+    models: towers.PipelineTowers
+    enc: encoders.Encoder
+    source_config: Any
+    source: sources_lib.Source
+    src_id: str
+    extra: dict[str, Any]  # the manifest's `extra` before any skip counts
+
+    def new_source(self) -> sources_lib.Source:
+        """A fresh source object (its own skip counter) for a pass that must not count skips."""
+        return sources_lib.source_from_config(self.source_config)
+
+
+def _job(config: Any, workdir: str) -> _Job:
+    """Reads the config, loads the models and opens the source."""
     get = config_args.get
-    if jax.process_count() > 1 and jax.process_index() != 0:
-        logging.info("build_db runs on process 0 only (one append-only writer).")
-        return {}
     dbc = get(config, "db")
     if dbc is None or get(dbc, "source") is None:
         raise ValueError("build_db needs config.db.source (e.g. {'kind': 'digits', ...})")
-    path = db_dir(config, workdir)
     image_size = get(config, "image_size")
     batch_size = int(get(config, "batch_size", 32))
-    limit = int(get(dbc, "limit", 0)) or None
-    fsync = bool(get(dbc, "fsync", True))
-    overwrite = bool(get(dbc, "overwrite", False))
-
     models = towers.load_pipeline_towers(config, workdir)
-    enc = encoders.Encoder(models, batch_size)
     source = sources_lib.source_from_config(get(dbc, "source"))
     if not source.has_images:
         raise ValueError(f"{source.skipped.name} holds prompts only; a retrieval database needs "
                          "images (use it as config.source of precompute with latents='teacher')")
-    src_id = sources_lib.source_identity(get(dbc, "source"), image_size)
-
-    # Shapes from abstract evaluation on the first image: the writer needs them before any batch.
-    it = sources_lib.raw_items(source)
-    first = next((r for r in it if r.example is not None), None)
-    if first is None:
-        raise ValueError(f"source {source.skipped.name} yielded no readable example")
-    img0 = sources_lib.prepare_image(first.example[1], image_size)
-    spec = db_lib.DatabaseSpec(*enc.output_shapes(img0.shape))
-
-    if overwrite and os.path.exists(os.path.join(path, HASHES_FILE)):
-        os.remove(os.path.join(path, HASHES_FILE))
     # Weight fingerprints beside the architecture identities: generation refuses a DB whose
     # text encoder or VAE had other weights (paths alone move between machines).
     extra = {"image_size": image_size, "image_hashes": HASHES_FILE,
              "compute_dtype": get(config, "compute_dtype", "float32"),
              "text_encoder_fingerprint": towers.fingerprint(models.pipe.text_params),
              "vae_fingerprint": towers.fingerprint(models.pipe.vae_params)}
-    writer = db_lib.DatabaseWriter(path, spec, source=src_id, text_encoder=models.text_encoder_id,
-                                   vae=models.vae_id, overwrite=overwrite, fsync=fsync, extra=extra)
-    hashes = _HashSidecar(path, writer.count, fsync)
-    committed = writer.count
-    target = limit if limit is not None else (len(source) if hasattr(source, "__len__") else None)
+    return _Job(path=db_dir(config, workdir), image_size=image_size, batch_size=batch_size,
+                limit=int(get(dbc, "limit", 0)) or None, fsync=bool(get(dbc, "fsync", True)),
+                overwrite=bool(get(dbc, "overwrite", False)),
+                wait_timeout_s=float(get(dbc, "wait_timeout_s", 24 * 3600)),
+                models=models, enc=encoders.Encoder(models, batch_size),
+                source_config=get(dbc, "source"), source=source,
+                src_id=sources_lib.source_identity(get(dbc, "source"), image_size), extra=extra)
 
-    seen_ids: set[int] = set()
-    accepted = 0
-    dup_ids = 0
-    batch: list[tuple[int, np.ndarray, str, int]] = []
 
-    def flush() -> None:
-        ids = np.asarray([b[0] for b in batch], np.int64)
-        images = np.stack([b[1] for b in batch])
+def _open_db(job: _Job, path: str, image_shape: Sequence[int],
+             extra: dict[str, Any]) -> db_lib.DatabaseWriter:
+    """The writer of one database directory (resumed, or wiped with config.db.overwrite)."""
+    # Shapes from abstract evaluation on the first image: the writer needs them before any batch.
+    spec = db_lib.DatabaseSpec(*job.enc.output_shapes(tuple(image_shape)))
+    if job.overwrite and os.path.exists(os.path.join(path, HASHES_FILE)):
+        os.remove(os.path.join(path, HASHES_FILE))
+    return db_lib.DatabaseWriter(path, spec, source=job.src_id, text_encoder=job.models.text_encoder_id,
+                                 vae=job.models.vae_id, overwrite=job.overwrite, fsync=job.fsync,
+                                 extra=extra)
+
+
+class _Dedup:
+    """Keeps the first example of every id; later ones are dropped and counted."""
+
+    def __init__(self):
+        self._seen: set[int] = set()
+        self.duplicates = 0
+
+    def first(self, example_id: int, log: bool = True) -> bool:
+        """True for an id not seen before (and remembers it)."""
+        example_id = int(example_id)
+        if example_id in self._seen:
+            self.duplicates += 1
+            if log:
+                logging.warning("build_db: duplicate id %d skipped", example_id)
+            return False
+        self._seen.add(example_id)
+        return True
+
+
+class _Appender:
+    """Batches accepted examples, encodes them and appends them to one database (hashes first)."""
+
+    def __init__(self, job: _Job, writer: db_lib.DatabaseWriter, image_shape: Sequence[int],
+                 extra: Callable[[], dict[str, Any]]):
+        self._job, self.writer, self._shape, self._extra = job, writer, tuple(image_shape), extra
+        self._hashes = _HashSidecar(writer.path, writer.count, job.fsync)
+        self._batch: list[tuple[int, np.ndarray, str, int]] = []
+        self.added = 0
+
+    def add(self, example_id: int, image: np.ndarray, caption: str) -> None:
+        """Queues one example (resized); a full batch is encoded and committed."""
+        image = sources_lib.prepare_image(image, self._job.image_size)
+        if image.shape != self._shape:
+            raise ValueError(f"image of id {example_id} has shape {image.shape}, expected "
+                             f"{self._shape}; set config.image_size")
+        self._batch.append((int(example_id), image, caption, image_hash(image)))
+        if len(self._batch) == self._job.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Encodes and commits the queued examples."""
+        if not self._batch:
+            return
+        batch, enc = self._batch, self._job.enc
         captions = [b[2] for b in batch]
-        latents = enc.images(images)
-        embeds, pooled_ = enc.texts(captions)
-        hashes.append([b[3] for b in batch])
-        writer.manifest["extra"] = _db_extra(writer.manifest.get("extra", {}), source, dup_ids)
-        writer.append(captions, latents, embeds, pooled_, ids)
+        latents = enc.images(np.stack([b[1] for b in batch]))
+        embeds, pooled = enc.texts(captions)
+        self._hashes.append([b[3] for b in batch])
+        self.writer.manifest["extra"] = self._extra()
+        self.writer.append(captions, latents, embeds, pooled, np.asarray([b[0] for b in batch], np.int64))
+        self.added += len(batch)
         batch.clear()
+
+    def finish(self) -> None:
+        """Commits the last batch and the final skip counts (including skips after that batch)."""
+        self.flush()
+        self.writer.manifest["extra"] = self._extra()
+        # The writer has no public call that commits the manifest without appending rows.
+        db_lib._write_manifest(self.writer.path, self.writer.manifest)  # pylint: disable=protected-access
+        self.writer.close()
+
+
+def _first_image_shape(job: _Job) -> tuple[int, ...]:
+    """The shape of the source's first readable image after resizing (fixes the DB's shapes)."""
+    source = job.new_source()  # its skips are counted again by the pass that owns them
+    first = next(iter(source), None)
+    if first is None:
+        raise ValueError(f"source {source.skipped.name} yielded no readable example")
+    return sources_lib.prepare_image(first[1], job.image_size).shape
+
+
+# ------------------------------------------------------------------------------------------------
+# build_db.
+# ------------------------------------------------------------------------------------------------
+
+
+def build_db(config: Any, workdir: str, process_index: int | None = None,
+             process_count: int | None = None) -> dict[str, Any]:
+    """Builds (or resumes) the retrieval DB from `config.db.source`, then its index.
+
+    Returns a summary: {"path", "count", "added" (rows this process encoded now), "skipped",
+    "index"}, plus "parts" for a build in parts; "count", "skipped" and "index" are None where
+    this process returns before the database is complete (explicit process_index/process_count).
+    """
+    distributed = process_index is None and process_count is None and jax.process_count() > 1
+    pi = jax.process_index() if process_index is None else int(process_index)
+    pc = jax.process_count() if process_count is None else int(process_count)
+    if not 0 <= pi < pc:
+        raise ValueError(f"process_index {pi} not in [0, {pc})")
+    job = _job(config, workdir)
+    num_parts = int(config_args.get(config_args.get(config, "db"), "num_parts", 0)) or pc
+    index_cfg, idx_dir = config_args.get(config, "index"), index_dir(config, workdir)
+    if num_parts == 1 and pc == 1:
+        return _build_one(job, idx_dir, index_cfg)
+    return _build_parts(job, num_parts, pi, pc, distributed, idx_dir, index_cfg)
+
+
+def _build_one(job: _Job, idx_dir: str, index_cfg: Any) -> dict[str, Any]:
+    """One process writes `job.path` itself (the layout every build ends in)."""
+    path, source, limit = job.path, job.source, job.limit
+    it = sources_lib.raw_items(source)
+    first = next((r for r in it if r.example is not None), None)
+    if first is None:
+        raise ValueError(f"source {source.skipped.name} yielded no readable example")
+    shape = sources_lib.prepare_image(first.example[1], job.image_size).shape
+    writer = _open_db(job, path, shape, dict(job.extra))
+    committed = writer.count
+    dedup = _Dedup()
+    rows = _Appender(job, writer, shape,
+                     lambda: _db_extra(writer.manifest.get("extra", {}), source, dedup.duplicates))
+    target = limit if limit is not None else (len(source) if hasattr(source, "__len__") else None)
 
     done = limit is not None and committed >= limit
     bar = tqdm.tqdm(total=target, initial=min(committed, target or committed), unit="img",
                     desc=f"build_db {os.path.basename(path)}", disable=done)
-    items = _chain_first(first, it)
-    for item in ([] if done else items):
+    accepted = 0
+    for item in ([] if done else _chain_first(first, it)):
         if item.example is None:
             continue
         example_id, image, caption = item.example
-        if int(example_id) in seen_ids:
-            dup_ids += 1
-            logging.warning("build_db: duplicate id %d skipped", example_id)
+        if not dedup.first(example_id):
             continue
-        seen_ids.add(int(example_id))
         accepted += 1
         if accepted <= committed:  # written by an earlier run (the source order is deterministic)
             continue
-        image = sources_lib.prepare_image(image, image_size)
-        if image.shape != img0.shape:
-            raise ValueError(f"image of id {example_id} has shape {image.shape}, expected "
-                             f"{img0.shape}; set config.image_size")
-        batch.append((int(example_id), image, caption, image_hash(image)))
+        rows.add(example_id, image, caption)
         bar.update(1)
-        if len(batch) == batch_size:
-            flush()
         if limit is not None and accepted >= limit:
             break
-    if batch:
-        flush()
     bar.close()
-    if not done:
-        # Final skip counts (including skips after the last batch): commit them with the manifest.
-        writer.manifest["extra"] = _db_extra(writer.manifest.get("extra", {}), source, dup_ids)
-        # The writer has no public call that commits the manifest without appending rows.
-        db_lib._write_manifest(path, writer.manifest)  # pylint: disable=protected-access
-    writer.close()
+    if done:
+        writer.close()
+    else:
+        rows.finish()
     skipped = writer.manifest["extra"].get("skipped", {})
     logging.info("build_db: %s holds %d entries (%d added this run); skipped inputs: %s",
                  path, writer.count, writer.count - committed, skipped or "none")
-    idx = build_index(path, index_dir(config, workdir), get(config, "index"))
+    idx = build_index(path, idx_dir, index_cfg)
     return {"path": path, "count": writer.count, "added": writer.count - committed,
             "skipped": skipped, "index": idx}
 
@@ -242,6 +367,291 @@ def _db_extra(extra: Mapping[str, Any], source: sources_lib.Source, dup_ids: int
 
 
 # ------------------------------------------------------------------------------------------------
+# A build in parts: every process encodes its raw ranges, process 0 concatenates them.
+# ------------------------------------------------------------------------------------------------
+
+
+def part_name(index: int, num_parts: int) -> str:
+    """The folder name of part `index` of `num_parts` under `<db>/parts/`."""
+    return f"part-{index:05d}-of-{num_parts:05d}"
+
+
+def part_dir(db_path: str, index: int, num_parts: int) -> str:
+    """The database directory of one part."""
+    return os.path.join(db_path, PARTS_DIR, part_name(index, num_parts))
+
+
+def _num_raw_items(job: _Job) -> int:
+    """N, the raw items that the parts split: the source's length, or up to the limit-th entry."""
+    source, limit = job.source, job.limit
+    has_len = hasattr(source, "__len__")
+    if limit is None:
+        if not has_len:
+            raise ValueError(f"{source.skipped.name} has no length: set config.db.limit (entries) "
+                             "to build the database in parts")
+        return len(source)
+    if has_len and limit >= len(source):
+        return len(source)
+    # The limit counts entries, not raw items: find the raw position after the limit-th accepted
+    # example (decoding only; the same on every host, as the source order is deterministic).
+    dedup, accepted, end = _Dedup(), 0, 0
+    for item in sources_lib.raw_items(job.new_source()):
+        end = item.position + 1
+        if item.example is not None and dedup.first(item.example[0], log=False):
+            accepted += 1
+            if accepted == limit:
+                break
+    return end
+
+
+def _job_description(job: _Job, num_items: int, num_parts: int) -> dict[str, Any]:
+    """What determines every part's rows; all parts of one database must share it."""
+    return jsonfiles.normalized({
+        "source": job.src_id, "num_items": num_items, "num_parts": num_parts,
+        "limit": job.limit or 0, "text_encoder": job.models.text_encoder_id,
+        "vae": job.models.vae_id, **{k: job.extra[k] for k in _PINNED_EXTRA}})
+
+
+def _read_done(path: str) -> dict[str, Any] | None:
+    """A part's completion marker when it matches the part's committed database, else None."""
+    try:
+        marker = jsonfiles.read(os.path.join(path, PART_DONE), what="part marker")
+        db = db_lib.Database(path)
+    except ValueError:  # missing, unreadable, or a database that does not open (DatabaseError)
+        return None
+    if marker.get("count") != db.count or marker.get("created") != db.manifest.get("created"):
+        return None
+    return marker
+
+
+def _recorded_job(path: str) -> dict[str, Any] | None:
+    """The job description a part was (being) built for: its marker's, else its manifest's."""
+    for fname, keys in ((PART_DONE, ("job",)), (db_lib.MANIFEST, ("extra", "part", "job"))):
+        try:
+            obj: Any = jsonfiles.read(os.path.join(path, fname))
+        except ValueError:
+            continue
+        for key in keys:
+            obj = obj.get(key) if isinstance(obj, dict) else None
+        if obj is not None:
+            return obj
+    return None
+
+
+def _check_parts(job: _Job, paths: Sequence[str], desc: dict[str, Any]) -> None:
+    """Raises one error naming every part built by another configuration."""
+    bad = []
+    for path in paths:
+        have = _recorded_job(path)
+        if have is not None and have != desc:
+            keys = sorted(k for k in set(have) | set(desc) if have.get(k) != desc.get(k))
+            bad.append(f"{os.path.basename(path)} differs in {keys}")
+    if bad:
+        raise db_lib.DatabaseError(
+            f"{os.path.join(job.path, PARTS_DIR)}: parts built by another build_db configuration "
+            f"({'; '.join(bad)}; e.g. other weights, source, image size or limit): rebuild them "
+            "with one configuration (config.db.overwrite=True) or delete that folder")
+
+
+def _records(job: _Job, paths: Sequence[str], desc: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Every part's {"name", "count", "created"} once all are done; None while some are not."""
+    _check_parts(job, paths, desc)
+    markers = [_read_done(p) for p in paths]
+    if any(m is None for m in markers):
+        return None
+    return [{"name": os.path.basename(p), "count": m["count"], "created": m["created"]}
+            for p, m in zip(paths, markers)]
+
+
+def _merged_current(db_path: str, records: list[dict[str, Any]]) -> bool:
+    """True when the database at `db_path` is the concatenation of exactly these parts."""
+    try:
+        m = jsonfiles.read(os.path.join(db_path, db_lib.MANIFEST))
+    except ValueError:
+        return False
+    return (m.get("count") == sum(r["count"] for r in records)
+            and (m.get("extra") or {}).get(MERGED_KEY) == jsonfiles.normalized(records))
+
+
+class _RangeSkips:
+    """The skips of one raw range: counts by reason, and the examples the source kept meanwhile."""
+
+    def __init__(self, source: sources_lib.Source):
+        self._examples = source.skipped.examples
+        # Every host iterates from position 0, so its counter's state here is the same everywhere:
+        # the parts' example lists, concatenated in order, are what one process would keep.
+        self._start = {reason: len(v) for reason, v in self._examples.items()}
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def extra(self, duplicates: int) -> dict[str, Any]:
+        """The part manifest's "skipped" and "skipped_examples"."""
+        skipped = dict(self.counts)
+        if duplicates:
+            skipped["duplicate id"] = duplicates
+        examples = {r: list(v[self._start.get(r, 0):]) for r, v in self._examples.items()
+                    if len(v) > self._start.get(r, 0)}
+        return {"skipped": skipped, "skipped_examples": examples}
+
+
+def _encode_parts(job: _Job, todo: Sequence[int], bounds: Sequence[int], num_parts: int,
+                  desc: dict[str, Any], pi: int) -> int:
+    """Writes this process's unfinished parts; returns the rows encoded."""
+    shape = _first_image_shape(job)
+    source = job.source
+    cursor = sources_lib.RawCursor(sources_lib.raw_items(source, stop=bounds[max(todo) + 1]))
+    dedup = _Dedup()  # over every range iterated: an id is kept where it first occurs in the source
+    bar = tqdm.tqdm(total=sum(bounds[i + 1] - bounds[i] for i in todo), unit="item",
+                    desc=f"build_db p{pi}")
+    added = 0
+    for i in todo:
+        for item in cursor.until(bounds[i]):  # other parts' ranges: only their ids matter here
+            if item.example is not None:
+                dedup.first(item.example[0], log=False)
+        added += _encode_part(job, i, num_parts, (bounds[i], bounds[i + 1]),
+                              cursor.until(bounds[i + 1]), dedup, shape, desc, bar)
+    bar.close()
+    return added
+
+
+def _encode_part(job: _Job, index: int, num_parts: int, span: tuple[int, int],
+                 items: Iterator[sources_lib.RawItem], dedup: _Dedup, shape: Sequence[int],
+                 desc: dict[str, Any], bar: tqdm.tqdm) -> int:
+    """Writes (or resumes) one part from the raw items of its range, then its done marker."""
+    path = part_dir(job.path, index, num_parts)
+    done = os.path.join(path, PART_DONE)
+    if os.path.exists(done):
+        os.remove(done)  # not done until this run commits the whole range again
+    part = {"index": index, "num_parts": num_parts, "start": span[0], "stop": span[1], "job": desc}
+    writer = _open_db(job, path, shape, {**job.extra, "part": part})
+    committed, dups_before, skips = writer.count, dedup.duplicates, _RangeSkips(job.source)
+    rows = _Appender(job, writer, shape, lambda: {**writer.manifest["extra"],
+                                                  **skips.extra(dedup.duplicates - dups_before)})
+    accepted = 0
+    for item in items:
+        bar.update(1)
+        if item.example is None:
+            skips.counts[item.skip_reason] += 1
+            continue
+        example_id, image, caption = item.example
+        if not dedup.first(example_id):
+            continue
+        accepted += 1
+        if accepted > committed:  # the first `committed` were written by an earlier run
+            rows.add(example_id, image, caption)
+    rows.finish()
+    jsonfiles.write_atomic(done, {"count": writer.count, "created": writer.manifest["created"],
+                                  "job": desc, "part": part})
+    logging.info("build_db: %s holds %d entries (%d added this run, raw items [%d, %d)).",
+                 path, writer.count, rows.added, *span)
+    return rows.added
+
+
+def _merge(job: _Job, paths: Sequence[str], records: list[dict[str, Any]]) -> db_lib.Database:
+    """Concatenates the finished parts, in order, into the database at `job.path`."""
+    parts = [db_lib.Database(p) for p in paths]
+    skipped: collections.Counter[str] = collections.Counter()
+    examples: dict[str, list[str]] = {}
+    for p in parts:
+        skipped.update(p.manifest["extra"].get("skipped", {}))
+        for reason, names in p.manifest["extra"].get("skipped_examples", {}).items():
+            examples.setdefault(reason, []).extend(names)
+    extra = {**{k: v for k, v in parts[0].manifest["extra"].items() if k != "part"},
+             "skipped": dict(skipped), "skipped_examples": examples, MERGED_KEY: records}
+    manifest = os.path.join(job.path, db_lib.MANIFEST)
+    if os.path.exists(manifest):
+        os.remove(manifest)  # uncommit first: the hashes below are rewritten before the new commit
+    db_lib.copy_prefix(os.path.join(job.path, HASHES_FILE),
+                       [(os.path.join(p.path, HASHES_FILE), p.count * 8) for p in parts], job.fsync)
+    db = db_lib.concatenate(job.path, parts, manifest_extra=extra, fsync=job.fsync)
+    logging.info("build_db: concatenated %d parts into %s (%d entries).", len(parts), job.path, db.count)
+    return db
+
+
+def _wait(ready: Callable[[], Any], timeout_s: float, what: Callable[[], str]) -> Any:
+    """Polls `ready()` until it returns something other than None; raises after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while (got := ready()) is None:
+        if time.monotonic() > deadline:
+            raise UserError(f"build_db: gave up after {timeout_s:.0f} s waiting for {what()} "
+                            "(config.db.wait_timeout_s); rerun to resume")
+        time.sleep(_POLL_S)
+    return got
+
+
+def _build_parts(job: _Job, num_parts: int, pi: int, pc: int, distributed: bool, idx_dir: str,
+                 index_cfg: Any) -> dict[str, Any]:
+    """Every process writes its parts; process 0 concatenates them and builds the index."""
+    num_items = _num_raw_items(job)
+    desc = _job_description(job, num_items, num_parts)
+    paths = [part_dir(job.path, i, num_parts) for i in range(num_parts)]
+    mine = sources_lib.host_ranges(num_parts, pi, pc)
+    todo = _todo_parts(job, paths, mine, desc, distributed)
+    logging.info("build_db: process %d/%d owns parts %s of %d (raw items %d); %d to write.",
+                 pi, pc, mine, num_parts, num_items, len(todo))
+    bounds = sources_lib.position_bounds(num_items, num_parts)
+    added = _encode_parts(job, todo, bounds, num_parts, desc, pi) if todo else 0
+    summary = {"path": job.path, "count": None, "added": added, "skipped": None, "index": None,
+               "parts": {"num_parts": num_parts, "mine": mine, "written": todo}}
+    if pi == 0:
+        db = _concatenate_parts(job, paths, desc, distributed)
+        if db is not None:
+            build_index(job.path, idx_dir, index_cfg)
+    elif distributed:
+        # Later jobs (precompute) read the database and index on every host: wait for them.
+        db = _wait(lambda: _complete(job, paths, desc, idx_dir, index_cfg), job.wait_timeout_s,
+                   lambda: f"process 0 to concatenate the parts of {job.path} and index them")
+    else:  # separate jobs: process 0, run after the others, concatenates
+        db = None
+    if db is None:
+        return summary
+    skipped = db.manifest["extra"].get("skipped", {})
+    logging.info("build_db: %s holds %d entries from %d parts; skipped inputs: %s",
+                 job.path, db.count, num_parts, skipped or "none")
+    return {**summary, "count": db.count, "skipped": skipped, "index": index_meta(idx_dir)}
+
+
+def _todo_parts(job: _Job, paths: Sequence[str], mine: Sequence[int], desc: dict[str, Any],
+                distributed: bool) -> list[int]:
+    """This process's parts to (re)write: the unfinished ones, or all with config.db.overwrite."""
+    if not job.overwrite:
+        _check_parts(job, [paths[i] for i in mine], desc)
+        return [i for i in mine if _read_done(paths[i]) is None]
+    for i in mine:
+        if os.path.exists(os.path.join(paths[i], PART_DONE)):
+            os.remove(os.path.join(paths[i], PART_DONE))
+    if distributed:  # no host may read another's stale marker before its owner removed it
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        multihost_utils.sync_global_devices(f"build_db overwrite {os.path.abspath(job.path)}")
+    return list(mine)
+
+
+def _concatenate_parts(job: _Job, paths: Sequence[str], desc: dict[str, Any],
+                       distributed: bool) -> db_lib.Database | None:
+    """Process 0: the database made of every finished part (None: some are not finished yet)."""
+    def missing() -> str:
+        return f"parts {[i for i, p in enumerate(paths) if _read_done(p) is None]} of other processes"
+
+    records = (_wait(lambda: _records(job, paths, desc), job.wait_timeout_s, missing)
+               if distributed else _records(job, paths, desc))
+    if records is None:
+        logging.info("build_db: %s not finished yet; rerun process 0 once they are.", missing())
+        return None
+    if _merged_current(job.path, records):
+        return db_lib.Database(job.path)
+    return _merge(job, paths, records)
+
+
+def _complete(job: _Job, paths: Sequence[str], desc: dict[str, Any], idx_dir: str,
+              index_cfg: Any) -> db_lib.Database | None:
+    """The concatenated database once it and its index are current, else None."""
+    records = _records(job, paths, desc)
+    if records is None or not _merged_current(job.path, records):
+        return None
+    db = db_lib.Database(job.path)
+    return db if _index_current(idx_dir, _index_stamp(job.path, db, index_cfg)) else None
+
+
+# ------------------------------------------------------------------------------------------------
 # The index.
 # ------------------------------------------------------------------------------------------------
 
@@ -250,14 +660,10 @@ def build_index(db_path: str, out_dir: str, index_config: Any = None) -> dict[st
     """Builds and saves the index over a DB unless `out_dir` is current; returns its meta."""
     db = db_lib.Database(db_path)
     cfg = config_args.plain(index_config)
-    stamp = {"db_path": os.path.abspath(db_path), "db_count": db.count,
-             "db_created": db.manifest.get("created"), "config": cfg}
-    stamp_path = os.path.join(out_dir, INDEX_STAMP)
-    if os.path.exists(stamp_path) and os.path.exists(os.path.join(out_dir, index_lib.META)):
-        with open(stamp_path) as f:
-            if json.load(f) == jsonfiles.normalized(stamp):
-                logging.info("Index %s is up to date (%d entries).", out_dir, db.count)
-                return index_meta(out_dir)
+    stamp = _index_stamp(db_path, db, index_config)
+    if _index_current(out_dir, stamp):
+        logging.info("Index %s is up to date (%d entries).", out_dir, db.count)
+        return index_meta(out_dir)
     if db.count == 0:
         raise ValueError(f"{db_path} is empty: nothing to index")
     if cfg.get("kind") == "bm25":
@@ -276,6 +682,24 @@ def build_index(db_path: str, out_dir: str, index_config: Any = None) -> dict[st
     shutil.rmtree(old, ignore_errors=True)
     logging.info("Built %s index over %d entries into %s.", index.kind, db.count, out_dir)
     return index_meta(out_dir)
+
+
+def _index_stamp(db_path: str, db: db_lib.Database, index_config: Any) -> dict[str, Any]:
+    """What an index was built from: the database (path, count, creation) and the index config."""
+    return {"db_path": os.path.abspath(db_path), "db_count": db.count,
+            "db_created": db.manifest.get("created"), "config": config_args.plain(index_config)}
+
+
+def _index_current(out_dir: str, stamp: dict[str, Any]) -> bool:
+    """True when `out_dir` holds a saved index built from `stamp`."""
+    stamp_path = os.path.join(out_dir, INDEX_STAMP)
+    if not (os.path.exists(stamp_path) and os.path.exists(os.path.join(out_dir, index_lib.META))):
+        return False
+    try:
+        with open(stamp_path) as f:
+            return json.load(f) == jsonfiles.normalized(stamp)
+    except (OSError, ValueError):  # being swapped in by another process right now
+        return False
 
 
 def index_meta(path: str) -> dict[str, Any]:

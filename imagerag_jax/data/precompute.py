@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -52,14 +52,12 @@ from imagerag_jax.retrieval import index as index_lib
 
 def shard_bounds(num_items: int, num_shards: int) -> list[int]:
     """Raw-position boundaries: shard i holds [bounds[i], bounds[i + 1])."""
-    return [i * num_items // num_shards for i in range(num_shards + 1)]
+    return sources_lib.position_bounds(num_items, num_shards)
 
 
 def host_shards(num_shards: int, process_index: int, process_count: int) -> list[int]:
     """Shard indices written by one process (strided, like the input pipeline's file split)."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    return list(range(process_index, num_shards, process_count))
+    return sources_lib.host_ranges(num_shards, process_index, process_count)
 
 
 def shard_done(out_dir: str, split: str, index: int, num_shards: int) -> bool:
@@ -132,25 +130,6 @@ class _Retriever:
                 "retrieved_latents": got["latents"],
                 "retrieved_prompt_embeds": got["prompt_embeds"],
                 "retrieved_pooled": got["pooled"]}
-
-
-class _Cursor:
-    """Consumes a raw-item stream range by range (items past a range wait for the next call)."""
-
-    def __init__(self, items: Iterator[sources_lib.RawItem]):
-        self._it, self._pending = items, None
-
-    def until(self, end: int) -> Iterator[sources_lib.RawItem]:
-        """The items before raw position `end`; the first one at or past it is kept for later."""
-        while True:
-            item = self._pending if self._pending is not None else next(self._it, None)
-            self._pending = None
-            if item is None:
-                return
-            if item.position >= end:
-                self._pending = item
-                return
-            yield item
 
 
 def _job_description(config: Any, models: towers.PipelineTowers,
@@ -277,7 +256,7 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
                  **{name: v[j] for name, v in out.items()}} for j in range(len(batch))]
 
     if todo:
-        cursor = _Cursor(sources_lib.raw_items(source, stop=bounds[max(todo) + 1]))
+        cursor = sources_lib.RawCursor(sources_lib.raw_items(source, stop=bounds[max(todo) + 1]))
         bar = tqdm.tqdm(total=sum(bounds[i + 1] - bounds[i] for i in todo), unit="item",
                         desc=f"precompute {split} p{pi}")
         for i in todo:

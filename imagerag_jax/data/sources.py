@@ -14,7 +14,9 @@ silently dropped. All sources optionally center-crop and resize to `image_size` 
 
 The offline jobs build a source from their config with `source_from_config` and walk it with
 `raw_items`, which numbers every raw item (an example or a skip) so that a source splits into
-position ranges that do not depend on which images are readable.
+position ranges that do not depend on which images are readable: `position_bounds` cuts them,
+`host_ranges` deals them to the processes and `RawCursor` walks them (precompute's shards and
+build_db's parts).
 """
 
 from __future__ import annotations
@@ -529,3 +531,37 @@ def raw_items(source: Source, stop: int | None = None) -> Iterator[RawItem]:
             position += 1
     finally:
         counter.skip = original_skip
+
+
+# --- splitting a source between hosts by raw position ----------------------------------------
+
+
+def position_bounds(num_items: int, num_ranges: int) -> list[int]:
+    """Raw-position boundaries: range i holds [bounds[i], bounds[i + 1]) = [floor(i N / n), ...)."""
+    return [i * num_items // num_ranges for i in range(num_ranges + 1)]
+
+
+def host_ranges(num_ranges: int, process_index: int, process_count: int) -> list[int]:
+    """Range indices owned by one process: p, p + P, ... (strided, like the input pipeline's files)."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    return list(range(process_index, num_ranges, process_count))
+
+
+class RawCursor:
+    """Consumes a raw-item stream range by range (items past a range wait for the next call)."""
+
+    def __init__(self, items: Iterator[RawItem]):
+        self._it, self._pending = items, None
+
+    def until(self, end: int) -> Iterator[RawItem]:
+        """The items before raw position `end`; the first one at or past it is kept for later."""
+        while True:
+            item = self._pending if self._pending is not None else next(self._it, None)
+            self._pending = None
+            if item is None:
+                return
+            if item.position >= end:
+                self._pending = item
+                return
+            yield item

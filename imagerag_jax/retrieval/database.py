@@ -18,8 +18,9 @@ Commit protocol: the writer appends a batch to every file, flushes (and fsyncs),
 replaces the manifest with the new count. The manifest's `count` is the only commit point: a writer
 killed mid-batch leaves bytes past the committed rows, which a resuming writer truncates away.
 
-Building the database (encoding image-text pairs) is `data/build_db.py`'s job; this module only
-owns the format.
+`concatenate` writes the rows of several committed databases as one (how `data/build_db.py` joins
+the parts that the hosts of a multi-host build wrote). Building the database (encoding image-text
+pairs) is `build_db`'s job; this module only owns the format.
 """
 
 from __future__ import annotations
@@ -354,4 +355,65 @@ class Database:
 
 def open_database(path: str) -> Database:
     """Opens a database directory for reading."""
+    return Database(path)
+
+
+def copy_prefix(dst: str, srcs: Sequence[tuple[str, int]], fsync: bool) -> None:
+    """Writes `dst` as the concatenation of the first `n` bytes of each (file, n) in `srcs`."""
+    with open(dst, "wb") as out:
+        for src, n in srcs:
+            with open(src, "rb") as f:
+                left = n
+                while left:
+                    chunk = f.read(min(left, 1 << 24))
+                    if not chunk:
+                        raise DatabaseError(f"{src}: shorter than its {n} committed bytes")
+                    out.write(chunk)
+                    left -= len(chunk)
+        if fsync:
+            out.flush()
+            os.fsync(out.fileno())
+
+
+def concatenate(path: str, parts: Sequence[Database], *, manifest_extra: dict[str, Any],
+                fsync: bool = True) -> Database:
+    """Writes the rows of committed databases `parts`, in order, as one database at `path`.
+
+    The parts must agree in shapes and identities (source, text encoder, VAE). The old manifest is
+    removed first and the new one written last, so a crash in between leaves no committed
+    database (never a mix); other files in `path` (e.g. the parts' own folder) are left alone.
+    """
+    if not parts:
+        raise DatabaseError(f"{path}: no databases to concatenate")
+    first = parts[0].manifest
+    for p in parts[1:]:
+        for key in ("shapes", "source", "text_encoder", "vae"):
+            if p.manifest.get(key) != first.get(key):
+                raise DatabaseError(f"cannot concatenate {parts[0].path} and {p.path}: their {key} "
+                                    f"differ ({first.get(key)!r} != {p.manifest.get(key)!r})")
+    ids = np.concatenate([np.asarray(p.ids) for p in parts])
+    if len(np.unique(ids)) != len(ids):
+        raise DatabaseError(f"{path}: the databases to concatenate share ids")
+    os.makedirs(path, exist_ok=True)
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        os.remove(os.path.join(path, MANIFEST))  # uncommit the old rows before overwriting them
+    for name, (fname, _) in ARRAYS.items():
+        copy_prefix(os.path.join(path, fname),
+                    [(os.path.join(p.path, fname), p.count * _row_bytes(name, p.shapes[name]))
+                     for p in parts], fsync)
+    # pylint: disable=protected-access  # the parts' caption offsets, this module's own format
+    ends = [np.asarray(p._offsets[1:], np.int64) for p in parts]
+    text_ends = [int(e[-1]) if len(e) else 0 for e in ends]
+    copy_prefix(os.path.join(path, CAPTIONS),
+                [(os.path.join(p.path, CAPTIONS), n) for p, n in zip(parts, text_ends)], fsync)
+    starts = np.cumsum([0] + text_ends[:-1], dtype=np.int64)  # each part's captions move by this
+    offsets = np.concatenate([np.zeros(1, np.int64)] + [e + s for e, s in zip(ends, starts)])
+    with open(os.path.join(path, CAPTION_OFFSETS), "wb") as f:
+        f.write(offsets.tobytes())
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    manifest = {**first, "count": int(sum(p.count for p in parts)), "extra": manifest_extra,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    _write_manifest(path, manifest)
     return Database(path)

@@ -58,15 +58,15 @@ def get_config(arg=None):
     # 1,500 steps reconstruct held-out canvases to 0.975 all-four-correct by the judge (its
     # ceiling on the real canvases: 0.988); 300 steps at 1e-3 gave 0.49.
     config.vae = dict(channels=(16, 32), layers=1, groups=8, kl_weight=1e-4, lr=2e-3, warmup=50,
-                      batch=32, steps=800 if q else 1500)
+                      batch=32, steps=600 if q else 1500)
     config.text = dict(hidden=64, layers=2, heads=2, lr=1e-3, warmup=20, batch=256, colour=True,
-                       steps=300 if q else 800)
+                       steps=200 if q else 800)
     config.teacher = dict(channels=(32, 64), layers=1, head_dim=16, groups=8, lr=1e-3, warmup=100,
-                          batch=32, steps=2000 if q else 5000, uncond_prob=0.1,
+                          batch=32, steps=2000 if q else 6000, uncond_prob=0.1,
                           ema=0.995 if q else 0.999)
     config.sampling = dict(steps=10 if q else 20, guidance=3.0)  # the teacher's DDIM + CFG
     config.student = dict(pairs=1024 if q else 4096, teacher_steps=10 if q else 20, guidance=3.0,
-                          lr=5e-4, warmup=50, batch=32, steps=600 if q else 2000)
+                          lr=5e-4, warmup=50, batch=32, steps=500 if q else 2000)
 
     # ImageRAGTurbo on the paper's mixture (Sec. 4.1: ~3M teacher-synthesised + 0.5M real
     # pairs): the training prompts synthesised by the teacher, and the real training canvases.
@@ -81,7 +81,7 @@ def get_config(arg=None):
     pre.teacher.update(dict(sampler="ddim", steps=config.sampling["steps"],
                             guidance=config.sampling["guidance"]))
     config.precompute = pre
-    train = _sibling("tiny").get_config(f"total_steps={300 if q else 800},batch=32")
+    train = _sibling("tiny").get_config(f"total_steps={500 if q else 1500},batch=32")
     train.unlock()
     train.random_preset = "none"  # the towers come from workdir/models
     train.shuffle_buffer = 512

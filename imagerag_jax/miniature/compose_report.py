@@ -274,9 +274,10 @@ def aggregate(config: ml_collections.ConfigDict, per_seed: Sequence[Mapping[str,
                "retrieval_precision": (None if r0["retrieval_precision"] is None else
                                        {c: _mean_or_none([r["retrieval_precision"][c] for r in same])
                                         for c in r0["retrieval_precision"]})}
-        for key in ("nfe", "latency_ms"):
-            if key in r0:
-                row[key] = float(np.mean([r[key] for r in same]))
+        if "nfe" in r0:
+            row["nfe"] = r0["nfe"]
+        if "latency_ms" in r0:
+            row["latency_ms"] = float(np.mean([r["latency_ms"] for r in same]))
         rows.append(row)
     per_prompt = [np.load(os.path.join(d, PER_PROMPT_FILE)) for d in dirs]
     mean_over = lambda m: np.mean([p[f"all_correct_{m}"] for p in per_prompt], axis=0)

@@ -34,9 +34,14 @@ def _without_timings(results):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("compose")
-    results, stdout = _run(workdir)
-    return workdir, results, stdout
+    # One run per session: xdist may interleave other files' tests with these, which tears a
+    # module fixture down and sets it up again.
+    workdir = tmp_path_factory.getbasetemp() / "compose_smoke"
+    if not (workdir / "stdout.txt").exists():
+        workdir.mkdir(exist_ok=True)
+        _, stdout = _run(workdir)
+        (workdir / "stdout.txt").write_text(stdout)
+    return workdir, json.loads((workdir / "results.json").read_text()), (workdir / "stdout.txt").read_text()
 
 
 def test_compose_smoke_writes_every_row(smoke):

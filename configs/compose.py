@@ -73,24 +73,10 @@ def get_config(arg=None):
     config.k = arg.k
     config.mixture = dict(teacher=0.8, real=0.2)
     config.teacher_only_ablation = not q  # a second ImageRAGTurbo trained on teacher pairs only
-    pre = _sibling("precompute_digits").get_config(f"image_size=16,k={arg.k},num_shards=2,teacher")
-    pre.unlock()
+    pre, config.train = _sibling("digits").rag_jobs(arg.k, config.sampling, 500 if q else 1500)
     pre.db.source = _source("database", 16, config.splits)
     pre.source = _source("train", 16, config.splits)
-    pre.db.limit, pre.limit, pre.batch_size = 0, 0, 128
-    pre.teacher.update(dict(sampler="ddim", steps=config.sampling["steps"],
-                            guidance=config.sampling["guidance"]))
     config.precompute = pre
-    train = _sibling("tiny").get_config(f"total_steps={500 if q else 1500},batch=32")
-    train.unlock()
-    train.random_preset = "none"  # the towers come from workdir/models
-    train.shuffle_buffer = 512
-    train.optimizer.lr = train.disc_optimizer.lr = 1e-4  # the paper's 1e-5 is for batch 2048
-    train.lora.update(dict(rank=4, alpha=4.0))
-    train.adapter.num_heads = 4
-    train.disc.update(dict(hidden=32, time_dim=32, cond_dim=32))
-    train.log_every, train.checkpoint_every, train.sample_every = 50, 250, 0
-    config.train = train
 
     config.eval = dict(num_prompts=0,  # 0: every held-out prompt (160)
                        injection_w=0.8, grid_per_class=6, latency_repeats=5 if q else 20,

@@ -27,6 +27,27 @@ def _sibling(name):
     return load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py"))
 
 
+def rag_jobs(k, sampling, total_steps):
+    """(precompute, train) configs of a miniature's ImageRAGTurbo stage on its own towers.
+
+    Unlocked, for the caller to set its sources; `run` fills in the weight and data paths.
+    """
+    pre = _sibling("precompute_digits").get_config(f"image_size=16,k={k},num_shards=2,teacher")
+    pre.unlock()
+    pre.db.limit, pre.limit, pre.batch_size = 0, 0, 128
+    pre.teacher.update(dict(sampler="ddim", steps=sampling["steps"], guidance=sampling["guidance"]))
+    train = _sibling("tiny").get_config(f"total_steps={total_steps},batch=32")
+    train.unlock()
+    train.random_preset = "none"  # the towers come from workdir/models
+    train.shuffle_buffer = 512
+    train.optimizer.lr = train.disc_optimizer.lr = 1e-4  # the paper's 1e-5 is for batch 2048
+    train.lora.update(dict(rank=4, alpha=4.0))
+    train.adapter.num_heads = 4
+    train.disc.update(dict(hidden=32, time_dim=32, cond_dim=32))
+    train.log_every, train.checkpoint_every, train.sample_every = 50, 250, 0
+    return pre, train
+
+
 def get_config(arg=None):
     """The digits miniature; see the module docstring for `arg`."""
     arg = parse_arg(arg, quick=False, smoke=False, k=2)
@@ -54,22 +75,7 @@ def get_config(arg=None):
     # ImageRAGTurbo: the production build-db -> precompute -> train path. `run` fills in the
     # weight and data paths (workdir/models/{turbo,teacher}, workdir/rag/...).
     config.k = arg.k
-    pre = _sibling("precompute_digits").get_config(f"image_size=16,k={arg.k},num_shards=2,teacher")
-    pre.unlock()
-    pre.db.limit, pre.limit, pre.batch_size = 0, 0, 128
-    pre.teacher.update(dict(sampler="ddim", steps=config.sampling["steps"],
-                            guidance=config.sampling["guidance"]))
-    config.precompute = pre
-    train = _sibling("tiny").get_config(f"total_steps={400 if q else 1000},batch=32")
-    train.unlock()
-    train.random_preset = "none"  # the towers come from workdir/models
-    train.shuffle_buffer = 512
-    train.optimizer.lr = train.disc_optimizer.lr = 1e-4  # the paper's 1e-5 is for batch 2048
-    train.lora.update(dict(rank=4, alpha=4.0))
-    train.adapter.num_heads = 4
-    train.disc.update(dict(hidden=32, time_dim=32, cond_dim=32))
-    train.log_every, train.checkpoint_every, train.sample_every = 50, 250, 0
-    config.train = train
+    config.precompute, config.train = rag_jobs(arg.k, config.sampling, 400 if q else 1000)
 
     # Evaluation on the held-out prompts.
     config.eval = dict(num_prompts=100 if q else 0,  # 0: the whole eval split (180)

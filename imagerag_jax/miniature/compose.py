@@ -121,6 +121,11 @@ def canvas(left: np.ndarray, right: np.ndarray, comp: Composition, size: int = 1
     return np.round(np.concatenate(halves, axis=1) * 255.0).astype(np.uint8)
 
 
+def as_float(images: np.ndarray) -> np.ndarray:
+    """uint8 canvases -> float32 in [-1, 1] (the towers' input)."""
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
 def digit_halves(ids: np.ndarray, size: int = 16) -> np.ndarray:
     """uint8 [N, size, size/2, 3]: digit images as white canvas halves (the judge's training input)."""
     digits, _ = sources._load_digits()  # pylint: disable=protected-access

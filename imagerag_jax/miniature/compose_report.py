@@ -147,8 +147,7 @@ def evaluate_seed(config: ml_collections.ConfigDict, workdir: str, towers: Any, 
     best = len(ws) - 1 - np.argmax(right_w[::-1], axis=0)
     gen["injection_best_w"] = per_w[best, np.arange(len(prompts))]
 
-    refs = {"real": ev.images[idx], "vae": decode(stages.encode_latents(vae, towers.vae_p,
-                                                                         ev.images[idx].astype(np.float32) / 127.5 - 1))}
+    refs = {"real": ev.images[idx], "vae": decode(stages.encode_latents(vae, towers.vae_p, compose.as_float(ev.images[idx])))}
     per_prompt, rows = {}, []
     for name in [m for m in METHODS if m in gen] + list(REFERENCES):
         imgs = gen.get(name, refs.get(name))
@@ -386,8 +385,5 @@ def markdown(results: Mapping[str, Any]) -> str:
 
 def write(workdir: str, results: Mapping[str, Any]) -> None:
     """results.json and results.md."""
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1, default=float)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(markdown(results))
+    report.write(workdir, results, markdown)
     logging.info("compose results written to %s", workdir)

@@ -28,15 +28,10 @@ def splits(config: ml_collections.ConfigDict) -> dict[str, compose.ComposeSplit]
     return compose.make_splits(int(config.data_seed), size=int(config.image_size), **dict(config.splits))
 
 
-def as_float(images: np.ndarray) -> np.ndarray:
-    """uint8 canvases -> float32 in [-1, 1] (the towers' input)."""
-    return images.astype(np.float32) / 127.5 - 1.0
-
-
 def train_towers(config: ml_collections.ConfigDict, workdir: str) -> run_lib.Towers:
     """The towers on train + database canvases; the student is distilled on the training prompts."""
     s = splits(config)
-    images = as_float(np.concatenate([s["train"].images, s["database"].images]))
+    images = compose.as_float(np.concatenate([s["train"].images, s["database"].images]))
     labels = np.concatenate([s["train"].compositions, s["database"].compositions])
     return run_lib.train_towers(config, workdir, images, labels, captions=compose.all_captions(),
                                 prompt_labels=s["train"].compositions)

@@ -281,9 +281,10 @@ def markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(workdir: str, results: Mapping[str, Any]) -> None:
-    """results.json and results.md."""
+def write(workdir: str, results: Mapping[str, Any],
+          to_markdown: Callable[[Mapping[str, Any]], str] = markdown) -> None:
+    """results.json and results.md (`to_markdown(results)`: this miniature's or another's)."""
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
     with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(markdown(results))
+        f.write(to_markdown(results))

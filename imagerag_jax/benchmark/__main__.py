@@ -1,4 +1,4 @@
-"""``python -m imagerag_jax.benchmark unet|vae|text|pipeline|retrieval|input|train|rag [flags]``."""
+"""``python -m imagerag_jax.benchmark unet|vae|text|pipeline|retrieval|input|train|rag|precompute [flags]``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ OTHER_BENCHMARKS = {
     "input": "imagerag_jax.benchmark.input",
     "train": "imagerag_jax.benchmark.train",
     "rag": "imagerag_jax.benchmark.rag",
+    "precompute": "imagerag_jax.benchmark.precompute",
 }
 
 

@@ -67,6 +67,16 @@ class Composition(NamedTuple):
         return cls(ld, lc, rd, rc)
 
 
+def side_labels(compositions: np.ndarray) -> np.ndarray:
+    """[N, 2] int: what stands on each side (digit * colours + colour), left then right."""
+    c = np.asarray(compositions, np.int64)
+    n = len(COLOURS)
+    rest, rc = np.divmod(c, n)
+    rest, rd = np.divmod(rest, 10)
+    ld, lc = np.divmod(rest, n)
+    return np.stack([ld * n + lc, rd * n + rc], axis=1)
+
+
 def caption(comp: Composition, variant: int) -> str:
     """Caption `variant` of a composition (template and numeral/word forms from the variant)."""
     template = TEMPLATES[variant % len(TEMPLATES)]

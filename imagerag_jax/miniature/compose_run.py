@@ -34,7 +34,8 @@ def train_towers(config: ml_collections.ConfigDict, workdir: str) -> run_lib.Tow
     images = compose.as_float(np.concatenate([s["train"].images, s["database"].images]))
     labels = np.concatenate([s["train"].compositions, s["database"].compositions])
     return run_lib.train_towers(config, workdir, images, labels, captions=compose.all_captions(),
-                                prompt_labels=s["train"].compositions)
+                                prompt_labels=s["train"].compositions,
+                                side_labels=compose.side_labels(labels))
 
 
 def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

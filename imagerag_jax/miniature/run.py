@@ -53,12 +53,15 @@ class Towers:
 
 def train_towers(config: ml_collections.ConfigDict, workdir: str, images: np.ndarray | None = None,
                  labels: np.ndarray | None = None, *, captions: list[list[str]] | None = None,
-                 prompt_labels: np.ndarray | None = None) -> Towers:
+                 prompt_labels: np.ndarray | None = None, side_labels: np.ndarray | None = None
+                 ) -> Towers:
     """Stages 1-4: VAE, text encoder, teacher, turbo student; writes models/{teacher,turbo}.
 
     `images` (float [-1, 1]) and their `labels` train the towers, `captions[label]` are the
     wordings of each label and `prompt_labels` the labels whose captions the student is distilled
     on; the defaults are the digits miniature's (train + database splits, every digit).
+    `side_labels` [N, S] say what stands on each vertical strip of an image (the text encoder's
+    per-side loss, `config.text.sides`).
     """
     seed, progress = int(config.seed), bool(config.progress)
     size = int(config.image_size)
@@ -80,7 +83,8 @@ def train_towers(config: ml_collections.ConfigDict, workdir: str, images: np.nda
     table = stages.CaptionTable(tokenizer, captions)
     t0 = time.perf_counter()
     text, text_p, stats["text"] = stages.train_text(workdir, dict(config.text), table, images, labels,
-                                                    seed=seed, progress=progress)
+                                                    seed=seed, side_labels=side_labels,
+                                                    progress=progress)
     logging.info("text encoder ready (%.0f s): %s", time.perf_counter() - t0, stats["text"].get("final"))
 
     t0 = time.perf_counter()

@@ -313,24 +313,17 @@ def measure_scann(n: int, dim: int, target_n: int = SCANN_PROJECTED_N, seed: int
     cfg = {"kind": "scann", "num_neighbors": SCANN_K}
     index_lib.import_scann()  # its import (seconds, hundreds of MB) is not the build's
     print(f"building ScaNN over {n:,} x {dim} ...", flush=True)
-    rss0 = common.rss_bytes()
-    with common.PeakRSS() as mem:
-        t0 = time.perf_counter()
-        index = index_lib.Index.build(data, cfg)
-        build_s = time.perf_counter() - t0
+    index, build = bench_retrieval.timed_build(data, cfg)
     res: dict[str, Any] = {"n": n, "dim": dim, "data": "clustered", "kind": index.kind,
                            "vectors_gib": data.nbytes / 2**30}
     if index.kind != "scann":
         res["note"] = ("ScaNN is not importable here" if n >= index_lib.MIN_SCANN_SIZE else
                        f"fewer than {index_lib.MIN_SCANN_SIZE} vectors build an exact index")
         return res
-    extra = mem.peak - mem.start
-    res.update({"build_s": build_s, "build_peak_extra_gib": extra / 2**30,
-                "resident_extra_gib": (common.rss_bytes() - rss0) / 2**30,
-                "params": {k: index.config.get(k) for k in
-                           ("num_leaves", "leaves_to_search", "reorder_k", "dims_per_block",
-                            "training_sample_size")},
-                "projected": project_scann(n, build_s, extra, dim, target_n),
+    extra = build["peak_extra_bytes"]
+    res.update({"build_s": build["build_s"], "build_peak_extra_gib": extra / 2**30,
+                "resident_extra_gib": build["resident_extra_gib"], "params": build["params"],
+                "projected": project_scann(n, build["build_s"], extra, dim, target_n),
                 "projected_params": index_lib.resolve_scann_params(target_n, cfg)})
     return res
 

@@ -87,6 +87,22 @@ def _latency_ms(search, queries: np.ndarray, n: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+SCANN_PARAM_KEYS = ("num_leaves", "leaves_to_search", "reorder_k", "dims_per_block",
+                    "training_sample_size")
+
+
+def timed_build(data: np.ndarray, cfg: dict[str, Any]) -> tuple[index_lib.Index, dict[str, Any]]:
+    """An index over `data`, with its build seconds, peak and resident extra RSS and params."""
+    rss0 = common.rss_bytes()
+    with common.PeakRSS() as mem:
+        t0 = time.perf_counter()
+        index = index_lib.Index.build(data, cfg)
+        build_s = time.perf_counter() - t0
+    return index, {"build_s": build_s, "peak_extra_bytes": mem.peak - mem.start,
+                   "resident_extra_gib": (common.rss_bytes() - rss0) / 2**30,
+                   "params": {k: index.config.get(k) for k in SCANN_PARAM_KEYS}}
+
+
 def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
     """Benchmarks one database size."""
     base = common.rss_bytes()
@@ -104,16 +120,11 @@ def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
     for key in ("num_leaves", "leaves_to_search", "reorder_k", "dims_per_block"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    rss0 = common.rss_bytes()
-    with common.PeakRSS() as mem:
-        t0 = time.perf_counter()
-        scann = index_lib.Index.build(data, cfg)
-        res["scann_build_s"] = time.perf_counter() - t0
-    res["scann_build_peak_extra_gib"] = mem.extra_gib
-    res["scann_resident_extra_gib"] = (common.rss_bytes() - rss0) / 2**30
-    res["scann_params"] = {k: scann.config.get(k) for k in
-                           ("num_leaves", "leaves_to_search", "reorder_k", "dims_per_block",
-                            "training_sample_size")}
+    scann, build = timed_build(data, cfg)
+    res["scann_build_s"] = build["build_s"]
+    res["scann_build_peak_extra_gib"] = build["peak_extra_bytes"] / 2**30
+    res["scann_resident_extra_gib"] = build["resident_extra_gib"]
+    res["scann_params"] = build["params"]
     if scann.kind != "scann":
         raise SystemExit("ScaNN is not importable here; nothing to compare")
 

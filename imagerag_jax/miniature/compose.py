@@ -69,12 +69,10 @@ class Composition(NamedTuple):
 
 def side_labels(compositions: np.ndarray) -> np.ndarray:
     """[N, 2] int: what stands on each side (digit * colours + colour), left then right."""
-    c = np.asarray(compositions, np.int64)
     n = len(COLOURS)
-    rest, rc = np.divmod(c, n)
-    rest, rd = np.divmod(rest, 10)
-    ld, lc = np.divmod(rest, n)
-    return np.stack([ld * n + lc, rd * n + rc], axis=1)
+    comps = [Composition.from_index(int(i)) for i in compositions]
+    return np.array([[c.left_digit * n + c.left_colour, c.right_digit * n + c.right_colour]
+                     for c in comps], np.int64).reshape(len(comps), 2)
 
 
 def caption(comp: Composition, variant: int) -> str:

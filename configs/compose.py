@@ -16,7 +16,8 @@ digit and colour. Results: workdir/results.{json,md} and grids/.
 
 Arg string: ``quick`` (fewer steps, <= 10 min), ``smoke`` (a few steps per stage: checks the
 plumbing in tests, the numbers mean nothing), ``seeds=N`` (training seeds seed..seed+N-1, each
-in workdir/seed_S, then the table over seeds), ``k=N`` neighbours.
+in workdir/seed_S, then the table over seeds), ``k=N`` neighbours, ``positional=none|sincos``
+(the adapter's position code, models/adapter.py; the paper's adapter has none).
 The splits and the judge depend on `data_seed` only, never on the training seed; every stage
 resumes from its checkpoint when the command is run again with the same workdir.
 """
@@ -40,7 +41,7 @@ def _source(split, size, splits):
 
 def get_config(arg=None):
     """The compositional miniature; see the module docstring for `arg`."""
-    arg = parse_arg(arg, quick=False, smoke=False, seeds=1, k=2)
+    arg = parse_arg(arg, quick=False, smoke=False, seeds=1, k=2, positional="none")
     q = arg.quick
     config = ml_collections.ConfigDict()
     config.miniature = "compose"
@@ -77,6 +78,7 @@ def get_config(arg=None):
     config.mixture = dict(teacher=0.8, real=0.2)
     config.teacher_only_ablation = not q  # a second ImageRAGTurbo trained on teacher pairs only
     pre, config.train = _sibling("digits").rag_jobs(arg.k, config.sampling, 500 if q else 1500)
+    config.train.adapter.positional = arg.positional
     pre.db.source = _source("database", 16, config.splits)
     pre.source = _source("train", 16, config.splits)
     config.precompute = pre

@@ -63,7 +63,8 @@ def get_config(arg=None):
     config.optimizer = ml_collections.ConfigDict(dict(adamw))
     config.disc_optimizer = ml_collections.ConfigDict(dict(adamw))
 
-    config.adapter = ml_collections.ConfigDict(dict(num_heads=8, head_dim=0, attention_impl="auto"))
+    config.adapter = ml_collections.ConfigDict(dict(num_heads=8, head_dim=0, attention_impl="auto",
+                                                    positional="none"))
     config.lora = ml_collections.ConfigDict(dict(rank=64, alpha=64.0, pattern=""))
     config.disc = ml_collections.ConfigDict(dict(
         hidden=256, num_convs=2, time_dim=256, cond_dim=256, power_iterations=1))

@@ -108,8 +108,7 @@ def load_run(workdir: str, step: int | None = None, *, check_frozen: bool = True
     if check_frozen:
         towers.check_frozen(frozen_refs, frozen.references(), names=("student",), error=ExportError)
 
-    ad = config.adapter
-    adapter = adapter_lib.HSpaceAdapter(num_heads=ad.num_heads, head_dim=ad.head_dim or None)
+    adapter = adapter_lib.from_config(config.adapter)
     lora_params = params["lora"]
     outside = [p for p in lora.lora_pairs(lora_params) if not p.startswith(DECODER_PREFIXES)]
     if outside:

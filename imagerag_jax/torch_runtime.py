@@ -41,18 +41,22 @@ class HSpaceAdapter(nn.Module):
     """Cross-attention from target H-space tokens to the k retrieved maps' tokens (paper Eq. 4).
 
     Parameter names are those of the exported state dict: norm_tgt, norm_retr (LayerNorm),
-    to_q, to_k, to_v (no bias), to_out (with bias). Inputs and output are NCHW.
+    to_q, to_k, to_v (no bias), to_out (with bias). Inputs and output are NCHW. ``positional``
+    'sincos' adds models/adapter.sincos_2d's fixed code to the normalised tokens, as the JAX module.
     """
 
     def __init__(self, channels: int, num_heads: int, head_dim: int | None = None, *,
-                 pre_norm: bool = True, upcast_attention: bool = False, layer_norm_eps: float = 1e-5):
+                 pre_norm: bool = True, upcast_attention: bool = False, layer_norm_eps: float = 1e-5,
+                 positional: str = "none"):
         super().__init__()
         if head_dim is None:
             if channels % num_heads:
                 raise ValueError(f"{channels} channels cannot be split into {num_heads} heads")
             head_dim = channels // num_heads
         self.channels, self.num_heads, self.head_dim = channels, num_heads, head_dim
-        self.pre_norm, self.upcast_attention = pre_norm, upcast_attention
+        if positional not in ("none", "sincos"):
+            raise ValueError(f"unknown adapter positional {positional!r}; expected 'none' or 'sincos'")
+        self.pre_norm, self.upcast_attention, self.positional = pre_norm, upcast_attention, positional
         inner = num_heads * head_dim
         if pre_norm:
             self.norm_tgt = nn.LayerNorm(channels, eps=layer_norm_eps)
@@ -80,6 +84,10 @@ class HSpaceAdapter(nn.Module):
         kv_in = h_retr.permute(0, 1, 3, 4, 2).reshape(b, -1, c).to(dtype)
         if self.pre_norm:
             q_in, kv_in = self.norm_tgt(q_in), self.norm_retr(kv_in)
+        if self.positional == "sincos":
+            k_maps, rh, rw = h_retr.shape[1], h_retr.shape[3], h_retr.shape[4]
+            q_in = q_in + sincos_2d(hh, ww, c).to(q_in)
+            kv_in = kv_in + sincos_2d(rh, rw, c).repeat(k_maps, 1).to(kv_in)
         split = lambda t: t.view(b, t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
         q, k, v = split(self.to_q(q_in)), split(self.to_k(kv_in)), split(self.to_v(kv_in))
         if self.upcast_attention:
@@ -87,6 +95,18 @@ class HSpaceAdapter(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v).to(dtype)
         out = self.to_out(out.transpose(1, 2).reshape(b, hh * ww, self.num_heads * self.head_dim))
         return out.transpose(1, 2).reshape(b, c, hh, ww)
+
+
+def sincos_2d(height: int, width: int, channels: int) -> torch.Tensor:
+    """(h*w, channels) fixed 2-D position code: rows in the first half of channels, columns in the second."""
+    if channels % 4:
+        raise ValueError(f"sincos positions need channels divisible by 4, got {channels}")
+    n = channels // 4
+    freqs = 10000.0 ** (-torch.arange(n, dtype=torch.float32) / n)
+    code = lambda pos: torch.cat([torch.sin(pos[:, None] * freqs), torch.cos(pos[:, None] * freqs)], -1)
+    rows = code(torch.arange(height, dtype=torch.float32)).repeat_interleave(width, 0)
+    cols = code(torch.arange(width, dtype=torch.float32)).repeat(height, 1)
+    return torch.cat([rows, cols], -1)
 
 
 def load_adapter(path: str, *, device: str | torch.device | None = None,
@@ -102,7 +122,8 @@ def load_adapter(path: str, *, device: str | torch.device | None = None,
                                    what="adapter config")
     adapter = HSpaceAdapter(cfg["channels"], cfg["num_heads"], cfg["head_dim"], pre_norm=cfg["pre_norm"],
                             upcast_attention=cfg["upcast_attention"],
-                            layer_norm_eps=cfg["layer_norm_eps"])
+                            layer_norm_eps=cfg["layer_norm_eps"],
+                            positional=cfg.get("positional", "none"))
     adapter.load_state_dict(load_file(os.path.join(folder, to_torch.ADAPTER_WEIGHTS)), strict=True)
     adapter.config = cfg
     return adapter.to(device=device, dtype=dtype).eval()

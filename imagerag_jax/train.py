@@ -88,7 +88,6 @@ class Trainer:
         self.vae, vae_p = frozen_towers.vae.module, frozen_towers.vae.params
         lp = latent_lpips_or_none(config.latent_lpips_weights, config.beta)
         beta = float(config.beta) if lp is not None else 0.0
-        ad = config.adapter
         if config.lambda_mode != "mean":
             raise ValueError(f"lambda_mode {config.lambda_mode!r}: the step needs one lambda per "
                              "example ('mean')")
@@ -99,8 +98,7 @@ class Trainer:
         self.setup = step_lib.StepSetup(
             student=student,
             teacher=teacher,
-            adapter=adapter_lib.HSpaceAdapter(num_heads=ad.num_heads, head_dim=ad.head_dim or None,
-                                              attention_impl=ad.attention_impl, dtype=compute),
+            adapter=adapter_lib.from_config(config.adapter, dtype=compute),
             heads=disc_lib.DiscriminatorHeads(**dict(config.disc), dtype=compute),
             lpips=lp[0] if lp is not None else None,
             prediction_type=student.prediction_type,

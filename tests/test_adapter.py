@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagerag_jax.models.adapter import HSpaceAdapter, inject, retrieval_lambda, slerp_blend
+from imagerag_jax.models.adapter import HSpaceAdapter, from_config, inject, retrieval_lambda, sincos_2d, slerp_blend
 
 B, K, HH, WW, C = 2, 3, 4, 4, 16
 
@@ -47,8 +47,8 @@ def test_zero_initialised_adapter_outputs_exact_zero():
     np.testing.assert_array_equal(inject(h_tgt, delta, jnp.array([0.3, 0.9])), h_tgt)
 
 
-def numpy_adapter(params: dict, h_tgt, h_retr, heads: int, dim: int) -> np.ndarray:
-    """Float64 reference of Eq. 4 with per-token LayerNorm, from the parameter tree."""
+def numpy_adapter(params: dict, h_tgt, h_retr, heads: int, dim: int, pos=None) -> np.ndarray:
+    """Float64 reference of Eq. 4 with per-token LayerNorm (+ `pos` (h*w, C) on every map's tokens)."""
     p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
 
     def ln(x, prm):
@@ -59,6 +59,9 @@ def numpy_adapter(params: dict, h_tgt, h_retr, heads: int, dim: int) -> np.ndarr
     b = h_tgt.shape[0]
     q_in = ln(np.asarray(h_tgt, np.float64).reshape(b, -1, C), p["norm_tgt"])
     kv = ln(np.asarray(h_retr, np.float64).reshape(b, -1, C), p["norm_retr"])  # K*HH*WW tokens
+    if pos is not None:
+        q_in = q_in + pos
+        kv = kv + np.tile(pos, (h_retr.shape[1], 1))
     q = (q_in @ p["to_q"]["kernel"]).reshape(b, -1, heads, dim)
     k = (kv @ p["to_k"]["kernel"]).reshape(b, -1, heads, dim)
     v = (kv @ p["to_v"]["kernel"]).reshape(b, -1, heads, dim)
@@ -120,6 +123,73 @@ def test_gradients_reach_every_adapter_parameter():
     for path, leaf in jax.tree_util.tree_leaves_with_path(g):
         assert np.all(np.isfinite(leaf)), path
         assert np.abs(leaf).max() > 0, f"zero gradient for {jax.tree_util.keystr(path)}"
+
+
+def test_sincos_2d_is_the_hand_computed_code():
+    code = np.asarray(sincos_2d(2, 3, 8))  # 2 frequencies: 1 and 10000^(-1/2) = 0.01
+    assert code.shape == (6, 8)
+    row, col = 1, 2  # token 5 in row-major order
+    want = [np.sin(row), np.sin(0.01 * row), np.cos(row), np.cos(0.01 * row),
+            np.sin(col), np.sin(0.01 * col), np.cos(col), np.cos(0.01 * col)]
+    np.testing.assert_allclose(code[row * 3 + col], want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(code[0], [0, 0, 1, 1, 0, 0, 1, 1], atol=1e-7)
+    # A bigger map agrees on the cells it shares (positions are integers, not fractions of the size).
+    np.testing.assert_allclose(np.asarray(sincos_2d(4, 5, 8)).reshape(4, 5, 8)[:2, :3].reshape(6, 8), code,
+                               rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(2, 2, 6)
+
+
+def test_sincos_adapter_matches_float64_reference_and_sees_where_tokens_are():
+    adapter = HSpaceAdapter(num_heads=4, positional="sincos", attention_impl="einsum")
+    h_tgt, h_retr = randn(0, B, HH, WW, C, scale=5.0), randn(1, B, K, HH, WW, C, scale=5.0)
+    params = with_random_out(init_adapter(adapter, h_tgt, h_retr))
+    apply = jax.jit(adapter.apply)
+    out = apply({"params": params}, h_tgt, h_retr)
+    ref = numpy_adapter(params, h_tgt, h_retr, 4, C // 4, pos=np.asarray(sincos_2d(HH, WW, C), np.float64))
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    # Still invariant to the order of the neighbours ...
+    np.testing.assert_allclose(apply({"params": params}, h_tgt, h_retr[:, ::-1]), out, rtol=1e-5, atol=1e-5)
+    # ... but no longer to where a token sits in a neighbour's map: mirroring every neighbour
+    # left-right changes the result, which the paper's position-free adapter cannot see.
+    mirrored = h_retr[:, :, :, ::-1]
+    plain = HSpaceAdapter(num_heads=4)
+    plain_apply = jax.jit(plain.apply)
+    np.testing.assert_allclose(plain_apply({"params": params}, h_tgt, mirrored),
+                               plain_apply({"params": params}, h_tgt, h_retr), rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(apply({"params": params}, h_tgt, mirrored)) - np.asarray(out)).max() > 1e-2
+    # Same parameters either way (the export layout does not change).
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+        init_adapter(plain, h_tgt, h_retr))
+
+
+def test_sincos_adapter_matches_the_torch_runtime():
+    torch = pytest.importorskip("torch")
+    from imagerag_jax import torch_runtime as rt
+    from imagerag_jax.weights import to_torch
+
+    adapter = HSpaceAdapter(num_heads=4, positional="sincos")
+    h_tgt, h_retr = randn(0, B, HH, WW, C, scale=5.0), randn(1, B, K, HH, 2 * WW, C, scale=5.0)
+    params = with_random_out(init_adapter(adapter, h_tgt, h_retr))
+    out = np.asarray(jax.jit(adapter.apply)({"params": params}, h_tgt, h_retr))
+    model = rt.HSpaceAdapter(C, 4, positional="sincos")
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in to_torch.torch_state_dict(params).items()})
+    with torch.no_grad():
+        got = model(torch.from_numpy(np.transpose(np.asarray(h_tgt), (0, 3, 1, 2)).copy()),
+                    torch.from_numpy(np.transpose(np.asarray(h_retr), (0, 1, 4, 2, 3)).copy()))
+    got = np.transpose(got.numpy(), (0, 2, 3, 1))
+    scale = np.abs(out).max()
+    assert np.abs(got - out).max() <= 1e-4 * scale, np.abs(got - out).max() / scale
+    assert to_torch.adapter_config(adapter, C)["positional"] == "sincos"
+
+
+def test_from_config_reads_a_run_config_and_defaults_to_no_positions():
+    a = from_config({"num_heads": 4, "head_dim": 0, "attention_impl": "einsum"})
+    assert (a.num_heads, a.head_dim, a.attention_impl, a.positional) == (4, None, "einsum", "none")
+    assert from_config({"num_heads": 2, "head_dim": 8, "positional": "sincos"}).positional == "sincos"
+    with pytest.raises(ValueError, match="unknown adapter positional 'rope'"):
+        init_adapter(from_config({"num_heads": 4, "positional": "rope"}), randn(0, B, HH, WW, C),
+                     randn(1, B, K, HH, WW, C))
 
 
 def test_adapter_rejects_bad_shapes():

@@ -102,8 +102,7 @@ def evaluate_seed(config: ml_collections.ConfigDict, workdir: str, towers: Any, 
     rand_comps = db_split.compositions[rand_ids - offset]
     noise = np.random.default_rng([seed, 99]).standard_normal((len(prompts), *retr.latents.shape[2:]),
                                                                dtype=np.float32)
-    adapter = adapter_lib.HSpaceAdapter(num_heads=tr.adapter.num_heads, head_dim=tr.adapter.head_dim or None,
-                                        attention_impl=tr.adapter.attention_impl)
+    adapter = adapter_lib.from_config(tr.adapter)
     merged = {name: (lora.merge(towers.student_p, st["params"]["lora"], float(tr.lora.alpha),
                                 int(tr.lora.rank)), st["params"]["adapter"])
               for name, st in trained["states"].items()}

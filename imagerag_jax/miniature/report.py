@@ -87,8 +87,7 @@ def evaluate_all(config: ml_collections.ConfigDict, workdir: str, towers: Any, s
                                                                dtype=np.float32)
 
     tr = config.train
-    adapter = adapter_lib.HSpaceAdapter(num_heads=tr.adapter.num_heads, head_dim=tr.adapter.head_dim or None,
-                                        attention_impl=tr.adapter.attention_impl)
+    adapter = adapter_lib.from_config(tr.adapter)
     params = state["params"]
     merged = lora.merge(towers.student_p, params["lora"], float(tr.lora.alpha), int(tr.lora.rank))
     empty_ids = np.asarray(towers.tokenizer([""]))

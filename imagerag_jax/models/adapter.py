@@ -19,14 +19,31 @@ from imagerag_jax.models import layers
 Dtype = Any
 LAMBDA_MODES = ("mean", "per_neighbour")
 SLERP_MAGNITUDES = ("lerp", "raw")
+POSITIONAL = ("none", "sincos")
+
+
+def sincos_2d(height: int, width: int, channels: int) -> jax.Array:
+    """Fixed 2-D sine/cosine position codes (h*w, channels), rows then columns (row-major tokens).
+
+    The first half of the channels code the row, the second half the column, each as
+    [sin(p f_i), cos(p f_i)] with f_i = 10000^(-i/n) over n = channels // 4 frequencies
+    (integer positions, so a map of any size gets the same code at the same cell).
+    """
+    if channels % 4:
+        raise ValueError(f"sincos positions need channels divisible by 4, got {channels}")
+    n = channels // 4
+    freqs = 10000.0 ** (-jnp.arange(n, dtype=jnp.float32) / n)
+    code = lambda pos: jnp.concatenate([jnp.sin(pos[:, None] * freqs), jnp.cos(pos[:, None] * freqs)], -1)
+    rows = jnp.repeat(code(jnp.arange(height, dtype=jnp.float32)), width, axis=0)
+    cols = jnp.tile(code(jnp.arange(width, dtype=jnp.float32)), (height, 1))
+    return jnp.concatenate([rows, cols], axis=-1)
 
 
 class HSpaceAdapter(nn.Module):
     """Cross-attention from target H-space tokens to the k retrieved maps' tokens (Eq. 4).
 
     Q = W_Q LN(h_tgt) over the h*w target tokens; K = W_K LN(h_retr), V = W_V LN(h_retr) over all
-    k*h*w retrieved tokens (no positional encoding, as in the paper: the result is invariant to
-    the order of the neighbours). Multi-head softmax(QK^T / sqrt(d)) V, then ``to_out`` back to C
+    k*h*w retrieved tokens. Multi-head softmax(QK^T / sqrt(d)) V, then ``to_out`` back to C
     channels. Parameters: norm_tgt, norm_retr (LayerNorm scale/bias), to_q, to_k, to_v (kernels,
     no bias: the paper's W_Q, W_K, W_V are linear maps), to_out (kernel, bias).
 
@@ -37,6 +54,13 @@ class HSpaceAdapter(nn.Module):
     saturate the softmax at initialisation, with it they start O(1) at any t. The output
     magnitude is learned by ``to_out``.
 
+    Positions (``positional``): ``'none'`` (the paper: no positional encoding, so a target token
+    cannot tell where in the neighbour's map a token came from, only what it holds) or
+    ``'sincos'``: the same fixed 2-D code (``sincos_2d``) added to the normalised target tokens
+    and to every neighbour's tokens, so a query can attend to the neighbour's token at its own
+    cell. Parameter-free: the weights and their export layout are the same either way. The result
+    stays invariant to the order of the neighbours.
+
     ``to_out`` (kernel and bias) is zero-initialised: the adapter outputs exactly 0 at init, so
     Eq. 5 starts at the frozen SD-Turbo result bit for bit.
     """
@@ -46,6 +70,7 @@ class HSpaceAdapter(nn.Module):
     attention_impl: str = "auto"
     pre_norm: bool = True
     upcast_attention: bool = False
+    positional: str = "none"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -60,6 +85,8 @@ class HSpaceAdapter(nn.Module):
         b, hh, ww, c = h_tgt.shape
         if h_retr.shape[0] != b or h_retr.shape[-1] != c:
             raise ValueError(f"h_retr {h_retr.shape} does not match h_tgt {h_tgt.shape} in batch/channels")
+        if self.positional not in POSITIONAL:
+            raise ValueError(f"unknown adapter positional {self.positional!r}; choose one of {POSITIONAL}")
         heads, dim = self._heads(c)
         inner = heads * dim
 
@@ -68,6 +95,10 @@ class HSpaceAdapter(nn.Module):
         if self.pre_norm:
             q_in = layers.layer_norm(name="norm_tgt", dtype=self.dtype)(q_in)
             kv_in = layers.layer_norm(name="norm_retr", dtype=self.dtype)(kv_in)
+        if self.positional == "sincos":
+            k_maps, rh, rw = h_retr.shape[1], h_retr.shape[2], h_retr.shape[3]
+            q_in = q_in + sincos_2d(hh, ww, c).astype(self.dtype)
+            kv_in = kv_in + jnp.tile(sincos_2d(rh, rw, c), (k_maps, 1)).astype(self.dtype)
         dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, name=name)
         split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, dim)
         q = split(dense(inner, "to_q")(q_in))
@@ -87,6 +118,14 @@ class HSpaceAdapter(nn.Module):
         if channels % self.num_heads:
             raise ValueError(f"{channels} channels cannot be split into {self.num_heads} heads; set head_dim")
         return self.num_heads, channels // self.num_heads
+
+
+def from_config(adapter: Any, dtype: Dtype = jnp.float32) -> HSpaceAdapter:
+    """The adapter of a run's ``config.adapter`` (num_heads, head_dim (0: C // heads), ...)."""
+    get = adapter.get
+    return HSpaceAdapter(num_heads=int(get("num_heads")), head_dim=int(get("head_dim", 0)) or None,
+                         attention_impl=str(get("attention_impl", "auto")),
+                         positional=str(get("positional", "none")), dtype=dtype)
 
 
 def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

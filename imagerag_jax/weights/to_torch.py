@@ -301,6 +301,7 @@ def adapter_config(adapter: HSpaceAdapter, channels: int) -> dict[str, Any]:
         "head_dim": int(head_dim),
         "pre_norm": bool(adapter.pre_norm),
         "upcast_attention": bool(adapter.upcast_attention),
+        "positional": str(adapter.positional),
         "layer_norm_eps": ADAPTER_LAYER_NORM_EPS,
         # Eq. 5's lambda: mean over the k neighbours of cos(pooled target, pooled neighbour).
         "lambda_mode": "mean",

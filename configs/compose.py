@@ -27,6 +27,7 @@ import os
 import ml_collections
 
 from imagerag_jax.config_args import load_module, parse_arg
+from imagerag_jax.models.adapter import POSITIONAL
 
 
 def _sibling(name):
@@ -42,6 +43,8 @@ def _source(split, size, splits):
 def get_config(arg=None):
     """The compositional miniature; see the module docstring for `arg`."""
     arg = parse_arg(arg, quick=False, smoke=False, seeds=1, k=2, positional="none")
+    if arg.positional not in POSITIONAL:
+        raise ValueError(f"positional={arg.positional!r}: choose one of {', '.join(POSITIONAL)}")
     q = arg.quick
     config = ml_collections.ConfigDict()
     config.miniature = "compose"

@@ -38,3 +38,11 @@ def test_read_scalars_round_trip(tmp_path):
     assert got == {"g_loss": {1: 0.5, 3: 0.25}, "d_loss": {1: 2.0}}
     with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
         checkpoints.read_scalars(str(tmp_path / "empty"))
+
+
+def test_compose_positional_arg_reaches_the_adapter_config():
+    path = os.path.join(CONFIGS, "compose.py")
+    assert config_args.load_config(path + ":smoke").train.adapter.positional == "none"
+    assert config_args.load_config(path + ":smoke,positional=sincos").train.adapter.positional == "sincos"
+    with pytest.raises(ValueError, match="positional='rope': choose one of none, sincos"):
+        config_args.load_config(path + ":smoke,positional=rope")

@@ -108,12 +108,27 @@ def generator_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return {"adapter": params["adapter"], "lora": params["lora"]}
 
 
+def with_self_as_neighbour(batch: Mapping[str, jax.Array], latent: jax.Array) -> dict[str, jax.Array]:
+    """The batch with neighbour 0 of each example replaced by the example itself."""
+    out = dict(batch)
+    for field, own in (("retrieved_latents", latent), ("retrieved_prompt_embeds", batch["prompt_embeds"]),
+                       ("retrieved_pooled", batch["pooled"])):
+        rest = batch[field][:, 1:]
+        out[field] = jnp.concatenate([jnp.asarray(own, rest.dtype)[:, None], rest], axis=1)
+    return out
+
+
 def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: jax.sharding.Mesh,
                     rules: Sequence[tuple[str, Any]], gen_tx: optax.GradientTransformation,
                     disc_tx: optax.GradientTransformation, *, remat: str = "none",
-                    lambda_mode: str = "mean",
-                    lpips_augment: bool = True) -> Callable[[State, PyTree, PyTree], tuple[State, dict]]:
-    """The pure train step `(state, frozen, batch) -> (state, metrics)` (see the module docstring)."""
+                    lambda_mode: str = "mean", lpips_augment: bool = True,
+                    self_neighbour: bool = False) -> Callable[[State, PyTree, PyTree], tuple[State, dict]]:
+    """The pure train step `(state, frozen, batch) -> (state, metrics)` (see the module docstring).
+
+    ``self_neighbour`` (a diagnostic, never the method): neighbour 0 of every example is replaced
+    by the example itself (its latent, prompt embeddings and pooled embedding), an upper bound on
+    what the adapter can take from a retrieved neighbour.
+    """
     policy = REMAT_POLICIES[remat]
     maybe_remat = (lambda f: f) if policy is None else (lambda f: jax.checkpoint(f, policy=policy))
     ts = np.asarray(s.student_timesteps, np.int32)
@@ -171,6 +186,8 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
 
         # Frozen, outside the differentiated function: no backward through the student encoder.
         h, skips, temb = sampling.unet_encode(s.student, student_p, x_t, t, context)
+        if self_neighbour:
+            batch = with_self_as_neighbour(batch, z0)
         h_retr = sampling.retrieved_hspace(s.student, student_p, batch["retrieved_latents"],
                                            batch["retrieved_prompt_embeds"])
         lam = adapter_lib.retrieval_lambda(pooled, batch["retrieved_pooled"], mode=lambda_mode)

@@ -44,5 +44,7 @@ def test_compose_positional_arg_reaches_the_adapter_config():
     path = os.path.join(CONFIGS, "compose.py")
     assert config_args.load_config(path + ":smoke").train.adapter.positional == "none"
     assert config_args.load_config(path + ":smoke,positional=sincos").train.adapter.positional == "sincos"
+    assert not config_args.load_config(path + ":smoke").train.self_neighbour
+    assert config_args.load_config(path + ":smoke,self_neighbour").train.self_neighbour
     with pytest.raises(ValueError, match="positional='rope': choose one of none, sincos"):
         config_args.load_config(path + ":smoke,positional=rope")

@@ -119,6 +119,32 @@ def test_step_keeps_frozen_weights_and_overfits_one_batch(compile_cache):
     assert distill[-1] < distill[0]
 
 
+def test_self_neighbour_diagnostic_is_the_step_on_a_batch_holding_the_example(compile_cache):
+    from imagerag_jax import train_step
+
+    cfg = quiet_config()
+    schema = synthetic.synthetic_schema(cfg)
+    host = train.random_batch(schema, cfg.global_batch_size)
+    swapped = train_step.with_self_as_neighbour(host, host["latent"])
+    assert np.array_equal(swapped["retrieved_latents"][:, 0], host["latent"])
+    assert np.array_equal(swapped["retrieved_prompt_embeds"][:, 0], host["prompt_embeds"])
+    assert np.array_equal(swapped["retrieved_pooled"][:, 0], host["pooled"])
+    if schema.k > 1:
+        assert np.array_equal(swapped["retrieved_latents"][:, 1:], host["retrieved_latents"][:, 1:])
+    assert not np.array_equal(host["retrieved_latents"][:, 0], host["latent"])
+
+    def one_step(config, batch):
+        trainer = train.Trainer(config)
+        state = trainer.init_state(schema)
+        step, _ = trainer.compile_step(trainer.abstract_state(schema), schema, config.global_batch_size)
+        _, metrics = step(state, trainer.frozen, trainer.shard_batch(batch))
+        return {name: float(v) for name, v in metrics.items()}
+
+    diagnostic = one_step(quiet_config(self_neighbour=True), host)
+    assert diagnostic == one_step(cfg, swapped)
+    assert diagnostic["lambda_mean"] != one_step(cfg, host)["lambda_mean"]
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop: resume, NaN.
 # ---------------------------------------------------------------------------------------------

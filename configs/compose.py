@@ -14,8 +14,9 @@ digit and colour. Results: workdir/results.{json,md} and grids/.
   python -m imagerag_jax.main run --config configs/compose.py --workdir /tmp/compose
   python -m imagerag_jax.main run --config configs/compose.py:seeds=3 --workdir /tmp/compose3
 
-Arg string: ``quick`` (fewer steps: 10 min on a 2-core Zen 5 VM, 16 on a Zen 4 one), ``smoke`` (a few steps per stage: checks the
-plumbing in tests, the numbers mean nothing), ``seeds=N`` (training seeds seed..seed+N-1, each
+Arg string: ``quick`` (fewer steps: 10 min on a 2-core Zen 5 VM, 16 on a Zen 4 one),
+``smoke`` (a few steps per stage: checks the plumbing in tests, the numbers mean nothing),
+``seeds=N`` (training seeds seed..seed+N-1, each
 in workdir/seed_S, then the table over seeds), ``k=N`` neighbours, ``positional=none|sincos``
 (the adapter's position code, models/adapter.py; the paper's adapter has none),
 ``self_neighbour`` (diagnostic: ImageRAGTurbo trains with neighbour 0 replaced by the example

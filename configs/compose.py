@@ -16,11 +16,11 @@ digit and colour. Results: workdir/results.{json,md} and grids/.
 
 Arg string: ``quick`` (fewer steps: 10 min on a 2-core Zen 5 VM, 16 on a Zen 4 one),
 ``smoke`` (a few steps per stage: checks the plumbing in tests, the numbers mean nothing),
-``seeds=N`` (training seeds seed..seed+N-1, each
-in workdir/seed_S, then the table over seeds), ``k=N`` neighbours, ``positional=none|sincos``
-(the adapter's position code, models/adapter.py; the paper's adapter has none),
-``self_neighbour`` (diagnostic: ImageRAGTurbo trains with neighbour 0 replaced by the example
-itself, an upper bound on what the adapter can take from a neighbour; train_step.py).
+``seeds=N`` (training seeds seed..seed+N-1, each in workdir/seed_S, then the table over
+seeds), ``k=N`` neighbours, ``positional=none|sincos`` (the adapter's position code,
+models/adapter.py; the paper's adapter has none), ``self_neighbour`` (diagnostic: ImageRAGTurbo
+trains with neighbour 0 replaced by the example itself, an upper bound on what the adapter can
+take from a neighbour; train_step.py).
 The splits and the judge depend on `data_seed` only, never on the training seed; every stage
 resumes from its checkpoint when the command is run again with the same workdir.
 """

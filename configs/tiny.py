@@ -56,7 +56,8 @@ def get_config(arg=None):
         lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=0.0))
 
     # Trainable modules.
-    config.adapter = ml_collections.ConfigDict(dict(num_heads=4, head_dim=0, attention_impl="auto", positional="none"))
+    config.adapter = ml_collections.ConfigDict(dict(num_heads=4, head_dim=0, attention_impl="auto",
+                                                    positional="none"))
     config.lora = ml_collections.ConfigDict(dict(rank=4, alpha=4.0, pattern=""))  # "" = decoder default
     config.disc = ml_collections.ConfigDict(dict(
         hidden=32, num_convs=2, time_dim=32, cond_dim=32, power_iterations=1))

@@ -159,10 +159,7 @@ def _load_adapter(folder: str) -> tuple[adapter_lib.HSpaceAdapter, dict[str, Any
     cfg_path = os.path.join(folder, "config.json")
     cfg = jsonfiles.read_versioned(cfg_path, to_torch.ADAPTER_FORMAT, to_torch.ADAPTER_VERSION,
                                    what="adapter config", hint="re-export the run")
-    adapter = adapter_lib.HSpaceAdapter(num_heads=int(cfg["num_heads"]), head_dim=int(cfg["head_dim"]),
-                                        pre_norm=bool(cfg.get("pre_norm", True)),
-                                        upcast_attention=bool(cfg.get("upcast_attention", False)),
-                                        positional=str(cfg.get("positional", "none")))
+    adapter = adapter_lib.from_config(cfg)
     c = int(cfg["channels"])
     h = jnp.zeros((1, 2, 2, c), jnp.float32)
     shapes = convert.param_shapes(lambda: adapter.init(jax.random.PRNGKey(0), h, h[:, None]))

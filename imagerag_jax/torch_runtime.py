@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagerag_jax import jsonfiles
+from imagerag_jax.models.adapter import POSITIONAL, sincos_2d
 from imagerag_jax.weights import to_torch
 
 
@@ -42,7 +43,7 @@ class HSpaceAdapter(nn.Module):
 
     Parameter names are those of the exported state dict: norm_tgt, norm_retr (LayerNorm),
     to_q, to_k, to_v (no bias), to_out (with bias). Inputs and output are NCHW. ``positional``
-    'sincos' adds models/adapter.sincos_2d's fixed code to the normalised tokens, as the JAX module.
+    'sincos' adds models/adapter.sincos_2d's fixed table to the normalised tokens, as the JAX module.
     """
 
     def __init__(self, channels: int, num_heads: int, head_dim: int | None = None, *,
@@ -54,8 +55,8 @@ class HSpaceAdapter(nn.Module):
                 raise ValueError(f"{channels} channels cannot be split into {num_heads} heads")
             head_dim = channels // num_heads
         self.channels, self.num_heads, self.head_dim = channels, num_heads, head_dim
-        if positional not in ("none", "sincos"):
-            raise ValueError(f"unknown adapter positional {positional!r}; expected 'none' or 'sincos'")
+        if positional not in POSITIONAL:
+            raise ValueError(f"unknown adapter positional {positional!r}; choose one of {POSITIONAL}")
         self.pre_norm, self.upcast_attention, self.positional = pre_norm, upcast_attention, positional
         inner = num_heads * head_dim
         if pre_norm:
@@ -86,8 +87,8 @@ class HSpaceAdapter(nn.Module):
             q_in, kv_in = self.norm_tgt(q_in), self.norm_retr(kv_in)
         if self.positional == "sincos":
             k_maps, rh, rw = h_retr.shape[1], h_retr.shape[3], h_retr.shape[4]
-            q_in = q_in + sincos_2d(hh, ww, c).to(q_in)
-            kv_in = kv_in + sincos_2d(rh, rw, c).repeat(k_maps, 1).to(kv_in)
+            q_in = q_in + torch.from_numpy(sincos_2d(hh, ww, c)).to(q_in)
+            kv_in = kv_in + torch.from_numpy(sincos_2d(rh, rw, c)).repeat(k_maps, 1).to(kv_in)
         split = lambda t: t.view(b, t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
         q, k, v = split(self.to_q(q_in)), split(self.to_k(kv_in)), split(self.to_v(kv_in))
         if self.upcast_attention:
@@ -95,18 +96,6 @@ class HSpaceAdapter(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v).to(dtype)
         out = self.to_out(out.transpose(1, 2).reshape(b, hh * ww, self.num_heads * self.head_dim))
         return out.transpose(1, 2).reshape(b, c, hh, ww)
-
-
-def sincos_2d(height: int, width: int, channels: int) -> torch.Tensor:
-    """(h*w, channels) fixed 2-D position code: rows in the first half of channels, columns in the second."""
-    if channels % 4:
-        raise ValueError(f"sincos positions need channels divisible by 4, got {channels}")
-    n = channels // 4
-    freqs = 10000.0 ** (-torch.arange(n, dtype=torch.float32) / n)
-    code = lambda pos: torch.cat([torch.sin(pos[:, None] * freqs), torch.cos(pos[:, None] * freqs)], -1)
-    rows = code(torch.arange(height, dtype=torch.float32)).repeat_interleave(width, 0)
-    cols = code(torch.arange(width, dtype=torch.float32)).repeat(height, 1)
-    return torch.cat([rows, cols], -1)
 
 
 def load_adapter(path: str, *, device: str | torch.device | None = None,

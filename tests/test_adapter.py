@@ -187,6 +187,13 @@ def test_from_config_reads_a_run_config_and_defaults_to_no_positions():
     a = from_config({"num_heads": 4, "head_dim": 0, "attention_impl": "einsum"})
     assert (a.num_heads, a.head_dim, a.attention_impl, a.positional) == (4, None, "einsum", "none")
     assert from_config({"num_heads": 2, "head_dim": 8, "positional": "sincos"}).positional == "sincos"
+    # An export's adapter config builds the module it was written from.
+    from imagerag_jax.weights import to_torch
+
+    exported = HSpaceAdapter(num_heads=2, head_dim=8, pre_norm=False, upcast_attention=True, positional="sincos")
+    back = from_config(to_torch.adapter_config(exported, C))
+    assert (back.num_heads, back.head_dim, back.pre_norm, back.upcast_attention, back.positional) == \
+        (2, 8, False, True, "sincos")
     with pytest.raises(ValueError, match="unknown adapter positional 'rope'"):
         init_adapter(from_config({"num_heads": 4, "positional": "rope"}), randn(0, B, HH, WW, C),
                      randn(1, B, K, HH, WW, C))

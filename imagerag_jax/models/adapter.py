@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from imagerag_jax.models import layers
 
@@ -22,21 +23,23 @@ SLERP_MAGNITUDES = ("lerp", "raw")
 POSITIONAL = ("none", "sincos")
 
 
-def sincos_2d(height: int, width: int, channels: int) -> jax.Array:
-    """Fixed 2-D sine/cosine position codes (h*w, channels), rows then columns (row-major tokens).
+def sincos_2d(height: int, width: int, channels: int) -> np.ndarray:
+    """Fixed 2-D sine/cosine position codes (h*w, channels) f32, rows then columns (row-major tokens).
 
     The first half of the channels code the row, the second half the column, each as
     [sin(p f_i), cos(p f_i)] with f_i = 10000^(-i/n) over n = channels // 4 frequencies
-    (integer positions, so a map of any size gets the same code at the same cell).
+    (integer positions, so a map of any size gets the same code at the same cell). NumPy: the
+    shapes are static, so it is a constant of the traced program, and the PyTorch runtime uses
+    the same table.
     """
     if channels % 4:
         raise ValueError(f"sincos positions need channels divisible by 4, got {channels}")
     n = channels // 4
-    freqs = 10000.0 ** (-jnp.arange(n, dtype=jnp.float32) / n)
-    code = lambda pos: jnp.concatenate([jnp.sin(pos[:, None] * freqs), jnp.cos(pos[:, None] * freqs)], -1)
-    rows = jnp.repeat(code(jnp.arange(height, dtype=jnp.float32)), width, axis=0)
-    cols = jnp.tile(code(jnp.arange(width, dtype=jnp.float32)), (height, 1))
-    return jnp.concatenate([rows, cols], axis=-1)
+    freqs = 10000.0 ** (-np.arange(n) / n)
+    code = lambda pos: np.concatenate([np.sin(pos[:, None] * freqs), np.cos(pos[:, None] * freqs)], -1)
+    rows = np.repeat(code(np.arange(height)), width, axis=0)
+    cols = np.tile(code(np.arange(width)), (height, 1))
+    return np.concatenate([rows, cols], axis=-1).astype(np.float32)
 
 
 class HSpaceAdapter(nn.Module):
@@ -97,8 +100,8 @@ class HSpaceAdapter(nn.Module):
             kv_in = layers.layer_norm(name="norm_retr", dtype=self.dtype)(kv_in)
         if self.positional == "sincos":
             k_maps, rh, rw = h_retr.shape[1], h_retr.shape[2], h_retr.shape[3]
-            q_in = q_in + sincos_2d(hh, ww, c).astype(self.dtype)
-            kv_in = kv_in + jnp.tile(sincos_2d(rh, rw, c), (k_maps, 1)).astype(self.dtype)
+            q_in = q_in + jnp.asarray(sincos_2d(hh, ww, c), self.dtype)
+            kv_in = kv_in + jnp.asarray(np.tile(sincos_2d(rh, rw, c), (k_maps, 1)), self.dtype)
         dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, name=name)
         split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, dim)
         q = split(dense(inner, "to_q")(q_in))
@@ -121,10 +124,12 @@ class HSpaceAdapter(nn.Module):
 
 
 def from_config(adapter: Any, dtype: Dtype = jnp.float32) -> HSpaceAdapter:
-    """The adapter of a run's ``config.adapter`` (num_heads, head_dim (0: C // heads), ...)."""
+    """The adapter of a run's ``config.adapter`` or an export's adapter config (head_dim 0: C // heads)."""
     get = adapter.get
     return HSpaceAdapter(num_heads=int(get("num_heads")), head_dim=int(get("head_dim", 0)) or None,
                          attention_impl=str(get("attention_impl", "auto")),
+                         pre_norm=bool(get("pre_norm", True)),
+                         upcast_attention=bool(get("upcast_attention", False)),
                          positional=str(get("positional", "none")), dtype=dtype)
 
 

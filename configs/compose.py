@@ -20,7 +20,9 @@ Arg string: ``quick`` (fewer steps: 10 min on a 2-core Zen 5 VM, 16 on a Zen 4 o
 seeds), ``k=N`` neighbours, ``positional=none|sincos`` (the adapter's position code,
 models/adapter.py; the paper's adapter has none), ``self_neighbour`` (diagnostic: ImageRAGTurbo
 trains with neighbour 0 replaced by the example itself, an upper bound on what the adapter can
-take from a neighbour; train_step.py).
+take from a neighbour; train_step.py), ``prediction=epsilon|v_prediction`` (what the teacher and
+so the student UNet predict; eps, the default, is SD 2.1-base's and SD-Turbo's, v is SD 2.1-768's:
+with v the one-step student matches its teacher and the task saturates, README).
 The splits and the judge depend on `data_seed` only, never on the training seed; every stage
 resumes from its checkpoint when the command is run again with the same workdir.
 """
@@ -31,6 +33,8 @@ import ml_collections
 
 from imagerag_jax.config_args import load_module, parse_arg
 from imagerag_jax.models.adapter import POSITIONAL
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def _sibling(name):
@@ -46,7 +50,9 @@ def _source(split, size, splits):
 def get_config(arg=None):
     """The compositional miniature; see the module docstring for `arg`."""
     arg = parse_arg(arg, quick=False, smoke=False, seeds=1, k=2, positional="none",
-                    self_neighbour=False)
+                    self_neighbour=False, prediction="epsilon")
+    if arg.prediction not in PREDICTION_TYPES:
+        raise ValueError(f"prediction={arg.prediction!r}: choose one of {', '.join(PREDICTION_TYPES)}")
     if arg.positional not in POSITIONAL:
         raise ValueError(f"positional={arg.positional!r}: choose one of {', '.join(POSITIONAL)}")
     q = arg.quick
@@ -74,7 +80,7 @@ def get_config(arg=None):
                        sides=1.0, steps=300 if q else 800)
     config.teacher = dict(channels=(32, 64), layers=1, head_dim=16, groups=8, lr=1e-3, warmup=100,
                           batch=32, steps=2000 if q else 6000, uncond_prob=0.1,
-                          ema=0.995 if q else 0.999)
+                          ema=0.995 if q else 0.999, prediction_type=arg.prediction)
     config.sampling = dict(steps=10 if q else 20, guidance=5.0)  # the teacher's DDIM + CFG
     config.student = dict(pairs=1024 if q else 4096, teacher_steps=10 if q else 20, guidance=5.0,
                           lr=5e-4, warmup=50, batch=32, steps=500 if q else 2000)

@@ -61,7 +61,8 @@ def get_config(arg=None):
     config.lpips_augment = True
     config.self_neighbour = False  # diagnostic: neighbour 0 = the example itself (train_step.py)
     adamw = dict(lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=0.0)
-    config.optimizer = ml_collections.ConfigDict(dict(adamw))
+    # adapter_lr_multiplier: the adapter's lr = lr * this (train_step.make_optimizer).
+    config.optimizer = ml_collections.ConfigDict(dict(adamw, adapter_lr_multiplier=1.0))
     config.disc_optimizer = ml_collections.ConfigDict(dict(adamw))
 
     config.adapter = ml_collections.ConfigDict(dict(num_heads=8, head_dim=0, attention_impl="auto",

@@ -69,17 +69,34 @@ class StepSetup:
     beta: float
 
 
+def scale_subtree(key: str, factor: float) -> optax.GradientTransformation:
+    """Multiplies the updates of one top-level entry of the params (e.g. 'adapter') by `factor`."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        return {**updates, key: jax.tree.map(lambda u: u * factor, updates[key])}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
     """AdamW with a constant learning rate (paper: 1e-5), optional global-norm clipping.
 
     The learning rate lives in the optimiser state (inject_hyperparams): the compiled step does
     not depend on it, and a resumed run takes the config's value (`with_learning_rates`).
+    ``adapter_lr_multiplier`` (generator only; default 1) scales the adapter's AdamW steps, so the
+    adapter, trained from a zero output, can learn faster than the LoRA it shares the optimiser with.
     """
     clip = float(cfg.get("grad_clip_norm", 0.0) or 0.0)
+    multiplier = float(cfg.get("adapter_lr_multiplier", 1.0))
+    if multiplier <= 0:
+        raise ValueError(f"optimizer.adapter_lr_multiplier must be > 0, got {multiplier}")
 
     def adamw(learning_rate):
         tx = optax.adamw(learning_rate, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"],
                          weight_decay=cfg["weight_decay"])
+        if multiplier != 1.0:
+            tx = optax.chain(tx, scale_subtree("adapter", multiplier))
         return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
 
     return optax.inject_hyperparams(adamw)(learning_rate=float(cfg["lr"]))

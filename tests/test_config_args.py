@@ -48,3 +48,12 @@ def test_compose_positional_arg_reaches_the_adapter_config():
     assert config_args.load_config(path + ":smoke,self_neighbour").train.self_neighbour
     with pytest.raises(ValueError, match="positional='rope': choose one of none, sincos"):
         config_args.load_config(path + ":smoke,positional=rope")
+
+
+def test_compose_prediction_arg_reaches_the_towers():
+    path = os.path.join(CONFIGS, "compose.py")
+    assert config_args.load_config(path + ":smoke").teacher.prediction_type == "epsilon"
+    got = config_args.load_config(path + ":smoke,prediction=v_prediction").teacher.prediction_type
+    assert got == "v_prediction"
+    with pytest.raises(ValueError, match="prediction='v': choose one of epsilon, v_prediction"):
+        config_args.load_config(path + ":smoke,prediction=v")

@@ -106,20 +106,21 @@ def evaluate_seed(config: ml_collections.ConfigDict, workdir: str, towers: Any, 
     merged = {name: (lora.merge(towers.student_p, st["params"]["lora"], float(tr.lora.alpha),
                                 int(tr.lora.rank)), st["params"]["adapter"])
               for name, st in trained["states"].items()}
-    spec = stages.teacher_spec(samp["steps"], samp["guidance"])
+    pred_type = unet.prediction_type
+    spec = stages.teacher_spec(samp["steps"], samp["guidance"], pred_type)
     apply = lambda p: (lambda x, t, c: unet.apply({"params": p}, x, t, c))
 
     def teacher(ids, n):
         return encoders.teacher_latents(spec, unet, text, towers.teacher_p, towers.text_p, ids, empty_ids, n)
 
-    turbo = jax.jit(lambda n, c: sampling.one_step(apply(towers.student_p), n, c, sched))
+    turbo = jax.jit(lambda n, c: sampling.one_step(apply(towers.student_p), n, c, sched, pred_type))
     h_fn = jax.jit(lambda lat, ctx: sampling.retrieved_hspace(unet, towers.student_p, lat, ctx))
     direct = jax.jit(lambda n, c, h, w: sampling.direct_injection_one_step(
-        unet, towers.student_p, n, c, h[:, 0], w, sched))
+        unet, towers.student_p, n, c, h[:, 0], w, sched, pred_type))
 
     @jax.jit
     def imagerag(p, a, n, c, h, lam):
-        return sampling.imagerag_one_step(unet, p, adapter, a, n, c, h, lam, sched)
+        return sampling.imagerag_one_step(unet, p, adapter, a, n, c, h, lam, sched, pred_type)
 
     decode = lambda z: stages.decode_latents(vae, towers.vae_p, z)
     h_retr, h_rand = h_fn(retr.latents, retr.prompt_embeds), h_fn(rand["latents"], rand["prompt_embeds"])

@@ -92,7 +92,8 @@ def evaluate_all(config: ml_collections.ConfigDict, workdir: str, towers: Any, s
     merged = lora.merge(towers.student_p, params["lora"], float(tr.lora.alpha), int(tr.lora.rank))
     empty_ids = np.asarray(towers.tokenizer([""]))
     samp = config.sampling
-    spec = stages.teacher_spec(samp["steps"], samp["guidance"])
+    pred_type = unet.prediction_type
+    spec = stages.teacher_spec(samp["steps"], samp["guidance"], pred_type)
 
     def teacher(ids):
         return encoders.teacher_latents(spec, unet, text, towers.teacher_p, towers.text_p, ids, empty_ids,
@@ -101,7 +102,7 @@ def evaluate_all(config: ml_collections.ConfigDict, workdir: str, towers: Any, s
 
     @jax.jit
     def turbo(noise, ctx):
-        return sampling.one_step(apply(towers.student_p), noise, ctx, sched)
+        return sampling.one_step(apply(towers.student_p), noise, ctx, sched, pred_type)
 
     @jax.jit
     def h_retr_fn(r_lat, r_ctx):
@@ -109,13 +110,14 @@ def evaluate_all(config: ml_collections.ConfigDict, workdir: str, towers: Any, s
 
     @jax.jit
     def direct(noise, ctx, h_retr, w):
-        return sampling.direct_injection_one_step(unet, towers.student_p, noise, ctx, h_retr[:, 0], w, sched)
+        return sampling.direct_injection_one_step(unet, towers.student_p, noise, ctx, h_retr[:, 0], w, sched,
+                                                   pred_type)
 
     @jax.jit
     def imagerag(noise, ctx, h_retr, pooled, r_pooled):
         lam = adapter_lib.retrieval_lambda(pooled, r_pooled)
         return sampling.imagerag_one_step(unet, merged, adapter, params["adapter"], noise, ctx, h_retr,
-                                          lam, sched)
+                                          lam, sched, pred_type)
 
     decode = lambda z: stages.decode_latents(vae, towers.vae_p, z)
     h_retr = h_retr_fn(retr.latents, retr.prompt_embeds)

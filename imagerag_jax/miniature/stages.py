@@ -54,12 +54,13 @@ def make_text(cfg: Mapping[str, Any]) -> CLIPTextTransformer:
 
 
 def make_unet(cfg: Mapping[str, Any], text_dim: int) -> UNet:
-    """The tiny eps-prediction UNet (cross-attention in every block)."""
+    """The tiny UNet (cross-attention in every block), eps or v prediction (cfg's prediction_type)."""
     n = len(cfg["channels"])
     return UNet(block_out_channels=tuple(cfg["channels"]), down_block_types=(CROSS_DOWN,) * n,
                 up_block_types=(CROSS_UP,) * n, layers_per_block=cfg["layers"],
                 num_attention_heads=tuple(c // cfg["head_dim"] for c in cfg["channels"]),
-                cross_attention_dim=text_dim, norm_num_groups=cfg["groups"], prediction_type="epsilon")
+                cross_attention_dim=text_dim, norm_num_groups=cfg["groups"],
+                prediction_type=cfg.get("prediction_type", "epsilon"))
 
 
 class PixelTower(nn.Module):
@@ -338,7 +339,7 @@ def embed_ids(text: CLIPTextTransformer, params: PyTree, ids: np.ndarray, batch:
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. Teacher (eps prediction, caption dropout for classifier-free guidance).
+# 3. Teacher (eps or v prediction, caption dropout for classifier-free guidance).
 # ------------------------------------------------------------------------------------------------
 
 
@@ -349,6 +350,16 @@ def _contexts(text: CLIPTextTransformer, text_params: PyTree):
     large constants: the compositional miniature has tens of thousands of captions.
     """
     return lambda ids: jax.lax.stop_gradient(text.apply({"params": text_params}, ids)[0])
+
+
+def denoising_target(prediction_type: str, z0: jax.Array, eps: jax.Array, t: jax.Array,
+                     sched: schedule_lib.NoiseSchedule) -> jax.Array:
+    """What a UNet of this prediction type regresses at x_t = add_noise(z0, eps, t): eps or v."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return schedule_lib.v_target(z0, eps, t, sched)
+    raise ValueError(f"the miniature's UNet predicts epsilon or v_prediction, not {prediction_type!r}")
 
 
 def train_teacher(workdir: str, cfg: Mapping[str, Any], unet: UNet, latents: np.ndarray,
@@ -371,7 +382,7 @@ def train_teacher(workdir: str, cfg: Mapping[str, Any], unet: UNet, latents: np.
         drop = jax.random.uniform(k_drop, (b, 1, 1)) < cfg["uncond_prob"]
         ctx = jnp.where(drop, empty[None], encode(batch["ids"]))
         pred = unet.apply({"params": params}, schedule_lib.add_noise(z0, eps, t, sched), t, ctx)
-        return jnp.mean(jnp.square(pred - eps)), {}
+        return jnp.mean(jnp.square(pred - denoising_target(unet.prediction_type, z0, eps, t, sched))), {}
 
     def batch_fn(step):
         idx = data_lib.batch_indices(len(latents), cfg["batch"], step, seed)
@@ -381,9 +392,9 @@ def train_teacher(workdir: str, cfg: Mapping[str, Any], unet: UNet, latents: np.
     return _run(stage, init, loss_fn, batch_fn, seed=seed, progress=progress, ema=cfg["ema"])
 
 
-def teacher_spec(steps: int, guidance: float) -> encoders.TeacherSpec:
-    """The teacher's sampler (DDIM + CFG, eps), as the precompute jobs run it."""
-    return encoders.TeacherSpec("ddim", int(steps), float(guidance), "epsilon")
+def teacher_spec(steps: int, guidance: float, prediction_type: str = "epsilon") -> encoders.TeacherSpec:
+    """The teacher's sampler (DDIM + CFG), as the precompute jobs run it."""
+    return encoders.TeacherSpec("ddim", int(steps), float(guidance), prediction_type)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -413,7 +424,7 @@ def teacher_pairs(workdir: str, cfg: Mapping[str, Any], unet: UNet, teacher_para
     else:
         rows = table.rows(rng.choice(np.asarray(labels), cfg["pairs"]), rng)
     noise = rng.standard_normal((cfg["pairs"], *latent_shape)).astype(np.float32)
-    spec = teacher_spec(cfg["teacher_steps"], cfg["guidance"])
+    spec = teacher_spec(cfg["teacher_steps"], cfg["guidance"], unet.prediction_type)
     b = 256
     out = []
     for i in tqdm(range(0, len(rows), b), desc="teacher pairs", disable=not progress, leave=False):
@@ -443,8 +454,8 @@ def train_student(workdir: str, cfg: Mapping[str, Any], unet: UNet, teacher_para
         del rng
         noise = batch["noise"]
         t = jnp.full((noise.shape[0],), t_max, jnp.int32)
-        eps = unet.apply({"params": params}, noise, t, encode(batch["ids"]))
-        x0 = schedule_lib.predict_x0(eps, noise, t, sched, "epsilon")
+        out = unet.apply({"params": params}, noise, t, encode(batch["ids"]))
+        x0 = schedule_lib.predict_x0(out, noise, t, sched, unet.prediction_type)
         return losses.smooth_l1(x0, batch["latents"]), {}
 
     def batch_fn(step):

@@ -98,3 +98,23 @@ def test_aggregate_over_seeds(smoke, tmp_path):
     assert out["seeds"] == [0, 1]
     md = compose_report.markdown({**out, "total_seconds": 1.0})
     assert "±" in md and "training seeds 0, 1" in md
+
+
+def test_path_probe_on_the_smoke_towers(smoke, tmp_path):
+    from imagerag_jax.miniature import path_probe  # pylint: disable=g-import-not-at-top
+
+    workdir, _, _ = smoke
+    config = os.path.join(REPO, "configs", "compose.py") + ":smoke"
+    for targets in ("teacher", "real"):
+        rows = path_probe.main(["--config", config, "--workdir", str(workdir), "--targets", targets,
+                                "--steps", "2", "--limit", "16", "--variants", "lora,adapter,sincos:1e-2,oracle"])
+        assert [r["variant"] for r in rows] == ["lora", "adapter", "sincos", "oracle"]
+        assert all(np.isfinite([r["plain"], r["own"], r["other"]]).all() for r in rows)
+        assert len({r["plain"] for r in rows}) == 1  # every edit and the LoRA start at zero
+        assert rows[0]["own"] == rows[0]["other"]  # the LoRA alone never sees the neighbour
+        assert rows[3]["own"] != rows[3]["other"]  # after a step the oracle's edit reads it
+        assert rows[0]["own"] != rows[0]["plain"]
+    with pytest.raises(FileNotFoundError, match="no finished student"):
+        path_probe.main(["--config", config, "--workdir", str(tmp_path)])
+    with pytest.raises(ValueError, match="unknown variant 'mlp'"):
+        path_probe.fit_variant({"noise": np.zeros((4, 1))}, "mlp", 1e-3, 1)

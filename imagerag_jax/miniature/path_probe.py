@@ -1,0 +1,148 @@
+r"""Can the trainable path carry a neighbour? Fits it alone to smooth-L1 on a miniature's towers.
+
+  python -m imagerag_jax.miniature.path_probe --config configs/compose.py:quick --workdir W \
+      [--targets teacher|real] [--steps 500] [--variants lora,adapter,sincos:1e-2,oracle]
+
+Reads the finished towers of a compositional run in W (its `stages/`). Each example's neighbour
+is the example itself: its H-space from the frozen student encoder at t = 0, as the trainer
+computes a retrieved neighbour's. Variants (``name[:lr]``, lr default 1e-3): ``lora`` (the
+decoder LoRA alone), ``adapter`` (the paper's adapter + LoRA), ``sincos`` (the adapter with its
+sin-cos position code + LoRA), ``oracle`` (a per-cell MLP over [h, h_neighbour] + LoRA, which
+sees the neighbour at the right cell). Each trains with Adam on smooth-L1 (no discriminator,
+lambda 1) and reports on held-out pairs: the plain student, the variant with its own
+neighbour, and the same model given another example's neighbour (what it takes from it).
+Targets: ``teacher`` (the student's own distillation pairs) or ``real`` (real training canvases
+with fresh noise, where the noise says nothing about the target).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from imagerag_jax import config_args, lora, losses, sampling
+from imagerag_jax import schedule as schedule_lib
+from imagerag_jax.miniature import compose, compose_run, stages
+from imagerag_jax.models import adapter as adapter_lib
+from imagerag_jax.models import layers
+
+VARIANTS = ("lora", "adapter", "sincos", "oracle")
+
+
+class CellMLP(nn.Module):
+    """The oracle edit: an MLP per H-space cell over [LN(h), LN(h_neighbour)], zero at init."""
+
+    hidden: int = 256
+
+    @nn.compact
+    def __call__(self, h: jax.Array, h_retr: jax.Array) -> jax.Array:
+        x = jnp.concatenate([layers.layer_norm(name="norm_tgt")(h),
+                             layers.layer_norm(name="norm_retr")(h_retr[:, 0])], axis=-1)
+        x = nn.gelu(nn.Dense(self.hidden, name="hidden")(x))
+        return nn.Dense(h.shape[-1], kernel_init=nn.initializers.zeros, name="out")(x)
+
+
+def probe_data(config: Any, workdir: str, targets: str, limit: int, seed: int = 0) -> dict[str, Any]:
+    """Towers, and per example: noise, target latent, text states, h, skips, temb, own H-space."""
+    if not os.path.exists(os.path.join(workdir, "stages", "student", "done.json")):
+        raise FileNotFoundError(f"{workdir} has no finished student: run the miniature there first")
+    if targets not in ("teacher", "real"):
+        raise ValueError(f"targets must be 'teacher' or 'real', got {targets!r}")
+    towers = compose_run.train_towers(config, workdir)  # every stage is finished: loads them
+    table = stages.CaptionTable(towers.tokenizer, compose.all_captions())
+    if targets == "teacher":
+        with np.load(os.path.join(workdir, "stages", "student", "pairs.npz")) as f:
+            rows, latents, noise = f["rows"][:limit], f["latents"][:limit], f["noise"][:limit]
+    else:
+        train = compose_run.splits(config)["train"]
+        rng = np.random.default_rng([seed, 3])
+        rows = table.rows(train.compositions[:limit], rng)
+        latents = np.asarray(stages.encode_latents(towers.vae, towers.vae_p,
+                                                   compose.as_float(train.images[:limit])))
+        noise = rng.standard_normal(latents.shape).astype(np.float32)
+    context, _ = stages.embed_ids(towers.text, towers.text_p, table.ids[rows])
+    unet, params = towers.unet, towers.student_p
+    encode = jax.jit(lambda x, t, c: sampling.unet_encode(unet, params, x, t, c))
+    full = lambda v: jnp.full((len(rows),), v, jnp.int32)
+    h, skips, temb = encode(jnp.asarray(noise), full(999), jnp.asarray(context))
+    own, _, _ = encode(jnp.asarray(latents), full(0), jnp.asarray(context))
+    return dict(towers=towers, noise=jnp.asarray(noise), latents=jnp.asarray(latents),
+                context=jnp.asarray(context), h=h, skips=skips, temb=temb, own=own)
+
+
+def fit_variant(data: dict[str, Any], variant: str, lr: float, steps: int, *, batch: int = 64,
+                held_out: int = 256, rank: int = 4, seed: int = 0) -> dict[str, float]:
+    """Train one variant; smooth-L1 on the held-out examples (plain student, own, other neighbour)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    n = int(data["noise"].shape[0])
+    held_out = min(held_out, n // 2)
+    train_idx, eval_idx = np.arange(n - held_out), jnp.arange(n - held_out, n)
+    towers = data["towers"]
+    unet, student_p = towers.unet, towers.student_p
+    sched = schedule_lib.scaled_linear_schedule()
+    edit = CellMLP() if variant == "oracle" else adapter_lib.HSpaceAdapter(
+        num_heads=4, positional="sincos" if variant == "sincos" else "none")
+    key = jax.random.PRNGKey(seed)
+    params = {"edit": edit.init(key, data["h"][:1], data["own"][:1, None])["params"],
+              "lora": lora.init_lora(key, student_p, lora.DEFAULT_DECODER_PATTERN, rank)}
+
+    def loss_fn(p, idx, nbr):
+        h = data["h"][idx]
+        if variant != "lora":
+            h = h + edit.apply({"params": p["edit"]}, h, data["own"][nbr][:, None])
+        unet_p = lora.merge(student_p, p["lora"], float(rank), rank)
+        out = sampling.unet_decode(unet, unet_p, h, [s[idx] for s in data["skips"]], data["temb"][idx],
+                                   data["context"][idx])
+        t = jnp.full((idx.shape[0],), 999, jnp.int32)
+        x0 = schedule_lib.predict_x0(out, data["noise"][idx], t, sched, unet.prediction_type)
+        return losses.smooth_l1(x0, data["latents"][idx])
+
+    tx = optax.adam(lr)
+
+    @jax.jit
+    def step(p, opt, idx):
+        loss, grads = jax.value_and_grad(loss_fn)(p, idx, idx)
+        updates, opt = tx.update(grads, opt, p)
+        return optax.apply_updates(p, updates), opt, loss
+
+    evaluate = jax.jit(loss_fn)
+    plain = float(evaluate(params, eval_idx, eval_idx))  # the edit and the LoRA start at zero
+    opt, rng = tx.init(params), np.random.default_rng([seed, 7])
+    for _ in range(steps):
+        params, opt, _ = step(params, opt, jnp.asarray(rng.choice(train_idx, batch)))
+    return {"plain": plain, "own": float(evaluate(params, eval_idx, eval_idx)),
+            "other": float(evaluate(params, eval_idx, jnp.roll(eval_idx, 1)))}
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """The command line above; prints one JSON line per variant and returns them."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--targets", default="teacher", choices=("teacher", "real"))
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--limit", type=int, default=1024, help="examples (the last 256 held out)")
+    parser.add_argument("--variants", default="lora,adapter,sincos:1e-2,oracle")
+    args = parser.parse_args(argv)
+    data = probe_data(config_args.load_config(args.config), args.workdir, args.targets, args.limit)
+    out = []
+    for spec in args.variants.split(","):
+        name, _, lr = spec.partition(":")
+        row = {"variant": name, "lr": float(lr or 1e-3), "targets": args.targets, "steps": args.steps,
+               **fit_variant(data, name, float(lr or 1e-3), args.steps)}
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -32,9 +32,8 @@ import os
 import ml_collections
 
 from imagerag_jax.config_args import load_module, parse_arg
+from imagerag_jax.miniature.stages import PREDICTION_TYPES
 from imagerag_jax.models.adapter import POSITIONAL
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def _sibling(name):

@@ -74,13 +74,16 @@ def probe_data(config: Any, workdir: str, targets: str, limit: int, seed: int = 
     full = lambda v: jnp.full((len(rows),), v, jnp.int32)
     h, skips, temb = encode(jnp.asarray(noise), full(999), jnp.asarray(context))
     own, _, _ = encode(jnp.asarray(latents), full(0), jnp.asarray(context))
-    return dict(towers=towers, noise=jnp.asarray(noise), latents=jnp.asarray(latents),
+    return dict(towers=towers, train=config.train, noise=jnp.asarray(noise), latents=jnp.asarray(latents),
                 context=jnp.asarray(context), h=h, skips=skips, temb=temb, own=own)
 
 
 def fit_variant(data: dict[str, Any], variant: str, lr: float, steps: int, *, batch: int = 64,
-                held_out: int = 256, rank: int = 4, seed: int = 0) -> dict[str, float]:
-    """Train one variant; smooth-L1 on the held-out examples (plain student, own, other neighbour)."""
+                held_out: int = 256, seed: int = 0) -> dict[str, float]:
+    """Train one variant; smooth-L1 on the held-out examples (plain student, own, other neighbour).
+
+    The adapter and the LoRA are the run's (`config.train.adapter`, `config.train.lora`).
+    """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     n = int(data["noise"].shape[0])
@@ -89,17 +92,19 @@ def fit_variant(data: dict[str, Any], variant: str, lr: float, steps: int, *, ba
     towers = data["towers"]
     unet, student_p = towers.unet, towers.student_p
     sched = schedule_lib.scaled_linear_schedule()
-    edit = CellMLP() if variant == "oracle" else adapter_lib.HSpaceAdapter(
-        num_heads=4, positional="sincos" if variant == "sincos" else "none")
+    train = data["train"]
+    edit = CellMLP() if variant == "oracle" else adapter_lib.from_config(
+        {**dict(train.adapter), "positional": "sincos" if variant == "sincos" else "none"})
+    rank, alpha = int(train.lora.rank), float(train.lora.alpha)
     key = jax.random.PRNGKey(seed)
     params = {"edit": edit.init(key, data["h"][:1], data["own"][:1, None])["params"],
-              "lora": lora.init_lora(key, student_p, lora.DEFAULT_DECODER_PATTERN, rank)}
+              "lora": lora.init_lora(key, student_p, train.lora.pattern or lora.DEFAULT_DECODER_PATTERN, rank)}
 
     def loss_fn(p, idx, nbr):
         h = data["h"][idx]
         if variant != "lora":
             h = h + edit.apply({"params": p["edit"]}, h, data["own"][nbr][:, None])
-        unet_p = lora.merge(student_p, p["lora"], float(rank), rank)
+        unet_p = lora.merge(student_p, p["lora"], alpha, rank)
         out = sampling.unet_decode(unet, unet_p, h, [s[idx] for s in data["skips"]], data["temb"][idx],
                                    data["context"][idx])
         t = jnp.full((idx.shape[0],), 999, jnp.int32)

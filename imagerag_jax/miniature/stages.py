@@ -31,6 +31,7 @@ from imagerag_jax.weights import random_pipeline
 
 PyTree = Any
 LATENT_CHANNELS = 4
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the miniature's UNets can be trained to predict
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,11 +356,9 @@ def _contexts(text: CLIPTextTransformer, text_params: PyTree):
 def denoising_target(prediction_type: str, z0: jax.Array, eps: jax.Array, t: jax.Array,
                      sched: schedule_lib.NoiseSchedule) -> jax.Array:
     """What a UNet of this prediction type regresses at x_t = add_noise(z0, eps, t): eps or v."""
-    if prediction_type == "epsilon":
-        return eps
-    if prediction_type == "v_prediction":
-        return schedule_lib.v_target(z0, eps, t, sched)
-    raise ValueError(f"the miniature's UNet predicts epsilon or v_prediction, not {prediction_type!r}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"the miniature's UNet predicts {' or '.join(PREDICTION_TYPES)}, not {prediction_type!r}")
+    return eps if prediction_type == "epsilon" else schedule_lib.v_target(z0, eps, t, sched)
 
 
 def train_teacher(workdir: str, cfg: Mapping[str, Any], unet: UNet, latents: np.ndarray,
@@ -392,7 +391,7 @@ def train_teacher(workdir: str, cfg: Mapping[str, Any], unet: UNet, latents: np.
     return _run(stage, init, loss_fn, batch_fn, seed=seed, progress=progress, ema=cfg["ema"])
 
 
-def teacher_spec(steps: int, guidance: float, prediction_type: str = "epsilon") -> encoders.TeacherSpec:
+def teacher_spec(steps: int, guidance: float, prediction_type: str) -> encoders.TeacherSpec:
     """The teacher's sampler (DDIM + CFG), as the precompute jobs run it."""
     return encoders.TeacherSpec("ddim", int(steps), float(guidance), prediction_type)
 

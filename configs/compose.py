@@ -22,7 +22,10 @@ models/adapter.py; the paper's adapter has none), ``self_neighbour`` (diagnostic
 trains with neighbour 0 replaced by the example itself, an upper bound on what the adapter can
 take from a neighbour; train_step.py), ``prediction=epsilon|v_prediction`` (what the teacher and
 so the student UNet predict; eps, the default, is SD 2.1-base's and SD-Turbo's, v is SD 2.1-768's:
-with v the one-step student matches its teacher and the task saturates, README).
+with v the one-step student matches its teacher and the task saturates, README),
+``novel=D`` (digits, e.g. ``novel=9``, that the teacher and student UNets never see: the
+database holds every composition with them and the held-out prompts gain a 'novel' class, a
+concept only retrieval can supply; the VAE and text encoder see every canvas).
 The splits and the judge depend on `data_seed` only, never on the training seed; every stage
 resumes from its checkpoint when the command is run again with the same workdir.
 """
@@ -49,11 +52,13 @@ def _source(split, size, splits):
 def get_config(arg=None):
     """The compositional miniature; see the module docstring for `arg`."""
     arg = parse_arg(arg, quick=False, smoke=False, seeds=1, k=2, positional="none",
-                    self_neighbour=False, prediction="epsilon")
+                    self_neighbour=False, prediction="epsilon", novel="")
     if arg.prediction not in PREDICTION_TYPES:
         raise ValueError(f"prediction={arg.prediction!r}: choose one of {', '.join(PREDICTION_TYPES)}")
     if arg.positional not in POSITIONAL:
         raise ValueError(f"positional={arg.positional!r}: choose one of {', '.join(POSITIONAL)}")
+    if not set(arg.novel) <= set("0123456789"):
+        raise ValueError(f"novel={arg.novel!r}: give digits, e.g. novel=9 or novel=89")
     q = arg.quick
     config = ml_collections.ConfigDict()
     config.miniature = "compose"
@@ -66,7 +71,8 @@ def get_config(arg=None):
     # compositions, the rest over 1,160 rare ones, 400 never seen), 2 database canvases per
     # composition, 60 held-out prompts per class (40 for 'frequent': one per composition).
     config.splits = dict(train=4000, frequent_share=0.6, database_per_composition=2,
-                         eval_per_class=60, frequent=40, unseen=400)
+                         eval_per_class=60, frequent=40, unseen=400,
+                         novel_digits=tuple(sorted({int(d) for d in arg.novel})))
 
     # 1,500 steps reconstruct held-out canvases to 0.975 all-four-correct by the judge (its
     # ceiling on the real canvases: 0.988); 300 steps at 1e-3 gave 0.49.

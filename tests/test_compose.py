@@ -79,8 +79,31 @@ def test_splits_are_deterministic_disjoint_and_long_tailed(splits):
     counts = np.bincount(train.compositions, minlength=compose.NUM_COMPOSITIONS)
     freq, rare = counts[classes == 0], counts[classes == 1]
     assert freq.mean() > 10 * rare.mean() and rare.max() < freq.min()
-    assert np.bincount(ev.classes, minlength=3).tolist() == [20, 20, 20]
+    assert np.bincount(ev.classes, minlength=4).tolist() == [20, 20, 20, 0]
     assert len(set(ev.compositions)) == len(ev)
+
+
+def test_novel_digits_are_in_the_database_and_held_out_prompts_only(splits):
+    novel = compose.make_splits(0, train=1200, eval_per_class=20, novel_digits=[9])
+    classes = compose.frequency_classes(0, novel_digits=(9,))
+    holds_nine = compose.has_digit(np.arange(compose.NUM_COMPOSITIONS), (9,))
+    # 1 - (9/10)^2 of the compositions (digit and colour each side) hold a 9: exactly the novel ones.
+    assert holds_nine.sum() == 1600 - (9 * 4) ** 2 and np.array_equal(classes == 3, holds_nine)
+    assert not compose.has_digit(novel["train"].compositions, (9,)).any()
+    assert set(novel["database"].compositions) == set(range(compose.NUM_COMPOSITIONS))
+    ev = novel["eval"]
+    assert np.bincount(ev.classes, minlength=4).tolist() == [20, 20, 20, 20]
+    assert compose.has_digit(ev.compositions[ev.classes == 3], (9,)).all()
+    assert not compose.has_digit(ev.compositions[ev.classes != 3], (9,)).any()
+    # Without novel digits the ranking is the committed one; with them frequent/unseen keep
+    # their sizes; the digits may come as a list (a config read back from JSON) or a tuple.
+    assert np.array_equal(compose.frequency_classes(0), compose.frequency_classes(0, 40, 400, ()))
+    assert np.bincount(classes).tolist() == [40, 1296 - 440, 400, 304]
+    assert compose.make_splits(0, train=1200, eval_per_class=20, novel_digits=(9,)) is novel
+    with pytest.raises(ValueError, match="distinct digits 0-9"):
+        compose.frequency_classes(0, novel_digits=(10,))
+    with pytest.raises(ValueError, match="hold no novel digit"):
+        compose.frequency_classes(0, frequent=40, unseen=400, novel_digits=(1, 2, 3, 4, 5, 6))
 
 
 def test_score_against_a_hand_count():
@@ -93,7 +116,7 @@ def test_score_against_a_hand_count():
     assert out["all_correct"] == pytest.approx(1 / 3)
     assert out["attribute_accuracy"] == pytest.approx(
         {"left_digit": 1.0, "left_colour": 2 / 3, "right_digit": 2 / 3, "right_colour": 1.0})
-    assert out["by_class"] == {"frequent": 1.0, "rare": 0.0, "unseen": None}
+    assert out["by_class"] == {"frequent": 1.0, "rare": 0.0, "unseen": None, "novel": None}
 
 
 def test_judge_ceiling_on_real_held_out_canvases(splits):

@@ -51,14 +51,16 @@ def test_compose_smoke_writes_every_row(smoke):
     for r in rows.values():
         assert 0.0 <= r["all_correct"] <= 1.0
         assert set(r["attribute_accuracy"]) == {"left_digit", "left_colour", "right_digit", "right_colour"}
-        assert set(r["by_class"]) == {"frequent", "rare", "unseen"}
+        assert set(r["by_class"]) == {"frequent", "rare", "unseen", "novel"}
+        assert r["by_class"]["novel"] is None  # no novel digits in the smoke config
         assert "retrieval_precision" in r
     assert rows["real"]["attribute_accuracy"]["left_colour"] == 1.0  # colours are read exactly
     assert rows["turbo"]["retrieval_precision"] is None
-    assert set(rows["imageragturbo"]["retrieval_precision"]) == {"overall", "frequent", "rare", "unseen"}
+    assert set(rows["imageragturbo"]["retrieval_precision"]) == {"overall", "frequent", "rare", "unseen", "novel"}
     assert rows["teacher"]["nfe"] == 4 and rows["imageragturbo"]["nfe"] == 1
     assert all(rows[m]["latency_ms"] > 0 for m in ROWS)
-    assert results["num_prompts"] == 12 and results["prompts_per_class"] == {"frequent": 4, "rare": 4, "unseen": 4}
+    assert results["num_prompts"] == 12 and results["prompts_per_class"] == {"frequent": 4, "rare": 4, "unseen": 4,
+                                                                                   "novel": 0}
     d = results["differences"]["imageragturbo_minus_turbo"]
     assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
     assert sum(results["best_w_histogram"].values()) == 12

@@ -57,3 +57,12 @@ def test_compose_prediction_arg_reaches_the_towers():
     assert got == "v_prediction"
     with pytest.raises(ValueError, match="prediction='v': choose one of epsilon, v_prediction"):
         config_args.load_config(path + ":smoke,prediction=v")
+
+
+def test_compose_novel_arg_reaches_the_splits():
+    path = os.path.join(CONFIGS, "compose.py")
+    assert config_args.load_config(path + ":smoke").splits.novel_digits == ()
+    config = config_args.load_config(path + ":smoke,novel=98")
+    assert config.splits.novel_digits == (8, 9) and config.precompute.db.source.novel_digits == (8, 9)
+    with pytest.raises(ValueError, match="novel='nine': give digits"):
+        config_args.load_config(path + ":smoke,novel=nine")

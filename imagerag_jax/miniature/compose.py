@@ -10,7 +10,9 @@ Everything is a function of the seed:
   disjoint), so no digit image appears in two splits;
 * compositions are ranked by a seeded permutation into frequency classes: 'frequent' (a few,
   most of the training canvases), 'rare' (many, a few canvases each) and 'unseen' (none in
-  training);
+  training); with `novel_digits`, every composition holding one of those digits is 'novel': in
+  the database only, and (compose_run) never shown to the UNet towers, a concept only retrieval
+  can supply;
 * the database holds every composition; the evaluation prompts are stratified over the classes.
 
 The judge (`judge`, `score`) reads each half: the digit with the digits miniature's CNN on the
@@ -31,7 +33,7 @@ from imagerag_jax.data import sources
 COLOURS = ("red", "green", "blue", "yellow")
 PALETTE = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.35, 1.0], [1.0, 1.0, 0.0]], np.float32)
 NUM_COMPOSITIONS = 10 * len(COLOURS) * 10 * len(COLOURS)
-CLASSES = ("frequent", "rare", "unseen")
+CLASSES = ("frequent", "rare", "unseen", "novel")
 # Both digit forms appear in captions: the numeral ("3") or the word ("three").
 TEMPLATES = (
     "a {lc} {ld} to the left of a {rc} {rd}",
@@ -104,13 +106,32 @@ def parse_caption(text: str) -> Composition | None:
     return Composition(d1, c1, d2, c2)
 
 
+def has_digit(compositions: np.ndarray, digits: tuple[int, ...]) -> np.ndarray:
+    """[N] bool: the composition holds one of `digits` on either side."""
+    comps = [Composition.from_index(int(i)) for i in np.asarray(compositions).reshape(-1)]
+    return np.array([c.left_digit in digits or c.right_digit in digits for c in comps], bool)
+
+
 @functools.lru_cache(maxsize=4)
-def frequency_classes(seed: int, frequent: int = 40, unseen: int = 400) -> np.ndarray:
-    """Class (0 frequent, 1 rare, 2 unseen) of each composition index, from a seeded ranking."""
+def frequency_classes(seed: int, frequent: int = 40, unseen: int = 400,
+                      novel_digits: tuple[int, ...] = ()) -> np.ndarray:
+    """Class (0 frequent, 1 rare, 2 unseen, 3 novel) of each composition index.
+
+    Novel: holds one of `novel_digits`. The others are ranked by a seeded permutation (the same
+    with or without novel digits): the first `frequent` are frequent, the last `unseen` unseen.
+    """
+    if not set(novel_digits) <= set(range(10)) or len(set(novel_digits)) >= 9:
+        raise ValueError(f"novel_digits={novel_digits}: distinct digits 0-9, at most 8 of them")
     order = np.random.default_rng([seed, 7]).permutation(NUM_COMPOSITIONS)
-    classes = np.ones(NUM_COMPOSITIONS, np.int64)
+    novel = has_digit(np.arange(NUM_COMPOSITIONS), tuple(novel_digits))
+    order = order[~novel[order]]
+    if frequent + unseen > len(order):
+        raise ValueError(f"{frequent} frequent + {unseen} unseen compositions, but only {len(order)} "
+                         f"hold no novel digit {tuple(novel_digits)}")
+    classes = np.full(NUM_COMPOSITIONS, 3, np.int64)
+    classes[order] = 1
     classes[order[:frequent]] = 0
-    classes[order[NUM_COMPOSITIONS - unseen:]] = 2
+    classes[order[len(order) - unseen:]] = 2
     return classes
 
 
@@ -192,20 +213,26 @@ def _make(comps: np.ndarray, pool: dict[int, np.ndarray], rng: np.random.Generat
                         np.asarray(rights, np.int64), tuple(caps), classes[np.asarray(comps, np.int64)])
 
 
+def make_splits(seed: int = 0, *, novel_digits=(), **kw) -> dict[str, ComposeSplit]:
+    """`_make_splits` (cached) with the novel digits as a sorted tuple, however they were given."""
+    return _make_splits(seed, novel_digits=tuple(sorted(int(d) for d in novel_digits)), **kw)
+
+
 @functools.lru_cache(maxsize=4)
-def make_splits(seed: int = 0, *, size: int = 16, train: int = 4000, frequent_share: float = 0.6,
-                database_per_composition: int = 2, eval_per_class: int = 60,
-                frequent: int = 40, unseen: int = 400) -> dict[str, ComposeSplit]:
-    """'train' (long-tailed, no unseen composition), 'database' (every composition) and 'eval'.
+def _make_splits(seed: int = 0, *, size: int = 16, train: int = 4000, frequent_share: float = 0.6,
+                 database_per_composition: int = 2, eval_per_class: int = 60,
+                 frequent: int = 40, unseen: int = 400, novel_digits: tuple[int, ...] = ()
+                 ) -> dict[str, ComposeSplit]:
+    """'train' (long-tailed, no unseen or novel composition), 'database' (every composition), 'eval'.
 
     `frequent_share` of the training canvases spread over the `frequent` compositions, the rest
     uniformly over the rare ones; the eval split holds `eval_per_class` distinct compositions of
-    each class, drawn from the eval digit pool.
+    each class (none of 'novel' without `novel_digits`), drawn from the eval digit pool.
     """
-    classes = frequency_classes(seed, frequent, unseen)
+    classes = frequency_classes(seed, frequent, unseen, novel_digits)
     pools = _pools(seed)
     rng = np.random.default_rng([seed, 11])
-    by_class = [np.nonzero(classes == c)[0] for c in range(3)]
+    by_class = [np.nonzero(classes == c)[0] for c in range(len(CLASSES))]
     n_freq = int(round(train * frequent_share))
     train_comps = np.concatenate([rng.choice(by_class[0], n_freq),
                                   rng.choice(by_class[1], train - n_freq)])

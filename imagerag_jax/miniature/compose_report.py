@@ -56,7 +56,7 @@ def eval_indices(ev: compose.ComposeSplit, limit: int) -> np.ndarray:
     idx = np.arange(len(ev))
     if not limit or limit >= len(ev):
         return idx
-    per_class = [idx[ev.classes == c] for c in range(len(compose.CLASSES))]
+    per_class = [p for p in (idx[ev.classes == c] for c in range(len(compose.CLASSES))) if len(p)]
     return np.sort(np.concatenate([p[: limit // len(per_class)] for p in per_class]))
 
 
@@ -330,23 +330,24 @@ def markdown(results: Mapping[str, Any]) -> str:
     m, seeds = results["machine"], results["seeds"]
     multi = len(seeds) > 1
     pc = results["prompts_per_class"]
+    classes = [c for c in compose.CLASSES if pc.get(c)]  # 'novel' only with novel digits
     lines = [
         f"# Compositional miniature: ImageRAGTurbo vs its baselines ({results['num_prompts']} held-out "
-        f"prompts: {pc['frequent']} frequent, {pc['rare']} rare, {pc['unseen']} unseen; "
+        f"prompts: {', '.join(f'{pc[c]} {c}' for c in classes)}; "
         f"training seed{'s' if multi else ''} {', '.join(map(str, seeds))})",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, JAX {m['jax']} ({m['backend']}). "
         f"Total run time {results.get('total_seconds', '?')} s.",
         "",
-        "| Method | NFE | All four correct | Frequent | Rare | Unseen | Digits (L/R) | Colours (L/R) | "
-        "Retrieval precision | Latency (ms/image) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| Method | NFE | All four correct | " + " | ".join(c.capitalize() for c in classes)
+        + " | Digits (L/R) | Colours (L/R) | Retrieval precision | Latency (ms/image) |",
+        "|---|---|---|" + "---|" * len(classes) + "---|---|---|---|",
     ]
     for r in results["rows"]:
         acc, bc, prec = r["attribute_accuracy"], r["by_class"], r["retrieval_precision"]
         cells = [results["labels"][r["method"]], str(r.get("nfe", "-")),
                  f"{r['all_correct']:.3f}" + (f" ± {r['all_correct_std']:.3f}" if multi else ""),
-                 _pct(bc["frequent"]), _pct(bc["rare"]), _pct(bc["unseen"]),
+                 *[_pct(bc.get(c)) for c in classes],
                  f"{acc['left_digit']:.2f}/{acc['right_digit']:.2f}",
                  f"{acc['left_colour']:.2f}/{acc['right_colour']:.2f}",
                  "-" if prec is None else _pct(prec["overall"]),
@@ -368,15 +369,15 @@ def markdown(results: Mapping[str, Any]) -> str:
         f"- Retrieved minus random neighbours (same model, same lambda): "
         f"{fmt(d['retrieved_minus_random_neighbours'])}.",
         f"- Retrieval (k = {rt['k']}): precision (neighbours with the prompt's composition) "
-        f"{_pct(rt['precision']['overall'])} overall, frequent {_pct(rt['precision']['frequent'])}, "
-        f"rare {_pct(rt['precision']['rare'])}, unseen {_pct(rt['precision']['unseen'])}; random "
-        f"neighbours {_pct(rt['random_precision']['overall'])}.",
+        f"{_pct(rt['precision']['overall'])} overall, "
+        + ", ".join(f"{c} {_pct(rt['precision'].get(c))}" for c in classes)
+        + f"; random neighbours {_pct(rt['random_precision']['overall'])}.",
         "- lambda: " + (f"mean {lam['mean']:.3f}, std {lam['std']:.3f}, min {lam['min']:.3f}, "
                         f"5/50/95th percentiles {lam['p5']:.3f}/{lam['p50']:.3f}/{lam['p95']:.3f}."
                         if "std" in lam else f"mean over seeds {lam['mean']:.3f}."),
         f"- Per-prompt best w (oracle, picked by the judge): {results['best_w_histogram']}.",
         "",
-        "Grids: `grids/{frequent,rare,unseen}.png` (per row: the prompt under the teacher's image, "
+        f"Grids: `grids/{{{','.join(classes)}}}.png` (per row: the prompt under the teacher's image, "
         "then turbo, injection, ImageRAGTurbo and the retrieved neighbour with its caption)"
         + ("; in each seed_S folder." if multi else "."),
     ]

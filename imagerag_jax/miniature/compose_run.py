@@ -28,14 +28,37 @@ def splits(config: ml_collections.ConfigDict) -> dict[str, compose.ComposeSplit]
     return compose.make_splits(int(config.data_seed), size=int(config.image_size), **dict(config.splits))
 
 
+def check_splits(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Record the data the workdir's stages are trained on; refuse to resume on other data."""
+    want = json.loads(json.dumps({"data_seed": int(config.data_seed), "image_size": int(config.image_size),
+                                  **dict(config.splits)}, default=list))
+    path = os.path.join(workdir, "splits.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            have = json.load(f)
+        if have != want:
+            raise ValueError(f"{workdir} holds stages trained on other splits ({have} != {want}); "
+                             "use a fresh --workdir")
+        return
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(want, f, indent=1)
+    os.replace(f"{path}.tmp", path)
+
+
 def train_towers(config: ml_collections.ConfigDict, workdir: str) -> run_lib.Towers:
-    """The towers on train + database canvases; the student is distilled on the training prompts."""
+    """The towers on train + database canvases; the student is distilled on the training prompts.
+
+    The VAE and the text encoder see every canvas; the teacher UNet none with a novel digit
+    (`config.splits.novel_digits`), so only retrieval can show the one-step student those.
+    """
+    check_splits(config, workdir)
     s = splits(config)
     images = compose.as_float(np.concatenate([s["train"].images, s["database"].images]))
     labels = np.concatenate([s["train"].compositions, s["database"].compositions])
+    novel = compose.has_digit(labels, tuple(config.splits.get("novel_digits", ())))
     return run_lib.train_towers(config, workdir, images, labels, captions=compose.all_captions(),
                                 prompt_labels=s["train"].compositions,
-                                side_labels=compose.side_labels(labels))
+                                side_labels=compose.side_labels(labels), unet_keep=~novel)
 
 
 def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

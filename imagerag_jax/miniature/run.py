@@ -53,15 +53,16 @@ class Towers:
 
 def train_towers(config: ml_collections.ConfigDict, workdir: str, images: np.ndarray | None = None,
                  labels: np.ndarray | None = None, *, captions: list[list[str]] | None = None,
-                 prompt_labels: np.ndarray | None = None, side_labels: np.ndarray | None = None
-                 ) -> Towers:
+                 prompt_labels: np.ndarray | None = None, side_labels: np.ndarray | None = None,
+                 unet_keep: np.ndarray | None = None) -> Towers:
     """Stages 1-4: VAE, text encoder, teacher, turbo student; writes models/{teacher,turbo}.
 
     `images` (float [-1, 1]) and their `labels` train the towers, `captions[label]` are the
     wordings of each label and `prompt_labels` the labels whose captions the student is distilled
     on; the defaults are the digits miniature's (train + database splits, every digit).
     `side_labels` [N, S] say what stands on each vertical strip of an image (the text encoder's
-    per-side loss, `config.text.sides`).
+    per-side loss, `config.text.sides`). `unet_keep` (bool [N], default all) picks the images
+    the teacher UNet trains on; the VAE and text encoder see every image.
     """
     seed, progress = int(config.seed), bool(config.progress)
     size = int(config.image_size)
@@ -88,10 +89,11 @@ def train_towers(config: ml_collections.ConfigDict, workdir: str, images: np.nda
     logging.info("text encoder ready (%.0f s): %s", time.perf_counter() - t0, stats["text"].get("final"))
 
     t0 = time.perf_counter()
-    latents = stages.encode_latents(vae, vae_p, images)
+    keep = np.ones(len(images), bool) if unet_keep is None else np.asarray(unet_keep, bool)
+    latents = stages.encode_latents(vae, vae_p, images[keep])
     unet = stages.make_unet(dict(config.teacher), text.hidden_size)
     teacher_p, stats["teacher"] = stages.train_teacher(
-        workdir, dict(config.teacher), unet, latents, labels, text, text_p, table,
+        workdir, dict(config.teacher), unet, latents, labels[keep], text, text_p, table,
         seed=seed, progress=progress)
     logging.info("teacher ready (%.0f s): %s", time.perf_counter() - t0, stats["teacher"].get("final"))
 

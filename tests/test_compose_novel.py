@@ -1,0 +1,65 @@
+"""Novel digits (configs/compose.py `novel=D`): the UNet towers never see them, the VAE and the
+text encoder do, and a workdir refuses to resume on other splits."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from imagerag_jax import config_args
+from imagerag_jax.miniature import compose
+from imagerag_jax.miniature import compose_run
+from imagerag_jax.miniature import run as run_lib
+from imagerag_jax.miniature import stages
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "compose.py")
+
+
+class _Reached(Exception):
+    """Raised by the stubbed teacher: the test has what it needs."""
+
+
+def test_the_teacher_never_sees_a_novel_canvas(monkeypatch, tmp_path):
+    config = config_args.load_config(CONFIG + ":smoke,novel=9")
+    seen = {}
+
+    def fake_vae(workdir, cfg, images, **kw):
+        seen["vae"] = len(images)
+        return "vae", {}, {}
+
+    def fake_text(workdir, cfg, table, images, labels, **kw):
+        seen["text"] = labels
+        return type("Text", (), {"hidden_size": 8})(), {}, {}
+
+    def fake_teacher(workdir, cfg, unet, latents, labels, *args, **kw):
+        seen["teacher_latents"], seen["teacher"] = latents, labels
+        raise _Reached
+
+    monkeypatch.setattr(stages, "train_vae", fake_vae)
+    monkeypatch.setattr(stages, "train_text", fake_text)
+    monkeypatch.setattr(stages, "encode_latents", lambda vae, p, images: images)
+    monkeypatch.setattr(stages, "make_unet", lambda cfg, dim: "unet")
+    monkeypatch.setattr(stages, "train_teacher", fake_teacher)
+    with pytest.raises(_Reached):
+        compose_run.train_towers(config, str(tmp_path))
+    s = compose_run.splits(config)
+    n = len(s["train"]) + len(s["database"])
+    assert seen["vae"] == n and len(seen["text"]) == n
+    assert compose.has_digit(seen["text"], (9,)).sum() == compose.has_digit(s["database"].compositions, (9,)).sum() > 0
+    assert not compose.has_digit(seen["teacher"], (9,)).any()
+    assert len(seen["teacher"]) == len(seen["teacher_latents"]) == n - compose.has_digit(seen["text"], (9,)).sum()
+    # The default keeps every image for the teacher (the digits miniature's path).
+    monkeypatch.setattr(stages, "train_teacher", fake_teacher)
+    images, labels = np.zeros((5, 16, 16, 3), np.float32), np.arange(5)
+    with pytest.raises(_Reached):
+        run_lib.train_towers(config, str(tmp_path / "all"), images, labels, captions=[["x"]] * 5)
+    assert len(seen["teacher"]) == 5
+
+
+def test_a_workdir_refuses_other_splits(tmp_path):
+    compose_run.check_splits(config_args.load_config(CONFIG + ":smoke"), str(tmp_path))
+    compose_run.check_splits(config_args.load_config(CONFIG + ":smoke"), str(tmp_path))  # same: fine
+    with pytest.raises(ValueError, match="other splits.*fresh --workdir"):
+        compose_run.check_splits(config_args.load_config(CONFIG + ":smoke,novel=9"), str(tmp_path))

@@ -22,7 +22,7 @@ models/adapter.py; the paper's adapter has none), ``self_neighbour`` (diagnostic
 trains with neighbour 0 replaced by the example itself, an upper bound on what the adapter can
 take from a neighbour; train_step.py), ``prediction=epsilon|v_prediction`` (what the teacher and
 so the student UNet predict; eps, the default, is SD 2.1-base's and SD-Turbo's, v is SD 2.1-768's:
-with v the one-step student matches its teacher and the task saturates, README),
+with v the one-step student matches its teacher and the task saturates, docs/compose_findings.md),
 ``novel=D`` (digits, e.g. ``novel=9``, that the teacher and student UNets never see: the
 database holds every composition with them and the held-out prompts gain a 'novel' class, a
 concept only retrieval can supply; the VAE and text encoder see every canvas).

@@ -117,6 +117,10 @@ def test_score_against_a_hand_count():
     assert out["attribute_accuracy"] == pytest.approx(
         {"left_digit": 1.0, "left_colour": 2 / 3, "right_digit": 2 / 3, "right_colour": 1.0})
     assert out["by_class"] == {"frequent": 1.0, "rare": 0.0, "unseen": None, "novel": None}
+    assert out["novel_digit_accuracy"] is None
+    # Sides that should show a 2 or a 4: canvas 0's right (drawn 2: right), canvas 1's right
+    # (drawn 9: wrong); canvas 2 has neither.
+    assert compose.score(pred, comps, np.array([0, 1, 1]), (2, 4))["novel_digit_accuracy"] == 0.5
 
 
 def test_judge_ceiling_on_real_held_out_canvases(splits):

@@ -323,13 +323,25 @@ def correct_attributes(predicted: dict[str, np.ndarray], compositions: np.ndarra
                      for name in Composition._fields], axis=1).reshape(len(comps), len(Composition._fields))
 
 
-def score(predicted: dict[str, np.ndarray], compositions: np.ndarray,
-          classes: np.ndarray) -> dict[str, object]:
-    """TIFA-like: accuracy per attribute, the all-four-correct rate, and it per frequency class."""
+def novel_digit_accuracy(predicted: dict[str, np.ndarray], compositions: np.ndarray,
+                         novel_digits: tuple[int, ...]) -> float | None:
+    """Of the sides that should show a novel digit, the fraction judged to show it (None: no such side)."""
+    comps = [Composition.from_index(int(i)) for i in compositions]
+    hits = [int(predicted[f"{side}_digit"][j]) == getattr(c, f"{side}_digit")
+            for j, c in enumerate(comps) for side in ("left", "right")
+            if getattr(c, f"{side}_digit") in novel_digits]
+    return float(np.mean(hits)) if hits else None
+
+
+def score(predicted: dict[str, np.ndarray], compositions: np.ndarray, classes: np.ndarray,
+          novel_digits: tuple[int, ...] = ()) -> dict[str, object]:
+    """TIFA-like: accuracy per attribute, the all-four-correct rate, it per frequency class, and
+    how often a side that should show a novel digit does."""
     right = correct_attributes(predicted, compositions)
     all_four = right.all(axis=1)
     classes = np.asarray(classes)
     return {"all_correct": float(all_four.mean()),
             "attribute_accuracy": {n: float(right[:, i].mean()) for i, n in enumerate(Composition._fields)},
             "by_class": {name: (float(all_four[classes == c].mean()) if np.any(classes == c) else None)
-                         for c, name in enumerate(CLASSES)}}
+                         for c, name in enumerate(CLASSES)},
+            "novel_digit_accuracy": novel_digit_accuracy(predicted, compositions, tuple(novel_digits))}

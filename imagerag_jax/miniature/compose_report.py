@@ -88,6 +88,7 @@ def evaluate_seed(config: ml_collections.ConfigDict, workdir: str, towers: Any, 
     prompts = [ev.captions[i] for i in idx]
     comps, classes = ev.compositions[idx], ev.classes[idx]
     clf = load_judge(workdir, int(config.data_seed), size, int(config.classifier["epochs"]))
+    novel = tuple(config.splits.get("novel_digits", ()))
 
     unet, vae, text = towers.unet, towers.vae, towers.text
     sched = schedule_lib.scaled_linear_schedule()
@@ -154,7 +155,7 @@ def evaluate_seed(config: ml_collections.ConfigDict, workdir: str, towers: Any, 
         pred = compose.judge(clf, imgs)
         right = compose.correct_attributes(pred, comps)
         per_prompt[name] = right.all(axis=1)
-        row = {"method": name, **compose.score(pred, comps, classes),
+        row = {"method": name, **compose.score(pred, comps, classes, novel),
                "retrieval_precision": (_precision(retr_comps, comps, classes) if name in RETRIEVING else
                                        _precision(rand_comps, comps, classes)
                                        if name == "imageragturbo_random_neighbours" else None)}
@@ -270,6 +271,7 @@ def aggregate(config: ml_collections.ConfigDict, per_seed: Sequence[Mapping[str,
                                       for a in r0["attribute_accuracy"]},
                "by_class": {c: _mean_or_none([r["by_class"][c] for r in same]) for c in r0["by_class"]},
                "by_class_std": {c: _std_or_none([r["by_class"][c] for r in same]) for c in r0["by_class"]},
+               "novel_digit_accuracy": _mean_or_none([r.get("novel_digit_accuracy") for r in same]),
                "retrieval_precision": (None if r0["retrieval_precision"] is None else
                                        {c: _mean_or_none([r["retrieval_precision"][c] for r in same])
                                         for c in r0["retrieval_precision"]})}
@@ -331,6 +333,7 @@ def markdown(results: Mapping[str, Any]) -> str:
     multi = len(seeds) > 1
     pc = results["prompts_per_class"]
     classes = [c for c in compose.CLASSES if pc.get(c)]  # 'novel' only with novel digits
+    novel = any(r.get("novel_digit_accuracy") is not None for r in results["rows"])
     lines = [
         f"# Compositional miniature: ImageRAGTurbo vs its baselines ({results['num_prompts']} held-out "
         f"prompts: {', '.join(f'{pc[c]} {c}' for c in classes)}; "
@@ -340,14 +343,15 @@ def markdown(results: Mapping[str, Any]) -> str:
         f"Total run time {results.get('total_seconds', '?')} s.",
         "",
         "| Method | NFE | All four correct | " + " | ".join(c.capitalize() for c in classes)
+        + (" | Novel digit drawn" if novel else "")
         + " | Digits (L/R) | Colours (L/R) | Retrieval precision | Latency (ms/image) |",
-        "|---|---|---|" + "---|" * len(classes) + "---|---|---|---|",
+        "|---|---|---|" + "---|" * (len(classes) + novel) + "---|---|---|---|",
     ]
     for r in results["rows"]:
         acc, bc, prec = r["attribute_accuracy"], r["by_class"], r["retrieval_precision"]
         cells = [results["labels"][r["method"]], str(r.get("nfe", "-")),
                  f"{r['all_correct']:.3f}" + (f" ± {r['all_correct_std']:.3f}" if multi else ""),
-                 *[_pct(bc.get(c)) for c in classes],
+                 *[_pct(bc.get(c)) for c in classes], *([_pct(r.get("novel_digit_accuracy"))] if novel else []),
                  f"{acc['left_digit']:.2f}/{acc['right_digit']:.2f}",
                  f"{acc['left_colour']:.2f}/{acc['right_colour']:.2f}",
                  "-" if prec is None else _pct(prec["overall"]),

@@ -81,7 +81,7 @@ def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
         precompute_lib.precompute(job, rag)
     train_fields = dict(student_weights=models["weights"], teacher_weights=models["teacher_weights"],
                         seed=int(config.seed))
-    mixture = tuple((sets[n], float(w)) for n, w in dict(config.mixture).items())
+    mixture = tuple((sets[n], float(w)) for n, w in dict(config.mixture).items() if float(w) != 0.0)
     states, seconds = {}, {}
     variants = [("imageragturbo", dict(data_mixture=mixture), "train")]
     if config.teacher_only_ablation:

@@ -12,7 +12,11 @@ sees the neighbour at the right cell). Each trains with Adam on smooth-L1 (no di
 lambda 1) and reports on held-out pairs: the plain student, the variant with its own
 neighbour, and the same model given another example's neighbour (what it takes from it).
 Targets: ``teacher`` (the student's own distillation pairs) or ``real`` (real training canvases
-with fresh noise, where the noise says nothing about the target).
+with fresh noise, where the noise says nothing about the target). With novel digits
+(`configs/compose.py:...,novel=D`) each variant is also scored on database canvases that hold
+one, which no training example and no UNet tower has seen: smooth-L1, the judge's rate of drawn
+novel digits and all four attributes right, with the canvas's own neighbour, another novel
+canvas's, and no edit (the plain student with the fitted LoRA).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import optax
 
 from imagerag_jax import config_args, lora, losses, sampling
 from imagerag_jax import schedule as schedule_lib
-from imagerag_jax.miniature import compose, compose_run, stages
+from imagerag_jax.miniature import compose, compose_report, compose_run, stages
 from imagerag_jax.models import adapter as adapter_lib
 from imagerag_jax.models import layers
 
@@ -68,18 +72,38 @@ def probe_data(config: Any, workdir: str, targets: str, limit: int, seed: int = 
         latents = np.asarray(stages.encode_latents(towers.vae, towers.vae_p,
                                                    compose.as_float(train.images[:limit])))
         noise = rng.standard_normal(latents.shape).astype(np.float32)
-    context, _ = stages.embed_ids(towers.text, towers.text_p, table.ids[rows])
+    data = dict(towers=towers, train=config.train, **_examples(towers, table.ids[rows], latents, noise))
+    novel = tuple(config.splits.get("novel_digits", ()))
+    if novel:
+        db = compose_run.splits(config)["database"]
+        pick = np.nonzero(compose.has_digit(db.compositions, novel))[0][:NOVEL_EXAMPLES]
+        rng = np.random.default_rng([seed, 5])
+        ids = table.ids[table.rows(db.compositions[pick], rng)]
+        lat = np.asarray(stages.encode_latents(towers.vae, towers.vae_p, compose.as_float(db.images[pick])))
+        data["novel"] = dict(digits=novel, compositions=db.compositions[pick],
+                             judge=compose_report.load_judge(workdir, int(config.data_seed),
+                                                             int(config.image_size), int(config.classifier["epochs"])),
+                             **_examples(towers, ids, lat, rng.standard_normal(lat.shape).astype(np.float32)))
+    return data
+
+
+NOVEL_EXAMPLES = 256
+
+
+def _examples(towers: Any, ids: np.ndarray, latents: np.ndarray, noise: np.ndarray) -> dict[str, Any]:
+    """Noise, target latents, text states, h and skips at t = 999, the target's own H-space at t = 0."""
+    context, _ = stages.embed_ids(towers.text, towers.text_p, ids)
     unet, params = towers.unet, towers.student_p
     encode = jax.jit(lambda x, t, c: sampling.unet_encode(unet, params, x, t, c))
-    full = lambda v: jnp.full((len(rows),), v, jnp.int32)
+    full = lambda v: jnp.full((len(ids),), v, jnp.int32)
     h, skips, temb = encode(jnp.asarray(noise), full(999), jnp.asarray(context))
     own, _, _ = encode(jnp.asarray(latents), full(0), jnp.asarray(context))
-    return dict(towers=towers, train=config.train, noise=jnp.asarray(noise), latents=jnp.asarray(latents),
-                context=jnp.asarray(context), h=h, skips=skips, temb=temb, own=own)
+    return dict(noise=jnp.asarray(noise), latents=jnp.asarray(latents), context=jnp.asarray(context),
+                h=h, skips=skips, temb=temb, own=own)
 
 
 def fit_variant(data: dict[str, Any], variant: str, lr: float, steps: int, *, batch: int = 64,
-                held_out: int = 256, seed: int = 0) -> dict[str, float]:
+                held_out: int = 256, seed: int = 0) -> dict[str, Any]:
     """Train one variant; smooth-L1 on the held-out examples (plain student, own, other neighbour).
 
     The adapter and the LoRA are the run's (`config.train.adapter`, `config.train.lora`).
@@ -100,16 +124,17 @@ def fit_variant(data: dict[str, Any], variant: str, lr: float, steps: int, *, ba
     params = {"edit": edit.init(key, data["h"][:1], data["own"][:1, None])["params"],
               "lora": lora.init_lora(key, student_p, train.lora.pattern or lora.DEFAULT_DECODER_PATTERN, rank)}
 
-    def loss_fn(p, idx, nbr):
-        h = data["h"][idx]
-        if variant != "lora":
-            h = h + edit.apply({"params": p["edit"]}, h, data["own"][nbr][:, None])
+    def x0_fn(p, d, idx, nbr, edited=True):
+        h = d["h"][idx]
+        if variant != "lora" and edited:
+            h = h + edit.apply({"params": p["edit"]}, h, d["own"][nbr][:, None])
         unet_p = lora.merge(student_p, p["lora"], alpha, rank)
-        out = sampling.unet_decode(unet, unet_p, h, [s[idx] for s in data["skips"]], data["temb"][idx],
-                                   data["context"][idx])
+        out = sampling.unet_decode(unet, unet_p, h, [s[idx] for s in d["skips"]], d["temb"][idx],
+                                   d["context"][idx])
         t = jnp.full((idx.shape[0],), 999, jnp.int32)
-        x0 = schedule_lib.predict_x0(out, data["noise"][idx], t, sched, unet.prediction_type)
-        return losses.smooth_l1(x0, data["latents"][idx])
+        return schedule_lib.predict_x0(out, d["noise"][idx], t, sched, unet.prediction_type)
+
+    loss_fn = lambda p, idx, nbr: losses.smooth_l1(x0_fn(p, data, idx, nbr), data["latents"][idx])
 
     tx = optax.adam(lr)
 
@@ -124,8 +149,19 @@ def fit_variant(data: dict[str, Any], variant: str, lr: float, steps: int, *, ba
     opt, rng = tx.init(params), np.random.default_rng([seed, 7])
     for _ in range(steps):
         params, opt, _ = step(params, opt, jnp.asarray(rng.choice(train_idx, batch)))
-    return {"plain": plain, "own": float(evaluate(params, eval_idx, eval_idx)),
-            "other": float(evaluate(params, eval_idx, jnp.roll(eval_idx, 1)))}
+    out = {"plain": plain, "own": float(evaluate(params, eval_idx, eval_idx)),
+           "other": float(evaluate(params, eval_idx, jnp.roll(eval_idx, 1)))}
+    if "novel" in data:
+        nov = data["novel"]
+        idx = jnp.arange(nov["noise"].shape[0])
+        for name, nbr, edited in (("own", idx, True), ("other", jnp.roll(idx, 1), True), ("no_edit", idx, False)):
+            x0 = jax.jit(lambda p, nbr=nbr, edited=edited: x0_fn(p, nov, idx, nbr, edited))(params)
+            pred = compose.judge(nov["judge"], stages.decode_latents(towers.vae, towers.vae_p, x0))
+            out[f"novel_{name}"] = {
+                "smooth_l1": float(losses.smooth_l1(x0, nov["latents"])),
+                "novel_digit": compose.novel_digit_accuracy(pred, nov["compositions"], nov["digits"]),
+                "all_correct": float(compose.correct_attributes(pred, nov["compositions"]).all(1).mean())}
+    return out
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -25,7 +25,11 @@ so the student UNet predict; eps, the default, is SD 2.1-base's and SD-Turbo's, 
 with v the one-step student matches its teacher and the task saturates, docs/compose_findings.md),
 ``novel=D`` (digits, e.g. ``novel=9``, that the teacher and student UNets never see: the
 database holds every composition with them and the held-out prompts gain a 'novel' class, a
-concept only retrieval can supply; the VAE and text encoder see every canvas).
+concept only retrieval can supply; the VAE and text encoder see every canvas), ``blind=D``
+(digits the teacher and student UNets never see although the training split holds them:
+ImageRAGTurbo's real pairs then show content the student cannot draw and its retrieved
+neighbours can, the case where copying them lowers the loss; the report adds "blind digit
+drawn").
 The splits and the judge depend on `data_seed` only, never on the training seed; every stage
 resumes from its checkpoint when the command is run again with the same workdir.
 """
@@ -52,13 +56,16 @@ def _source(split, size, splits):
 def get_config(arg=None):
     """The compositional miniature; see the module docstring for `arg`."""
     arg = parse_arg(arg, quick=False, smoke=False, seeds=1, k=2, positional="none",
-                    self_neighbour=False, prediction="epsilon", novel="")
+                    self_neighbour=False, prediction="epsilon", novel="", blind="")
     if arg.prediction not in PREDICTION_TYPES:
         raise ValueError(f"prediction={arg.prediction!r}: choose one of {', '.join(PREDICTION_TYPES)}")
     if arg.positional not in POSITIONAL:
         raise ValueError(f"positional={arg.positional!r}: choose one of {', '.join(POSITIONAL)}")
     if not set(arg.novel) <= set("0123456789"):
         raise ValueError(f"novel={arg.novel!r}: give digits, e.g. novel=9 or novel=89")
+    if not set(arg.blind) <= set("0123456789") or set(arg.blind) & set(arg.novel):
+        raise ValueError(f"blind={arg.blind!r}: give digits not named by novel={arg.novel!r}, e.g. blind=8")
+    blind = tuple(sorted({int(d) for d in arg.blind}))
     q = arg.quick
     config = ml_collections.ConfigDict()
     config.miniature = "compose"
@@ -89,6 +96,9 @@ def get_config(arg=None):
     config.sampling = dict(steps=10 if q else 20, guidance=5.0)  # the teacher's DDIM + CFG
     config.student = dict(pairs=1024 if q else 4096, teacher_steps=10 if q else 20, guidance=5.0,
                           lr=5e-4, warmup=50, batch=32, steps=500 if q else 2000)
+    if blind:  # only then: the stages of a run without blind digits keep their recorded config
+        config.teacher = {**config.teacher, "blind_digits": blind}
+        config.student = {**config.student, "blind_digits": blind}
 
     # ImageRAGTurbo on the paper's mixture (Sec. 4.1: ~3M teacher-synthesised + 0.5M real
     # pairs): the training prompts synthesised by the teacher, and the real training canvases.

@@ -50,6 +50,7 @@ def get_config(arg=None):
     config.lambda_mode = "mean"
     config.lpips_augment = True
     config.self_neighbour = False  # diagnostic: neighbour 0 = the example itself (train_step.py)
+    config.prompt_dropout = 0.0  # not in the paper: zero the student's prompt with this probability
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=0.0,
         adapter_lr_multiplier=1.0))  # the adapter's lr = lr * this (train_step.make_optimizer)

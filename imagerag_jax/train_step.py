@@ -139,13 +139,19 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
                     rules: Sequence[tuple[str, Any]], gen_tx: optax.GradientTransformation,
                     disc_tx: optax.GradientTransformation, *, remat: str = "none",
                     lambda_mode: str = "mean", lpips_augment: bool = True,
-                    self_neighbour: bool = False) -> Callable[[State, PyTree, PyTree], tuple[State, dict]]:
+                    self_neighbour: bool = False,
+                    prompt_dropout: float = 0.0) -> Callable[[State, PyTree, PyTree], tuple[State, dict]]:
     """The pure train step `(state, frozen, batch) -> (state, metrics)` (see the module docstring).
 
     ``self_neighbour`` (a diagnostic, never the method): neighbour 0 of every example is replaced
     by the example itself (its latent, prompt embeddings and pooled embedding), an upper bound on
     what the adapter can take from a retrieved neighbour.
+    ``prompt_dropout`` (not in the paper; 0 = the paper): each example's prompt embeddings are
+    zeroed for the student with this probability, so the target can only come from the retrieved
+    neighbours; lambda, the discriminator and the targets still see the prompt.
     """
+    if not 0.0 <= prompt_dropout <= 1.0:
+        raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
     policy = REMAT_POLICIES[remat]
     maybe_remat = (lambda f: f) if policy is None else (lambda f: jax.checkpoint(f, policy=policy))
     ts = np.asarray(s.student_timesteps, np.int32)
@@ -186,6 +192,11 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
         z0 = batch_c(batch["latent"].astype(jnp.float32))
         b = z0.shape[0]
         context, pooled = batch["prompt_embeds"], batch["pooled"]
+        student_context = context
+        if prompt_dropout > 0:
+            # A key of its own: the other draws stay those of a step without dropout.
+            drop = jax.random.bernoulli(jax.random.fold_in(rng, 0x0D20), prompt_dropout, (b,))
+            student_context = jnp.where(drop[:, None, None], jnp.zeros_like(context), context)
         # Synthetic pairs carry the teacher's initial noise: the student maps the same noise.
         noise = batch["noise"].astype(jnp.float32) if "noise" in batch else \
             jax.random.normal(k_noise, z0.shape, jnp.float32)
@@ -202,7 +213,7 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
         student_p, teacher_p = frozen["student"], frozen["teacher"]
 
         # Frozen, outside the differentiated function: no backward through the student encoder.
-        h, skips, temb = sampling.unet_encode(s.student, student_p, x_t, t, context)
+        h, skips, temb = sampling.unet_encode(s.student, student_p, x_t, t, student_context)
         if self_neighbour:
             batch = with_self_as_neighbour(batch, z0)
         h_retr = sampling.retrieved_hspace(s.student, student_p, batch["retrieved_latents"],
@@ -214,7 +225,8 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
         head_vars = {"params": state["params"]["disc"], "batch_stats": state["params"]["disc_stats"]}
 
         def g_loss_fn(gen_params):
-            z_hat, ratio = generate(gen_params, student_p, h, skips, temb, h_retr, lam, x_t, t, context)
+            z_hat, ratio = generate(gen_params, student_p, h, skips, temb, h_retr, lam, x_t, t,
+                                    student_context)
             fake_s = schedule_lib.add_noise(z_hat, eps, s_t, schedule)
             stages = teacher_features(teacher_p, fake_s, s_t, context)
             fake_logits = s.heads.apply(head_vars, stages, s_t, pooled, update_stats=False)

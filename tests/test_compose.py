@@ -121,6 +121,10 @@ def test_score_against_a_hand_count():
     # Sides that should show a 2 or a 4: canvas 0's right (drawn 2: right), canvas 1's right
     # (drawn 9: wrong); canvas 2 has neither.
     assert compose.score(pred, comps, np.array([0, 1, 1]), (2, 4))["novel_digit_accuracy"] == 0.5
+    # Blind digits are counted the same way: sides that should show a 3 or a 5 (both drawn).
+    both = compose.score(pred, comps, np.array([0, 1, 1]), (2, 4), (3, 5))
+    assert both["novel_digit_accuracy"] == 0.5 and both["blind_digit_accuracy"] == 1.0
+    assert out["blind_digit_accuracy"] is None
 
 
 def test_judge_ceiling_on_real_held_out_canvases(splits):

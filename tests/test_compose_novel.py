@@ -10,6 +10,7 @@ import pytest
 
 from imagerag_jax import config_args
 from imagerag_jax.miniature import compose
+from imagerag_jax.miniature import compose_report
 from imagerag_jax.miniature import compose_run
 from imagerag_jax.miniature import run as run_lib
 from imagerag_jax.miniature import stages
@@ -35,6 +36,12 @@ def test_the_teacher_never_sees_a_novel_canvas(monkeypatch, tmp_path):
 
     def fake_teacher(workdir, cfg, unet, latents, labels, *args, **kw):
         seen["teacher_latents"], seen["teacher"] = latents, labels
+        if seen.get("go_on"):
+            return {}, {}
+        raise _Reached
+
+    def fake_pairs(workdir, cfg, unet, teacher_p, text, text_p, table, shape, *, labels, **kw):
+        seen["prompts"] = labels
         raise _Reached
 
     monkeypatch.setattr(stages, "train_vae", fake_vae)
@@ -42,6 +49,7 @@ def test_the_teacher_never_sees_a_novel_canvas(monkeypatch, tmp_path):
     monkeypatch.setattr(stages, "encode_latents", lambda vae, p, images: images)
     monkeypatch.setattr(stages, "make_unet", lambda cfg, dim: "unet")
     monkeypatch.setattr(stages, "train_teacher", fake_teacher)
+    monkeypatch.setattr(stages, "teacher_pairs", fake_pairs)
     with pytest.raises(_Reached):
         compose_run.train_towers(config, str(tmp_path))
     s = compose_run.splits(config)
@@ -57,9 +65,38 @@ def test_the_teacher_never_sees_a_novel_canvas(monkeypatch, tmp_path):
         run_lib.train_towers(config, str(tmp_path / "all"), images, labels, captions=[["x"]] * 5)
     assert len(seen["teacher"]) == 5
 
+    # Blind digits (blind=8): in the training split, but neither the teacher nor the student's
+    # distillation prompts hold one; the VAE and the text encoder still see every canvas.
+    blind = config_args.load_config(CONFIG + ":smoke,novel=9,blind=8")
+    seen["go_on"] = True
+    (tmp_path / "blind").mkdir()
+    with pytest.raises(_Reached):
+        compose_run.train_towers(blind, str(tmp_path / "blind"))
+    s = compose_run.splits(blind)
+    assert compose.has_digit(s["train"].compositions, (8,)).any() and len(seen["text"]) == n
+    assert not compose.has_digit(seen["teacher"], (8, 9)).any()
+    assert len(seen["teacher"]) == n - compose.has_digit(seen["text"], (8, 9)).sum()
+    assert not compose.has_digit(seen["prompts"], (8, 9)).any()
+    assert len(seen["prompts"]) == len(s["train"]) - compose.has_digit(s["train"].compositions, (8,)).sum()
+
 
 def test_a_workdir_refuses_other_splits(tmp_path):
     compose_run.check_splits(config_args.load_config(CONFIG + ":smoke"), str(tmp_path))
     compose_run.check_splits(config_args.load_config(CONFIG + ":smoke"), str(tmp_path))  # same: fine
     with pytest.raises(ValueError, match="other splits.*fresh --workdir"):
         compose_run.check_splits(config_args.load_config(CONFIG + ":smoke,novel=9"), str(tmp_path))
+
+
+def test_mixture_sets_skip_a_zero_weight_set_and_refuse_bad_weights():
+    config = config_args.load_config(CONFIG + ":quick")
+    assert compose_run.mixture_sets(config) == ({"teacher": 0.8, "real": 0.2}, ["teacher", "real"])
+    assert compose_report._training_data(config) == "teacher 0.8 + real 0.2"  # the row's label
+    config.mixture = dict(teacher=0.0, real=1.0)
+    assert compose_run.mixture_sets(config)[1] == ["real"]
+    assert compose_report._training_data(config) == "real pairs only"
+    config.teacher_only_ablation = True  # the teacher-only row trains on the teacher set
+    assert compose_run.mixture_sets(config)[1] == ["teacher", "real"]
+    for bad in (dict(teacher=0.0, real=0.0), dict(teacher=-1.0, real=1.0), dict(real=1.0, web=1.0)):
+        config.mixture = bad
+        with pytest.raises(ValueError, match="config.mixture"):
+            compose_run.mixture_sets(config)

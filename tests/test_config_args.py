@@ -66,3 +66,9 @@ def test_compose_novel_arg_reaches_the_splits():
     assert config.splits.novel_digits == (8, 9) and config.precompute.db.source.novel_digits == (8, 9)
     with pytest.raises(ValueError, match="novel='nine': give digits"):
         config_args.load_config(path + ":smoke,novel=nine")
+    config = config_args.load_config(path + ":smoke,novel=9,blind=8")
+    assert config.teacher.blind_digits == config.student.blind_digits == (8,)
+    # Without blind digits the stage configs carry no such key (older workdirs still resume).
+    assert "blind_digits" not in config_args.load_config(path + ":smoke").teacher
+    with pytest.raises(ValueError, match="blind='9': give digits not named by novel"):
+        config_args.load_config(path + ":smoke,novel=9,blind=9")

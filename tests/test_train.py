@@ -145,6 +145,34 @@ def test_self_neighbour_diagnostic_is_the_step_on_a_batch_holding_the_example(co
     assert diagnostic["lambda_mean"] != one_step(cfg, host)["lambda_mean"]
 
 
+def test_prompt_dropout_zeroes_only_the_students_prompt(compile_cache):
+    cfg = quiet_config()
+    schema = synthetic.synthetic_schema(cfg)
+    host = train.random_batch(schema, cfg.global_batch_size)
+    blank = {**host, "prompt_embeds": np.zeros_like(host["prompt_embeds"])}
+
+    def one_step(config, batch):
+        trainer = train.Trainer(config)
+        state = trainer.init_state(schema)
+        step, _ = trainer.compile_step(trainer.abstract_state(schema), schema, config.global_batch_size)
+        _, metrics = step(state, trainer.frozen, trainer.shard_batch(batch))
+        return {name: float(v) for name, v in metrics.items()}
+
+    dropped, plain, zeroed = (one_step(quiet_config(prompt_dropout=1.0), host), one_step(cfg, host),
+                              one_step(cfg, blank))
+    # At step 0 (zero adapter output and LoRA B) the distillation term is the student's own
+    # one-step output: with every prompt dropped it is the output of a zero prompt.
+    assert np.isclose(dropped["g_distill"], zeroed["g_distill"], rtol=1e-6, atol=0)
+    assert not np.isclose(dropped["g_distill"], plain["g_distill"], rtol=1e-3, atol=0)
+    # Lambda and the discriminator's real side still read the prompt.
+    assert dropped["lambda_mean"] == plain["lambda_mean"]
+    assert np.isclose(dropped["d_logit_real"], plain["d_logit_real"], rtol=1e-6, atol=1e-7)
+    assert not np.isclose(zeroed["d_logit_real"], plain["d_logit_real"], rtol=1e-3, atol=0)
+    bad = train.Trainer(quiet_config(prompt_dropout=1.5))
+    with pytest.raises(ValueError, match="prompt_dropout must be in"):
+        bad.jitted_step(bad.abstract_state(schema), schema)
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop: resume, NaN.
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -110,6 +110,11 @@ def has_digit(compositions: np.ndarray, digits: tuple[int, ...]) -> np.ndarray:
     """[N] bool: the composition holds one of `digits` on either side."""
     comps = [Composition.from_index(int(i)) for i in np.asarray(compositions).reshape(-1)]
     return np.array([c.left_digit in digits or c.right_digit in digits for c in comps], bool)
+
+
+def blind_digits(config: Any) -> tuple[int, ...]:
+    """A run's digits that its training split holds and its UNet towers never see (`blind=D`)."""
+    return tuple(int(d) for d in config.teacher.get("blind_digits", ()))
 
 
 @functools.lru_cache(maxsize=4)
@@ -334,9 +339,9 @@ def novel_digit_accuracy(predicted: dict[str, np.ndarray], compositions: np.ndar
 
 
 def score(predicted: dict[str, np.ndarray], compositions: np.ndarray, classes: np.ndarray,
-          novel_digits: tuple[int, ...] = ()) -> dict[str, object]:
+          novel_digits: tuple[int, ...] = (), blind_digits: tuple[int, ...] = ()) -> dict[str, object]:
     """TIFA-like: accuracy per attribute, the all-four-correct rate, it per frequency class, and
-    how often a side that should show a novel digit does."""
+    how often a side that should show a novel (or a blind) digit does."""
     right = correct_attributes(predicted, compositions)
     all_four = right.all(axis=1)
     classes = np.asarray(classes)
@@ -344,4 +349,5 @@ def score(predicted: dict[str, np.ndarray], compositions: np.ndarray, classes: n
             "attribute_accuracy": {n: float(right[:, i].mean()) for i, n in enumerate(Composition._fields)},
             "by_class": {name: (float(all_four[classes == c].mean()) if np.any(classes == c) else None)
                          for c, name in enumerate(CLASSES)},
-            "novel_digit_accuracy": novel_digit_accuracy(predicted, compositions, tuple(novel_digits))}
+            "novel_digit_accuracy": novel_digit_accuracy(predicted, compositions, tuple(novel_digits)),
+            "blind_digit_accuracy": novel_digit_accuracy(predicted, compositions, tuple(blind_digits))}

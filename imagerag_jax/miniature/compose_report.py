@@ -27,7 +27,7 @@ LABELS = {
     "turbo": "Turbo student, 1 step (no retrieval)",
     "injection": "Direct H-space injection, w = {w}",
     "injection_best_w": "Direct H-space injection, per-prompt best w (oracle)",
-    "imageragturbo": "ImageRAGTurbo, 1 step (adapter + LoRA; teacher + real mixture)",
+    "imageragturbo": "ImageRAGTurbo, 1 step (adapter + LoRA; {data})",
     "imageragturbo_random_neighbours": "ImageRAGTurbo with random database neighbours",
     "imageragturbo_lambda0": "ImageRAGTurbo with lambda = 0 (adapter off, LoRA kept)",
     "imageragturbo_teacher_only": "ImageRAGTurbo trained on teacher pairs only (ablation)",
@@ -89,6 +89,7 @@ def evaluate_seed(config: ml_collections.ConfigDict, workdir: str, towers: Any, 
     comps, classes = ev.compositions[idx], ev.classes[idx]
     clf = load_judge(workdir, int(config.data_seed), size, int(config.classifier["epochs"]))
     novel = tuple(config.splits.get("novel_digits", ()))
+    blind = compose.blind_digits(config)
 
     unet, vae, text = towers.unet, towers.vae, towers.text
     sched = schedule_lib.scaled_linear_schedule()
@@ -155,7 +156,7 @@ def evaluate_seed(config: ml_collections.ConfigDict, workdir: str, towers: Any, 
         pred = compose.judge(clf, imgs)
         right = compose.correct_attributes(pred, comps)
         per_prompt[name] = right.all(axis=1)
-        row = {"method": name, **compose.score(pred, comps, classes, novel),
+        row = {"method": name, **compose.score(pred, comps, classes, novel, blind),
                "retrieval_precision": (_precision(retr_comps, comps, classes) if name in RETRIEVING else
                                        _precision(rand_comps, comps, classes)
                                        if name == "imageragturbo_random_neighbours" else None)}
@@ -201,8 +202,16 @@ def evaluate_seed(config: ml_collections.ConfigDict, workdir: str, towers: Any, 
         "best_w_histogram": {f"{wi:.1f}": int(c) for wi, c in zip(ws, np.bincount(best, minlength=len(ws)))},
         "adapter_edit": report._edit_size(main[1]),  # pylint: disable=protected-access
         "stages": towers.stats,
-        "labels": {m: LABELS[m].format(steps=samp["steps"], guidance=samp["guidance"], w=w) for m in LABELS},
+        "labels": {m: LABELS[m].format(steps=samp["steps"], guidance=samp["guidance"], w=w,
+                                       data=_training_data(config)) for m in LABELS},
     }
+
+
+def _training_data(config: ml_collections.ConfigDict) -> str:
+    """What ImageRAGTurbo trained on, for its label: 'teacher 0.8 + real 0.2' or 'real pairs only'."""
+    weights = dict(config.mixture)
+    used = {n: float(weights[n]) for n in ("teacher", "real") if float(weights.get(n, 0.0)) > 0}
+    return f"{next(iter(used))} pairs only" if len(used) == 1 else " + ".join(f"{n} {w:g}" for n, w in used.items())
 
 
 def _distribution(x: np.ndarray) -> dict[str, float]:
@@ -272,6 +281,7 @@ def aggregate(config: ml_collections.ConfigDict, per_seed: Sequence[Mapping[str,
                "by_class": {c: _mean_or_none([r["by_class"][c] for r in same]) for c in r0["by_class"]},
                "by_class_std": {c: _std_or_none([r["by_class"][c] for r in same]) for c in r0["by_class"]},
                "novel_digit_accuracy": _mean_or_none([r.get("novel_digit_accuracy") for r in same]),
+               "blind_digit_accuracy": _mean_or_none([r.get("blind_digit_accuracy") for r in same]),
                "retrieval_precision": (None if r0["retrieval_precision"] is None else
                                        {c: _mean_or_none([r["retrieval_precision"][c] for r in same])
                                         for c in r0["retrieval_precision"]})}
@@ -333,7 +343,8 @@ def markdown(results: Mapping[str, Any]) -> str:
     multi = len(seeds) > 1
     pc = results["prompts_per_class"]
     classes = [c for c in compose.CLASSES if pc.get(c)]  # 'novel' only with novel digits
-    novel = any(r.get("novel_digit_accuracy") is not None for r in results["rows"])
+    drawn = [k for k in ("novel", "blind") if any(r.get(f"{k}_digit_accuracy") is not None
+                                                  for r in results["rows"])]
     lines = [
         f"# Compositional miniature: ImageRAGTurbo vs its baselines ({results['num_prompts']} held-out "
         f"prompts: {', '.join(f'{pc[c]} {c}' for c in classes)}; "
@@ -343,15 +354,15 @@ def markdown(results: Mapping[str, Any]) -> str:
         f"Total run time {results.get('total_seconds', '?')} s.",
         "",
         "| Method | NFE | All four correct | " + " | ".join(c.capitalize() for c in classes)
-        + (" | Novel digit drawn" if novel else "")
+        + "".join(f" | {k.capitalize()} digit drawn" for k in drawn)
         + " | Digits (L/R) | Colours (L/R) | Retrieval precision | Latency (ms/image) |",
-        "|---|---|---|" + "---|" * (len(classes) + novel) + "---|---|---|---|",
+        "|---|---|---|" + "---|" * (len(classes) + len(drawn)) + "---|---|---|---|",
     ]
     for r in results["rows"]:
         acc, bc, prec = r["attribute_accuracy"], r["by_class"], r["retrieval_precision"]
         cells = [results["labels"][r["method"]], str(r.get("nfe", "-")),
                  f"{r['all_correct']:.3f}" + (f" ± {r['all_correct_std']:.3f}" if multi else ""),
-                 *[_pct(bc.get(c)) for c in classes], *([_pct(r.get("novel_digit_accuracy"))] if novel else []),
+                 *[_pct(bc.get(c)) for c in classes], *[_pct(r.get(f"{k}_digit_accuracy")) for k in drawn],
                  f"{acc['left_digit']:.2f}/{acc['right_digit']:.2f}",
                  f"{acc['left_colour']:.2f}/{acc['right_colour']:.2f}",
                  "-" if prec is None else _pct(prec["overall"]),

@@ -49,16 +49,33 @@ def train_towers(config: ml_collections.ConfigDict, workdir: str) -> run_lib.Tow
     """The towers on train + database canvases; the student is distilled on the training prompts.
 
     The VAE and the text encoder see every canvas; the teacher UNet none with a novel digit
-    (`config.splits.novel_digits`), so only retrieval can show the one-step student those.
+    (`config.splits.novel_digits`), so only retrieval can show the one-step student those, nor
+    one with a blind digit (`config.teacher.blind_digits`), whose prompts the student is not
+    distilled on either.
     """
     check_splits(config, workdir)
     s = splits(config)
     images = compose.as_float(np.concatenate([s["train"].images, s["database"].images]))
     labels = np.concatenate([s["train"].compositions, s["database"].compositions])
-    novel = compose.has_digit(labels, tuple(config.splits.get("novel_digits", ())))
+    novel = np.concatenate([s["train"].classes, s["database"].classes]) == compose.CLASSES.index("novel")
+    blind = compose.blind_digits(config)
+    prompts = s["train"].compositions[~compose.has_digit(s["train"].compositions, blind)]
     return run_lib.train_towers(config, workdir, images, labels, captions=compose.all_captions(),
-                                prompt_labels=s["train"].compositions,
-                                side_labels=compose.side_labels(labels), unet_keep=~novel)
+                                prompt_labels=prompts, side_labels=compose.side_labels(labels),
+                                unet_keep=~novel & ~compose.has_digit(labels, blind))
+
+
+
+def mixture_sets(config: ml_collections.ConfigDict) -> tuple[dict[str, float], list[str]]:
+    """The mixture's weights by set name, and the sets to precompute (a weight-0 set is not)."""
+    weights = {n: float(w) for n, w in dict(config.mixture).items()}
+    unknown = sorted(set(weights) - {"teacher", "real"})
+    if unknown or any(w < 0 for w in weights.values()) or not any(weights.values()):
+        raise ValueError(f"config.mixture {weights}: weights >= 0, not all 0, for 'teacher' and "
+                         f"'real' only{f' (unknown: {unknown})' if unknown else ''}")
+    needed = [n for n in ("teacher", "real")
+              if weights.get(n, 0.0) != 0.0 or (n == "teacher" and config.teacher_only_ablation)]
+    return weights, needed
 
 
 def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -73,15 +90,16 @@ def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
                   seed=int(config.seed))
     pre = run_lib._job_config(config.precompute, **models)  # pylint: disable=protected-access
     build_db_lib.build_db(pre, rag)
+    weights, needed = mixture_sets(config)
     sets = {}
-    for name in ("teacher", "real"):
+    for name in needed:
         sets[name] = os.path.join(rag, f"data_{name}")
         job = run_lib._job_config(config.precompute, **models, data_dir=sets[name],  # pylint: disable=protected-access
                                   latents="teacher" if name == "teacher" else "vae")
         precompute_lib.precompute(job, rag)
     train_fields = dict(student_weights=models["weights"], teacher_weights=models["teacher_weights"],
                         seed=int(config.seed))
-    mixture = tuple((sets[n], float(w)) for n, w in dict(config.mixture).items() if float(w) != 0.0)
+    mixture = tuple((sets[n], w) for n, w in weights.items() if w != 0.0)
     states, seconds = {}, {}
     variants = [("imageragturbo", dict(data_mixture=mixture), "train")]
     if config.teacher_only_ablation:

@@ -76,7 +76,7 @@ def probe_data(config: Any, workdir: str, targets: str, limit: int, seed: int = 
     novel = tuple(config.splits.get("novel_digits", ()))
     if novel:
         db = compose_run.splits(config)["database"]
-        pick = np.nonzero(compose.has_digit(db.compositions, novel))[0][:NOVEL_EXAMPLES]
+        pick = np.nonzero(db.classes == compose.CLASSES.index("novel"))[0][:NOVEL_EXAMPLES]
         rng = np.random.default_rng([seed, 5])
         ids = table.ids[table.rows(db.compositions[pick], rng)]
         lat = np.asarray(stages.encode_latents(towers.vae, towers.vae_p, compose.as_float(db.images[pick])))
@@ -154,13 +154,14 @@ def fit_variant(data: dict[str, Any], variant: str, lr: float, steps: int, *, ba
     if "novel" in data:
         nov = data["novel"]
         idx = jnp.arange(nov["noise"].shape[0])
+        novel_x0 = jax.jit(lambda p, nbr, edited: x0_fn(p, nov, idx, nbr, edited), static_argnums=2)
         for name, nbr, edited in (("own", idx, True), ("other", jnp.roll(idx, 1), True), ("no_edit", idx, False)):
-            x0 = jax.jit(lambda p, nbr=nbr, edited=edited: x0_fn(p, nov, idx, nbr, edited))(params)
+            x0 = novel_x0(params, nbr, edited)
             pred = compose.judge(nov["judge"], stages.decode_latents(towers.vae, towers.vae_p, x0))
-            out[f"novel_{name}"] = {
-                "smooth_l1": float(losses.smooth_l1(x0, nov["latents"])),
-                "novel_digit": compose.novel_digit_accuracy(pred, nov["compositions"], nov["digits"]),
-                "all_correct": float(compose.correct_attributes(pred, nov["compositions"]).all(1).mean())}
+            scores = compose.score(pred, nov["compositions"], np.zeros(len(idx), np.int64), nov["digits"])
+            out[f"novel_{name}"] = {"smooth_l1": float(losses.smooth_l1(x0, nov["latents"])),
+                                    "novel_digit": scores["novel_digit_accuracy"],
+                                    "all_correct": scores["all_correct"]}
     return out
 
 

@@ -106,6 +106,15 @@ def test_aggregate_over_seeds(smoke, tmp_path):
     assert out["seeds"] == [0, 1]
     md = compose_report.markdown({**out, "total_seconds": 1.0})
     assert "±" in md and "training seeds 0, 1" in md
+    assert "Blind digit drawn" not in md
+    # A run with blind digits: their rate is averaged over seeds and gets its column.
+    mine = json.loads(json.dumps(results))
+    for res, rate in ((mine, 0.25), (other, 0.75)):
+        for r in res["rows"]:
+            r["blind_digit_accuracy"] = rate
+    out = compose_report.aggregate(cfg, [mine, other], [str(workdir), str(workdir)])
+    assert {r["blind_digit_accuracy"] for r in out["rows"]} == {0.5}
+    assert "| Novel digit drawn | Blind digit drawn |" in compose_report.markdown({**out, "total_seconds": 1.0})
 
 
 def test_path_probe_on_the_smoke_towers(smoke, tmp_path):

@@ -330,7 +330,7 @@ def correct_attributes(predicted: dict[str, np.ndarray], compositions: np.ndarra
 
 def novel_digit_accuracy(predicted: dict[str, np.ndarray], compositions: np.ndarray,
                          novel_digits: tuple[int, ...]) -> float | None:
-    """Of the sides that should show a novel digit, the fraction judged to show it (None: no such side)."""
+    """Of the sides that should show one of `novel_digits`, the fraction judged to (None: no such side)."""
     comps = [Composition.from_index(int(i)) for i in compositions]
     hits = [int(predicted[f"{side}_digit"][j]) == getattr(c, f"{side}_digit")
             for j, c in enumerate(comps) for side in ("left", "right")

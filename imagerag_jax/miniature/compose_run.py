@@ -65,7 +65,6 @@ def train_towers(config: ml_collections.ConfigDict, workdir: str) -> run_lib.Tow
                                 unet_keep=~novel & ~compose.has_digit(labels, blind))
 
 
-
 def mixture_sets(config: ml_collections.ConfigDict) -> tuple[dict[str, float], list[str]]:
     """The mixture's weights by set name, and the sets to precompute (a weight-0 set is not)."""
     weights = {n: float(w) for n, w in dict(config.mixture).items()}

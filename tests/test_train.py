@@ -119,6 +119,15 @@ def test_step_keeps_frozen_weights_and_overfits_one_batch(compile_cache):
     assert distill[-1] < distill[0]
 
 
+def first_step_metrics(config, schema, batch) -> dict[str, float]:
+    """The metrics of one step from a fresh state of `config` on `batch`."""
+    trainer = train.Trainer(config)
+    state = trainer.init_state(schema)
+    step, _ = trainer.compile_step(trainer.abstract_state(schema), schema, config.global_batch_size)
+    _, metrics = step(state, trainer.frozen, trainer.shard_batch(batch))
+    return {name: float(v) for name, v in metrics.items()}
+
+
 def test_self_neighbour_diagnostic_is_the_step_on_a_batch_holding_the_example(compile_cache):
     from imagerag_jax import train_step
 
@@ -133,16 +142,9 @@ def test_self_neighbour_diagnostic_is_the_step_on_a_batch_holding_the_example(co
         assert np.array_equal(swapped["retrieved_latents"][:, 1:], host["retrieved_latents"][:, 1:])
     assert not np.array_equal(host["retrieved_latents"][:, 0], host["latent"])
 
-    def one_step(config, batch):
-        trainer = train.Trainer(config)
-        state = trainer.init_state(schema)
-        step, _ = trainer.compile_step(trainer.abstract_state(schema), schema, config.global_batch_size)
-        _, metrics = step(state, trainer.frozen, trainer.shard_batch(batch))
-        return {name: float(v) for name, v in metrics.items()}
-
-    diagnostic = one_step(quiet_config(self_neighbour=True), host)
-    assert diagnostic == one_step(cfg, swapped)
-    assert diagnostic["lambda_mean"] != one_step(cfg, host)["lambda_mean"]
+    diagnostic = first_step_metrics(quiet_config(self_neighbour=True), schema, host)
+    assert diagnostic == first_step_metrics(cfg, schema, swapped)
+    assert diagnostic["lambda_mean"] != first_step_metrics(cfg, schema, host)["lambda_mean"]
 
 
 def test_prompt_dropout_zeroes_only_the_students_prompt(compile_cache):
@@ -151,15 +153,8 @@ def test_prompt_dropout_zeroes_only_the_students_prompt(compile_cache):
     host = train.random_batch(schema, cfg.global_batch_size)
     blank = {**host, "prompt_embeds": np.zeros_like(host["prompt_embeds"])}
 
-    def one_step(config, batch):
-        trainer = train.Trainer(config)
-        state = trainer.init_state(schema)
-        step, _ = trainer.compile_step(trainer.abstract_state(schema), schema, config.global_batch_size)
-        _, metrics = step(state, trainer.frozen, trainer.shard_batch(batch))
-        return {name: float(v) for name, v in metrics.items()}
-
-    dropped, plain, zeroed = (one_step(quiet_config(prompt_dropout=1.0), host), one_step(cfg, host),
-                              one_step(cfg, blank))
+    dropped, plain, zeroed = (first_step_metrics(quiet_config(prompt_dropout=1.0), schema, host),
+                              first_step_metrics(cfg, schema, host), first_step_metrics(cfg, schema, blank))
     # At step 0 (zero adapter output and LoRA B) the distillation term is the student's own
     # one-step output: with every prompt dropped it is the output of a zero prompt.
     assert np.isclose(dropped["g_distill"], zeroed["g_distill"], rtol=1e-6, atol=0)

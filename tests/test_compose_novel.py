@@ -89,14 +89,14 @@ def test_a_workdir_refuses_other_splits(tmp_path):
 
 def test_mixture_sets_skip_a_zero_weight_set_and_refuse_bad_weights():
     config = config_args.load_config(CONFIG + ":quick")
-    assert compose_run.mixture_sets(config) == ({"teacher": 0.8, "real": 0.2}, ["teacher", "real"])
+    assert compose.mixture_sets(config) == ({"teacher": 0.8, "real": 0.2}, ["teacher", "real"])
     assert compose_report._training_data(config) == "teacher 0.8 + real 0.2"  # the row's label
     config.mixture = dict(teacher=0.0, real=1.0)
-    assert compose_run.mixture_sets(config)[1] == ["real"]
+    assert compose.mixture_sets(config)[1] == ["real"]
     assert compose_report._training_data(config) == "real pairs only"
     config.teacher_only_ablation = True  # the teacher-only row trains on the teacher set
-    assert compose_run.mixture_sets(config)[1] == ["teacher", "real"]
+    assert compose.mixture_sets(config)[1] == ["teacher", "real"]
     for bad in (dict(teacher=0.0, real=0.0), dict(teacher=-1.0, real=1.0), dict(real=1.0, web=1.0)):
         config.mixture = bad
         with pytest.raises(ValueError, match="config.mixture"):
-            compose_run.mixture_sets(config)
+            compose.mixture_sets(config)

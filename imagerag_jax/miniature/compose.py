@@ -117,6 +117,18 @@ def blind_digits(config: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in config.teacher.get("blind_digits", ()))
 
 
+def mixture_sets(config: Any) -> tuple[dict[str, float], list[str]]:
+    """The mixture's weights by set name, and the sets to precompute (a weight-0 set is not)."""
+    weights = {n: float(w) for n, w in dict(config.mixture).items()}
+    unknown = sorted(set(weights) - {"teacher", "real"})
+    if unknown or any(w < 0 for w in weights.values()) or not any(weights.values()):
+        raise ValueError(f"config.mixture {weights}: weights >= 0, not all 0, for 'teacher' and "
+                         f"'real' only{f' (unknown: {unknown})' if unknown else ''}")
+    needed = [n for n in ("teacher", "real")
+              if weights.get(n, 0.0) != 0.0 or (n == "teacher" and config.teacher_only_ablation)]
+    return weights, needed
+
+
 @functools.lru_cache(maxsize=4)
 def frequency_classes(seed: int, frequent: int = 40, unseen: int = 400,
                       novel_digits: tuple[int, ...] = ()) -> np.ndarray:

@@ -209,8 +209,8 @@ def evaluate_seed(config: ml_collections.ConfigDict, workdir: str, towers: Any, 
 
 def _training_data(config: ml_collections.ConfigDict) -> str:
     """What ImageRAGTurbo trained on, for its label: 'teacher 0.8 + real 0.2' or 'real pairs only'."""
-    weights = dict(config.mixture)
-    used = {n: float(weights[n]) for n in ("teacher", "real") if float(weights.get(n, 0.0)) > 0}
+    weights = compose.mixture_sets(config)[0]
+    used = {n: weights[n] for n in ("teacher", "real") if weights.get(n, 0.0) > 0}
     return f"{next(iter(used))} pairs only" if len(used) == 1 else " + ".join(f"{n} {w:g}" for n, w in used.items())
 
 

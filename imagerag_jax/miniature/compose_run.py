@@ -65,18 +65,6 @@ def train_towers(config: ml_collections.ConfigDict, workdir: str) -> run_lib.Tow
                                 unet_keep=~novel & ~compose.has_digit(labels, blind))
 
 
-def mixture_sets(config: ml_collections.ConfigDict) -> tuple[dict[str, float], list[str]]:
-    """The mixture's weights by set name, and the sets to precompute (a weight-0 set is not)."""
-    weights = {n: float(w) for n, w in dict(config.mixture).items()}
-    unknown = sorted(set(weights) - {"teacher", "real"})
-    if unknown or any(w < 0 for w in weights.values()) or not any(weights.values()):
-        raise ValueError(f"config.mixture {weights}: weights >= 0, not all 0, for 'teacher' and "
-                         f"'real' only{f' (unknown: {unknown})' if unknown else ''}")
-    needed = [n for n in ("teacher", "real")
-              if weights.get(n, 0.0) != 0.0 or (n == "teacher" and config.teacher_only_ablation)]
-    return weights, needed
-
-
 def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """build-db -> precompute (teacher and real sets) -> train on the mixture (+ teacher only)."""
     from imagerag_jax import train as train_lib  # pylint: disable=g-import-not-at-top
@@ -89,7 +77,7 @@ def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
                   seed=int(config.seed))
     pre = run_lib._job_config(config.precompute, **models)  # pylint: disable=protected-access
     build_db_lib.build_db(pre, rag)
-    weights, needed = mixture_sets(config)
+    weights, needed = compose.mixture_sets(config)
     sets = {}
     for name in needed:
         sets[name] = os.path.join(rag, f"data_{name}")

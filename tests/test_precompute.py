@@ -7,6 +7,7 @@ pipeline, the DB and its index, so the jitted batch functions compile once.
 import importlib.util
 import json
 import os
+import shutil
 
 import jax.numpy as jnp
 import ml_collections
@@ -17,6 +18,7 @@ from PIL import Image
 from imagerag_jax import towers
 from imagerag_jax.data import build_db, encoders, pipeline, precompute, sources, tfrecords
 from imagerag_jax.retrieval import database, index as index_lib
+from imagerag_jax.weights import random_pipeline
 
 SIZE = 16
 DB_LIMIT = 40
@@ -121,6 +123,20 @@ def test_build_db_resume_equals_uninterrupted(workdir, built):
                                    np.asarray(getattr(b, name), np.float32), atol=1e-3)
     np.testing.assert_array_equal(build_db.load_image_hashes(path),
                                   build_db.load_image_hashes(b.path))
+
+
+def test_build_db_refuses_to_resume_over_other_weights_at_the_same_path(tmp_path):
+    """The towers' label is their path: new weights there must not append to the old rows."""
+    weights, path = str(tmp_path / "pipe"), str(tmp_path / "db")
+    random_pipeline.write_random_pipeline(weights, preset="tiny", seed=0)
+    config = lambda limit: make_config(**{"db.dir": path, "db.limit": limit, "weights": weights})
+    assert build_db.build_db(config(10), str(tmp_path))["count"] == 10
+    shutil.rmtree(weights)
+    random_pipeline.write_random_pipeline(weights, preset="tiny", seed=1)
+    with pytest.raises(database.DatabaseError,
+                       match=r"cannot resume.*text_encoder_fingerprint.*vae_fingerprint.*overwrite=True"):
+        build_db.build_db(config(20), str(tmp_path))
+    assert database.Database(path).count == 10  # the old rows are kept
 
 
 def test_build_db_counts_unreadable_images(workdir, tmp_path):

@@ -31,6 +31,8 @@ for every field) and a workdir. Default locations: `workdir/db` (database, `conf
   * Resumable: the DB manifest's committed `count` says how many accepted examples a previous
     (killed or limited, `config.db.limit`) run wrote; the source is iterated again from the start
     (sources iterate deterministically) and those are skipped. Duplicate ids are dropped (counted).
+    A resume whose weights (the text encoder's and VAE's fingerprints), image size or compute
+    dtype differ from the rows already written is refused, even when the weights' path is the same.
   * `image_hashes.bin` in the DB directory: one uint64 per row (row-aligned with the DB arrays,
     headerless little-endian like them, appended before each commit and truncated to the committed
     count on resume) = blake2b-64 of the uint8 RGB pixels after resizing, with their shape. It lets
@@ -201,11 +203,30 @@ def _open_db(job: _Job, path: str, image_shape: Sequence[int],
     """The writer of one database directory (resumed, or wiped with config.db.overwrite)."""
     # Shapes from abstract evaluation on the first image: the writer needs them before any batch.
     spec = db_lib.DatabaseSpec(*job.enc.output_shapes(tuple(image_shape)))
+    if not job.overwrite and os.path.exists(os.path.join(path, db_lib.MANIFEST)):
+        _check_resumable(path, job)
     if job.overwrite and os.path.exists(os.path.join(path, HASHES_FILE)):
         os.remove(os.path.join(path, HASHES_FILE))
     return db_lib.DatabaseWriter(path, spec, source=job.src_id, text_encoder=job.models.text_encoder_id,
                                  vae=job.models.vae_id, overwrite=job.overwrite, fsync=job.fsync,
                                  extra=extra)
+
+
+def _check_resumable(path: str, job: _Job) -> None:
+    """Refuses to append to a database whose rows came from other weights or settings.
+
+    The writer compares the towers' labels (a path, or random:preset:seed); the same path may
+    hold other weights by now, and rows of two VAEs in one database would be silently wrong.
+    """
+    have = jsonfiles.read(os.path.join(path, db_lib.MANIFEST), what="database manifest",
+                          error=db_lib.DatabaseError).get("extra") or {}
+    differ = [k for k in _PINNED_EXTRA if k in have and have[k] != job.extra[k]]
+    if differ:
+        raise db_lib.DatabaseError(
+            f"{path}: cannot resume, its rows were written with "
+            f"{', '.join(f'{k} {have[k]!r}' for k in differ)}, this job has "
+            f"{', '.join(f'{k} {job.extra[k]!r}' for k in differ)}; set config.db.overwrite=True "
+            "to rebuild it, or point config.db.dir elsewhere")
 
 
 class _Dedup:

@@ -3,7 +3,7 @@
   generate    prompts -> PNG (generate.text_to_images): --weights P --prompt ... --out FILE.png;
               with retrieval (rag.RagPipeline): --run W | --export DIR | --weights P --database DB
               --index IDX, [--k --mode --w --neighbours GRID.png]
-  evaluate    many prompts -> images, index, FID/CLIP/latency (evaluate_prompts.evaluate_prompts):
+  evaluate    many prompts -> images, index, FID/CLIP/latency (evaluate.evaluate_prompts):
               the pipeline flags + --prompts FILE --out DIR [--reference DIR --inception F --clip DIR]
   serve       a local demo page (serve.serve): the pipeline flags + [--host --port]
   build-cache the H-space cache of the pipeline's database (rag.RagPipeline.build_cache)
@@ -75,7 +75,7 @@ def _job_args(command: str) -> tuple:
 
 def _rag_pipeline(command: str):
     """The RagPipeline of --run, --export or --weights (+ --database/--index)."""
-    from imagerag_jax import rag
+    from imagerag_jax.inference import rag
 
     given = [n for n in ("run", "export") if FLAGS[n].value is not None]
     if len(given) > 1 or (given and FLAGS.weights is not None):
@@ -122,7 +122,8 @@ def generate_with_retrieval() -> None:
 
 
 def generate() -> None:
-    from imagerag_jax import generate as generate_lib, images
+    from imagerag_jax import images
+    from imagerag_jax.inference import generate as generate_lib
 
     if _uses_retrieval():
         return generate_with_retrieval()
@@ -156,7 +157,8 @@ def precompute() -> None:
 
 
 def train() -> None:
-    from imagerag_jax import sharding, train as train_lib
+    from imagerag_jax import sharding
+    from imagerag_jax.training import trainer as train_lib
 
     config, workdir = _job_args("train")
     sharding.initialize_distributed()
@@ -173,7 +175,7 @@ def run() -> None:
 
 
 def export() -> None:
-    from imagerag_jax import export as export_lib
+    from imagerag_jax.export import to_diffusers as export_lib
 
     if FLAGS.workdir is None or FLAGS.out_dir is None:
         raise app.UsageError("export needs --workdir DIR (a training workdir) and --out_dir DIR")
@@ -183,14 +185,15 @@ def export() -> None:
 
 
 def evaluate() -> None:
-    from imagerag_jax import evaluate_prompts, sharding
+    from imagerag_jax import sharding
+    from imagerag_jax.evaluation import evaluate
 
     if FLAGS.prompts is None or not FLAGS["out"].present:
         raise app.UsageError("evaluate needs --prompts FILE and --out DIR (and --run/--export/--weights)")
-    prompts = evaluate_prompts.read_prompts(FLAGS.prompts)  # a bad file fails before loading
+    prompts = evaluate.read_prompts(FLAGS.prompts)  # a bad file fails before loading
     sharding.initialize_distributed()  # each host generates its slice of the prompts
     pipe = _rag_pipeline("evaluate")
-    summary = evaluate_prompts.evaluate_prompts(
+    summary = evaluate.evaluate_prompts(
         pipe, prompts, FLAGS.out, batch_size=FLAGS.batch if FLAGS["batch"].present else None,
         seed=FLAGS.seed, mode=FLAGS.mode, k=FLAGS.k, w=FLAGS.w, reference=FLAGS.reference,
         inception=FLAGS.inception, clip=FLAGS.clip)
@@ -201,7 +204,7 @@ def evaluate() -> None:
 
 
 def serve() -> None:
-    from imagerag_jax import serve as serve_lib
+    from imagerag_jax.inference import serve as serve_lib
 
     serve_lib.serve(_rag_pipeline("serve"), host=FLAGS.host, port=FLAGS.port)
 

@@ -39,6 +39,6 @@ def rag_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def rag_pipe(rag_run):
     """RagPipeline.from_run over `rag_run` with its DB and index (compiled once per session)."""
-    from imagerag_jax import rag
+    from imagerag_jax.inference import rag
 
     return rag.RagPipeline.from_run(rag_run["workdir"], database=rag_run["db"], index=rag_run["index"])

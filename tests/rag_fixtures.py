@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imagerag_jax import towers, train
+from imagerag_jax.weights import towers
+from imagerag_jax.training import trainer as trainer_lib
 from imagerag_jax.retrieval import database as db_lib
 from imagerag_jax.retrieval import index as index_lib
 
@@ -82,7 +83,7 @@ def make_run_and_db(root: str | os.PathLike) -> dict[str, Any]:
     """configs/tiny.py trained 4 steps (lr 1e-4: the adapter moves off zero) + a 6-entry DB + index."""
     root = str(root)
     workdir = os.path.join(root, "work")
-    train.train_and_evaluate(tiny_config(total_steps=4, checkpoint_every=4, log_every=4), workdir)
+    trainer_lib.train_and_evaluate(tiny_config(total_steps=4, checkpoint_every=4, log_every=4), workdir)
     db = write_db(os.path.join(root, "db"), CAPTIONS)
     index = write_index(db, os.path.join(root, "index"))
     return {"workdir": workdir, "db": db, "index": index, "captions": list(CAPTIONS)}

@@ -165,7 +165,7 @@ def test_sincos_adapter_matches_float64_reference_and_sees_where_tokens_are():
 
 def test_sincos_adapter_matches_the_torch_runtime():
     torch = pytest.importorskip("torch")
-    from imagerag_jax import torch_runtime as rt
+    from imagerag_jax.export import torch_runtime as rt
     from imagerag_jax.weights import to_torch
 
     adapter = HSpaceAdapter(num_heads=4, positional="sincos")

@@ -67,7 +67,8 @@ def test_unknown_subcommand(tmp_path):
 
 def test_cli_writes_what_the_library_function_returns(pipeline_dir, tmp_path):
     """`generate` is `generate.text_to_images` plus a PNG: the same pixels from Python."""
-    from imagerag_jax import generate, images
+    from imagerag_jax import images
+    from imagerag_jax.inference import generate
 
     out = tmp_path / "cli.png"
     res = run_cli("generate", f"--weights={pipeline_dir}", "--prompt=a red bird", "--steps=2",

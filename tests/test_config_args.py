@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from imagerag_jax import checkpoints, config_args
+from imagerag_jax import config_args
+from imagerag_jax.training import checkpoints
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 

@@ -11,7 +11,7 @@ SCRIPT = textwrap.dedent("""
     import sys
     import jax
     import numpy as np
-    from imagerag_jax import towers
+    from imagerag_jax.weights import towers
     from imagerag_jax.data import encoders
 
     assert jax.local_device_count() == 8

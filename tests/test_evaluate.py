@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from imagerag_jax import evaluate as ev
+from imagerag_jax.evaluation import metrics as ev
 
 
 def _reference_fd(a: np.ndarray, b: np.ndarray) -> float:

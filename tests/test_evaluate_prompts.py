@@ -24,8 +24,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from imagerag_jax import evaluate, rag, towers  # noqa: E402
-from imagerag_jax import evaluate_prompts as ep  # noqa: E402
+from imagerag_jax.evaluation import metrics  # noqa: E402
+from imagerag_jax.inference import rag
+from imagerag_jax.weights import towers
+from imagerag_jax.evaluation import evaluate as ep  # noqa: E402
 from imagerag_jax import images as image_utils  # noqa: E402
 from imagerag_jax.errors import UserError  # noqa: E402
 from imagerag_jax.models import adapter as adapter_lib  # noqa: E402
@@ -235,10 +237,10 @@ def test_fid_and_clip_score_match_direct(full, nets, pipe):
             t = torch.tensor(np.stack(x).transpose(0, 3, 1, 2), dtype=torch.float32)
             return net(t, return_features=True).reshape(len(x), -1).double().numpy()
 
-    fid = evaluate.frechet_distance(feats(ref), feats(list(images_of(out))))
+    fid = metrics.frechet_distance(feats(ref), feats(list(images_of(out))))
     assert m["fid"] == pytest.approx(fid, rel=1e-6) and m["fid"] > 0
     assert m["fid_reference_count"] == 6
-    clip = evaluate.CLIPScorer(nets["clip"]).score(images_of(out), PROMPTS)
+    clip = metrics.CLIPScorer(nets["clip"]).score(images_of(out), PROMPTS)
     assert m["clip_score"] == pytest.approx(clip, rel=1e-5)
 
 

@@ -1,4 +1,4 @@
-"""Export of a training run to PyTorch and the torch runtime (export.py, to_torch.py, torch_runtime.py).
+"""Export of a training run to PyTorch and the torch runtime (to_diffusers.py, to_torch.py, torch_runtime.py).
 
 (a) export -> our loaders is the identity; (b) the merged UNet in diffusers = our Flax UNet with the
 LoRA merged; (c) the PEFT LoRA on the unmerged base = the merged UNet; (d) the torch adapter hook
@@ -24,13 +24,18 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from imagerag_jax import export, lora, sampling, towers, train, weights  # noqa: E402
-from imagerag_jax import torch_runtime as rt  # noqa: E402
+from imagerag_jax import weights  # noqa: E402
+from imagerag_jax.export import to_diffusers
+from imagerag_jax.models import lora
+from imagerag_jax.diffusion import sampling
+from imagerag_jax.weights import towers
+from imagerag_jax.training import trainer as trainer_lib
+from imagerag_jax.export import torch_runtime as rt  # noqa: E402
 from imagerag_jax.models import adapter as adapter_lib  # noqa: E402
 from imagerag_jax.models.clip_text import Tokenizer  # noqa: E402
 from imagerag_jax.retrieval import database as db_lib  # noqa: E402
 from imagerag_jax.retrieval import index as index_lib  # noqa: E402
-from imagerag_jax.schedule import scaled_linear_schedule  # noqa: E402
+from imagerag_jax.diffusion.schedule import scaled_linear_schedule  # noqa: E402
 from imagerag_jax.weights import convert, to_torch  # noqa: E402
 from tests.helpers import assert_parity, nchw, parity_error  # noqa: E402
 from tests.rag_fixtures import tiny_config  # noqa: E402
@@ -288,8 +293,8 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     workdir, out = root / "work", root / "export"
     cfg = tiny_config(total_steps=4, checkpoint_every=4, log_every=4)
-    state = jax.tree.map(np.asarray, train.train_and_evaluate(cfg, str(workdir)))
-    paths = export.export_run(str(workdir), str(out))
+    state = jax.tree.map(np.asarray, trainer_lib.train_and_evaluate(cfg, str(workdir)))
+    paths = to_diffusers.export_run(str(workdir), str(out))
     return dict(workdir=workdir, out=out, state=state, paths=paths, root=root)
 
 
@@ -317,7 +322,7 @@ def test_a_export_then_import_is_the_identity(run):
         np.testing.assert_array_equal(peft[key], want[key], err_msg=key)
     pipe = weights.load_pipeline(str(out))  # our loader reads the folder back as a pipeline too
     assert pipe.tokenizer is not None and pipe.prediction_type == "epsilon"
-    manifest = json.loads((out / export.MANIFEST).read_text())
+    manifest = json.loads((out / to_diffusers.MANIFEST).read_text())
     assert manifest["step"] == 4 and manifest["text_encoder"] == "random:tiny:0"
 
 
@@ -393,16 +398,16 @@ def test_e_trained_lora_with_diffusers_load_lora_weights(run):
 
 
 def test_f_bad_workdir_and_out_dir_fail_clearly_and_keep_everything(run, tmp_path):
-    with pytest.raises(export.ExportError, match="does not exist"):
-        export.export_run(str(tmp_path / "nope"), str(tmp_path / "o1"))
+    with pytest.raises(to_diffusers.ExportError, match="does not exist"):
+        to_diffusers.export_run(str(tmp_path / "nope"), str(tmp_path / "o1"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(export.ExportError, match="no checkpoints/ folder"):
-        export.export_run(str(tmp_path / "empty"), str(tmp_path / "o2"))
+    with pytest.raises(to_diffusers.ExportError, match="no checkpoints/ folder"):
+        to_diffusers.export_run(str(tmp_path / "empty"), str(tmp_path / "o2"))
     (tmp_path / "empty" / "checkpoints").mkdir()
-    with pytest.raises(export.ExportError, match="no complete checkpoint"):
-        export.export_run(str(tmp_path / "empty"), str(tmp_path / "o3"))
-    with pytest.raises(export.ExportError, match=r"no checkpoint at step 3; available: \[4\]"):
-        export.export_run(str(run["workdir"]), str(tmp_path / "o4"), step=3)
+    with pytest.raises(to_diffusers.ExportError, match="no complete checkpoint"):
+        to_diffusers.export_run(str(tmp_path / "empty"), str(tmp_path / "o3"))
+    with pytest.raises(to_diffusers.ExportError, match=r"no checkpoint at step 3; available: \[4\]"):
+        to_diffusers.export_run(str(run["workdir"]), str(tmp_path / "o4"), step=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"], "a failed export left files"
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["checkpoints"]
 
@@ -425,5 +430,5 @@ def test_f_bad_workdir_and_out_dir_fail_clearly_and_keep_everything(run, tmp_pat
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert not (target / "keep.txt").exists() and (target / "unet" / "config.json").exists()
-    assert json.loads((target / export.MANIFEST).read_text())["step"] == 4
+    assert json.loads((target / to_diffusers.MANIFEST).read_text())["step"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "taken"], "temporary folders left"

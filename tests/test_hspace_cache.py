@@ -23,8 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagerag_jax import hspace_cache as hc
-from imagerag_jax import lora, sampling, towers
+from imagerag_jax.inference import hspace_cache as hc
+from imagerag_jax.models import lora
+from imagerag_jax.diffusion import sampling
+from imagerag_jax.weights import towers
 from imagerag_jax.errors import UserError
 from imagerag_jax.retrieval import database as db_lib
 
@@ -300,7 +302,8 @@ def test_bad_db_path_is_one_clear_error(tower, tmp_path):
 SHARDED_SCRIPT = """
     import shutil, sys
     import jax, numpy as np
-    from imagerag_jax import hspace_cache as hc, towers
+    from imagerag_jax.inference import hspace_cache as hc
+    from imagerag_jax.weights import towers
     from imagerag_jax.retrieval import database as db_lib
     assert jax.device_count() == 8, jax.devices()
     db = sys.argv[1]

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from imagerag_jax import evaluate
+from imagerag_jax.evaluation import metrics
 from imagerag_jax.miniature import data as data_lib
 from imagerag_jax.miniature import judge
 
@@ -45,7 +45,7 @@ def test_prompt_fidelity_and_report(digits16):
     assert set(report) == {"fidelity", "fd"} and report["fd"] >= 0
     # Real eval images are nearer real images than noise is, in the classifier's feature space.
     noise = np.random.default_rng(0).uniform(-1, 1, x[:90].shape).astype(np.float32)
-    assert report["fd"] < evaluate.frechet_distance(clf.features(x[90:]), clf.features(noise))
+    assert report["fd"] < metrics.frechet_distance(clf.features(x[90:]), clf.features(noise))
 
 
 def test_classifier_save_load_round_trip(digits16, tmp_path):

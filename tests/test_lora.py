@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagerag_jax import lora
+from imagerag_jax.models import lora
 from imagerag_jax.weights.random_pipeline import random_modules
 
 RANK, ALPHA = 4, 8.0

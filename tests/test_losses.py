@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagerag_jax import losses
+from imagerag_jax.training import losses
 
 # B=2 examples, K=2 stages.
 REAL = jnp.array([[2.0, 0.5], [-1.0, 0.0]])

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagerag_jax import schedule as schedule_lib
+from imagerag_jax.diffusion import schedule as schedule_lib
 from imagerag_jax.miniature import stages
 from imagerag_jax.weights import from_torch, to_torch
 

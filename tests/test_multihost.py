@@ -1,7 +1,7 @@
 """Two processes x 4 fake CPU devices (jax.distributed + gloo) train like one process x 8 devices.
 
 Each of the two processes calls `jax.distributed.initialize(coordinator_address="127.0.0.1:PORT",
-num_processes=2, process_id=i)` and runs `train.train_and_evaluate` for 3 steps on a (2, 4)
+num_processes=2, process_id=i)` and runs `trainer_lib.train_and_evaluate` for 3 steps on a (2, 4)
 ('data', 'fsdp') mesh, its `InputPipeline` reading only its own TFRecord shard (2 shards written
 once beforehand by a single process). The reference is one process with 8 fake devices running the
 same `train_and_evaluate` on the same mesh shape and data.
@@ -45,7 +45,7 @@ if mode == "multi":
                                process_id=pid, initialization_timeout=120)
 import numpy as np
 from jax.experimental import multihost_utils
-from imagerag_jax import train
+from imagerag_jax.training import trainer as trainer_lib
 from imagerag_jax.data import pipeline, synthetic
 
 spec = importlib.util.spec_from_file_location("tiny", os.path.join("configs", "tiny.py"))
@@ -88,15 +88,15 @@ if mode == "ref":
     pipeline.InputPipeline = TwoHostPipeline
 
 losses = []
-mean_metrics = train._mean_metrics
+mean_metrics = trainer_lib._mean_metrics
 def recording(history):
     out = mean_metrics(history)
     losses.append(out)
     return out
-train._mean_metrics = recording
+trainer_lib._mean_metrics = recording
 
-owners = [d.process_index for d in train.sharding.make_mesh(cfg.mesh).devices.flat]
-state = train.train_and_evaluate(cfg, workdir)
+owners = [d.process_index for d in trainer_lib.sharding.make_mesh(cfg.mesh).devices.flat]
+state = trainer_lib.train_and_evaluate(cfg, workdir)
 params = multihost_utils.process_allgather(state["params"], tiled=True)
 flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
 np.savez(os.path.join(workdir, f"params_{mode}_{pid}.npz"), **flat)

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from imagerag_jax import train_step
+from imagerag_jax.training import step
 
 ADAMW = dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=0.0)
 
@@ -14,7 +14,7 @@ def _two_steps(cfg):
     params = {"adapter": {"w": jnp.array([1.0, -2.0])}, "lora": {"a": jnp.array([0.5, 3.0, -1.0])}}
     grads = [{"adapter": {"w": jnp.array([0.3, -0.1])}, "lora": {"a": jnp.array([1.0, -2.0, 0.5])}},
              {"adapter": {"w": jnp.array([-0.2, 0.4])}, "lora": {"a": jnp.array([0.1, 0.2, -0.3])}}]
-    tx = train_step.make_optimizer(cfg)
+    tx = step.make_optimizer(cfg)
     state, out = tx.init(params), []
     for g in grads:
         updates, state = tx.update(g, state, params)
@@ -38,4 +38,4 @@ def test_adapter_steps_are_scaled_and_the_lora_steps_are_not():
 
 def test_non_positive_multiplier_is_refused():
     with pytest.raises(ValueError, match="adapter_lr_multiplier must be > 0, got 0.0"):
-        train_step.make_optimizer({**ADAMW, "adapter_lr_multiplier": 0.0})
+        step.make_optimizer({**ADAMW, "adapter_lr_multiplier": 0.0})

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagerag_jax import towers
+from imagerag_jax.weights import towers
 from imagerag_jax.data import build_db, encoders, pipeline, precompute, sources, tfrecords
 from imagerag_jax.retrieval import database, index as index_lib
 from imagerag_jax.weights import random_pipeline

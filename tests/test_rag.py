@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imagerag_jax import export, rag, sampling
+from imagerag_jax.export import to_diffusers
+from imagerag_jax.inference import rag
+from imagerag_jax.diffusion import sampling
 from imagerag_jax.errors import UserError
 from imagerag_jax.models import adapter as adapter_lib
 from imagerag_jax.retrieval import database as db_lib
@@ -79,10 +81,10 @@ def test_a_retrieval_lambda_and_adapter(pipe, made):
 
 def test_a_jax_image_equals_the_exported_torch_runtime(pipe, made, tmp_path_factory):
     torch = pytest.importorskip("torch")
-    from imagerag_jax import torch_runtime as rt
+    from imagerag_jax.export import torch_runtime as rt
 
     out_dir = str(tmp_path_factory.mktemp("export") / "export")
-    export.export_run(made["workdir"], out_dir)
+    to_diffusers.export_run(made["workdir"], out_dir)
     torch.set_num_threads(1)
     tpipe = rt.ImageRAGTurboPipeline.from_pretrained(out_dir, database=made["db"], index=made["index"])
     noise = pipe.noise(len(PROMPTS), seed=5)
@@ -188,7 +190,7 @@ def test_f_eight_devices_equal_one(pipe, made, tmp_path):
     script = f"""
 import json, sys
 import numpy as np, jax
-from imagerag_jax import rag
+from imagerag_jax.inference import rag
 pipe = rag.RagPipeline.from_run({made['workdir']!r}, database={made['db']!r}, index={made['index']!r})
 assert pipe.num_devices == 8 == len(jax.local_devices()), pipe.num_devices
 out = pipe({prompts!r}, seed=11)

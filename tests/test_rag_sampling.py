@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagerag_jax import lora
-from imagerag_jax import sampling as smp
+from imagerag_jax.models import lora
+from imagerag_jax.diffusion import sampling as smp
 from imagerag_jax.models.adapter import HSpaceAdapter, retrieval_lambda
-from imagerag_jax.schedule import scaled_linear_schedule
+from imagerag_jax.diffusion.schedule import scaled_linear_schedule
 from imagerag_jax.weights.random_pipeline import random_modules
 from tests.helpers import assert_parity
 

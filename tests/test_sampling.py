@@ -11,8 +11,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
-from imagerag_jax import sampling as smp
-from imagerag_jax import schedule as sch
+from imagerag_jax.diffusion import sampling as smp
+from imagerag_jax.diffusion import schedule as sch
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 B, H, W, C, L, D = 2, 4, 3, 4, 3, 8

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
-from imagerag_jax import schedule as sch
+from imagerag_jax.diffusion import schedule as sch
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 

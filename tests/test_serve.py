@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagerag_jax import images, serve
+from imagerag_jax import images
+from imagerag_jax.inference import serve
 gradio = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
@@ -108,6 +109,6 @@ def test_controls_follow_the_pipeline(pipe):
 
 
 def test_importing_serve_does_not_import_gradio():
-    code = "import sys, imagerag_jax.serve; print(sorted({'gradio', 'jax'} & set(sys.modules)))"
+    code = "import sys, imagerag_jax.inference.serve; print(sorted({'gradio', 'jax'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -86,7 +86,8 @@ def test_logical_rules_map_batch_to_mesh_axes():
 EQUIVALENCE_SCRIPT = r"""
 import importlib.util, json, sys
 import jax, numpy as np
-from imagerag_jax import sharding, train
+from imagerag_jax import sharding
+from imagerag_jax.training import trainer as trainer_lib
 from imagerag_jax.data import synthetic
 
 spec = importlib.util.spec_from_file_location("tiny", sys.argv[1])
@@ -97,14 +98,14 @@ def run(mesh):
     cfg = tiny.get_config()
     cfg.global_batch_size = 8
     cfg.min_shard_size = 256  # shard even the tiny towers, so FSDP gathers are exercised
-    trainer = train.Trainer(cfg, mesh)
+    trainer = trainer_lib.Trainer(cfg, mesh)
     schema = synthetic.synthetic_schema(cfg)
     abstract = trainer.abstract_state(schema)
     state = trainer.init_state(schema)
     step, _ = trainer.compile_step(abstract, schema, 8)
     losses = []
     for i in range(3):
-        batch = trainer.shard_batch(train.random_batch(schema, 8, seed=i))
+        batch = trainer.shard_batch(trainer_lib.random_batch(schema, 8, seed=i))
         if i == 0:
             n_sharded = sum(s.spec != jax.sharding.PartitionSpec()
                             for s in jax.tree.leaves(trainer.frozen_shardings))

@@ -19,7 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from imagerag_jax import checkpoints, lora, train
+from imagerag_jax.training import checkpoints, trainer as trainer_lib
+from imagerag_jax.models import lora
 from imagerag_jax.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,12 +88,12 @@ def test_step_keeps_frozen_weights_and_overfits_one_batch(compile_cache):
     # Generator lr 1e-3 and a frozen discriminator (lr 0): the generator objective is then fixed,
     # so its loss must fall on a repeated batch (with a training D the adversarial term moves).
     cfg = quiet_config(**{"optimizer.lr": 1e-3, "disc_optimizer.lr": 0.0})
-    trainer = train.Trainer(cfg)
+    trainer = trainer_lib.Trainer(cfg)
     schema = synthetic.synthetic_schema(cfg)
     state = trainer.init_state(schema)
     step, flops = trainer.compile_step(trainer.abstract_state(schema), schema, cfg.global_batch_size)
     assert flops > 0
-    batch = trainer.shard_batch(train.random_batch(schema, cfg.global_batch_size))
+    batch = trainer.shard_batch(trainer_lib.random_batch(schema, cfg.global_batch_size))
     frozen0 = host_tree(trainer.frozen)
     vae0 = host_tree(trainer.vae_params)
     params0 = host_tree(state["params"])
@@ -121,7 +122,7 @@ def test_step_keeps_frozen_weights_and_overfits_one_batch(compile_cache):
 
 def first_step_metrics(config, schema, batch) -> dict[str, float]:
     """The metrics of one step from a fresh state of `config` on `batch`."""
-    trainer = train.Trainer(config)
+    trainer = trainer_lib.Trainer(config)
     state = trainer.init_state(schema)
     step, _ = trainer.compile_step(trainer.abstract_state(schema), schema, config.global_batch_size)
     _, metrics = step(state, trainer.frozen, trainer.shard_batch(batch))
@@ -129,12 +130,12 @@ def first_step_metrics(config, schema, batch) -> dict[str, float]:
 
 
 def test_self_neighbour_diagnostic_is_the_step_on_a_batch_holding_the_example(compile_cache):
-    from imagerag_jax import train_step
+    from imagerag_jax.training import step
 
     cfg = quiet_config()
     schema = synthetic.synthetic_schema(cfg)
-    host = train.random_batch(schema, cfg.global_batch_size)
-    swapped = train_step.with_self_as_neighbour(host, host["latent"])
+    host = trainer_lib.random_batch(schema, cfg.global_batch_size)
+    swapped = step.with_self_as_neighbour(host, host["latent"])
     assert np.array_equal(swapped["retrieved_latents"][:, 0], host["latent"])
     assert np.array_equal(swapped["retrieved_prompt_embeds"][:, 0], host["prompt_embeds"])
     assert np.array_equal(swapped["retrieved_pooled"][:, 0], host["pooled"])
@@ -150,7 +151,7 @@ def test_self_neighbour_diagnostic_is_the_step_on_a_batch_holding_the_example(co
 def test_prompt_dropout_zeroes_only_the_students_prompt(compile_cache):
     cfg = quiet_config()
     schema = synthetic.synthetic_schema(cfg)
-    host = train.random_batch(schema, cfg.global_batch_size)
+    host = trainer_lib.random_batch(schema, cfg.global_batch_size)
     blank = {**host, "prompt_embeds": np.zeros_like(host["prompt_embeds"])}
 
     dropped, plain, zeroed = (first_step_metrics(quiet_config(prompt_dropout=1.0), schema, host),
@@ -163,7 +164,7 @@ def test_prompt_dropout_zeroes_only_the_students_prompt(compile_cache):
     assert dropped["lambda_mean"] == plain["lambda_mean"]
     assert np.isclose(dropped["d_logit_real"], plain["d_logit_real"], rtol=1e-6, atol=1e-7)
     assert not np.isclose(zeroed["d_logit_real"], plain["d_logit_real"], rtol=1e-3, atol=0)
-    bad = train.Trainer(quiet_config(prompt_dropout=1.5))
+    bad = trainer_lib.Trainer(quiet_config(prompt_dropout=1.5))
     with pytest.raises(ValueError, match="prompt_dropout must be in"):
         bad.jitted_step(bad.abstract_state(schema), schema)
 
@@ -176,14 +177,14 @@ def test_prompt_dropout_zeroes_only_the_students_prompt(compile_cache):
 def test_resume_is_bitwise_exact(compile_cache, tmp_path):
     n = 4
     cfg = quiet_config(total_steps=2 * n, checkpoint_every=n, log_every=n)
-    straight = train.train_and_evaluate(cfg, str(tmp_path / "straight"))
+    straight = trainer_lib.train_and_evaluate(cfg, str(tmp_path / "straight"))
     straight = host_tree(straight)
     # N steps, stop (as if killed after the step-N checkpoint), restart with 2N as the goal.
-    first = train.train_and_evaluate(quiet_config(total_steps=n, checkpoint_every=n, log_every=n),
+    first = trainer_lib.train_and_evaluate(quiet_config(total_steps=n, checkpoint_every=n, log_every=n),
                                      str(tmp_path / "resumed"))
     assert int(first["step"]) == n
     first = host_tree(first)
-    resumed = host_tree(train.train_and_evaluate(cfg, str(tmp_path / "resumed")))
+    resumed = host_tree(trainer_lib.train_and_evaluate(cfg, str(tmp_path / "resumed")))
     assert int(resumed["step"]) == 2 * n
     assert_trees_equal(resumed, straight, "resumed state")
     # The data position was restored too (same batches), and both runs consumed 2N batches.
@@ -197,7 +198,7 @@ def test_resume_is_bitwise_exact(compile_cache, tmp_path):
     # The straight run's step-N checkpoint was written asynchronously while step N+1 ran on the
     # donated state: it must still hold step N's values.
     ck = checkpoints.Checkpointer(str(tmp_path / "straight" / "checkpoints"))
-    trainer = train.Trainer(cfg)
+    trainer = trainer_lib.Trainer(cfg)
     at_n, _ = ck.restore(n, trainer.abstract_state(synthetic.synthetic_schema(cfg)))
     ck.close()
     assert_trees_equal(host_tree(at_n), first, "step-N checkpoint")
@@ -219,26 +220,26 @@ def test_mixture_of_teacher_and_real_sets_trains_and_resumes_exactly(compile_cac
     n = 2
     mixed = lambda steps: quiet_config(total_steps=steps, checkpoint_every=n, log_every=n,
                                        data_mixture=tuple(sets))
-    straight = host_tree(train.train_and_evaluate(mixed(2 * n), str(tmp_path / "straight")))
-    train.train_and_evaluate(mixed(n), str(tmp_path / "resumed"))
-    resumed = host_tree(train.train_and_evaluate(mixed(2 * n), str(tmp_path / "resumed")))
+    straight = host_tree(trainer_lib.train_and_evaluate(mixed(2 * n), str(tmp_path / "straight")))
+    trainer_lib.train_and_evaluate(mixed(n), str(tmp_path / "resumed"))
+    resumed = host_tree(trainer_lib.train_and_evaluate(mixed(2 * n), str(tmp_path / "resumed")))
     assert_trees_equal(resumed, straight, "resumed mixture state")
     ck = checkpoints.Checkpointer(str(tmp_path / "resumed" / "checkpoints"))
     state = ck.restore_json(2 * n, "data_iter")
     ck.close()
     assert state["batches_consumed"] == 2 * n and state["weights"] == [0.7, 0.3]
     with pytest.raises(ValueError, match="weights"):  # the stream depends on the weights
-        train.train_and_evaluate(quiet_config(total_steps=3 * n, data_mixture=((sets[0][0], 0.5), sets[1])),
+        trainer_lib.train_and_evaluate(quiet_config(total_steps=3 * n, data_mixture=((sets[0][0], 0.5), sets[1])),
                                  str(tmp_path / "resumed"))
     with pytest.raises(ValueError, match="not both"):
-        train.train_and_evaluate(quiet_config(data_dir=sets[0][0], data_mixture=tuple(sets)),
+        trainer_lib.train_and_evaluate(quiet_config(data_dir=sets[0][0], data_mixture=tuple(sets)),
                                  str(tmp_path / "both"))
 
 
 def test_nan_stops_with_step_and_keeps_last_good_checkpoint(compile_cache, tmp_path):
     cfg = quiet_config(total_steps=10, checkpoint_every=2, log_every=2, debug_nan_step=5)
     with pytest.raises(FloatingPointError, match=r"train step 5\b.*Last good checkpoint: step 4"):
-        train.train_and_evaluate(cfg, str(tmp_path))
+        trainer_lib.train_and_evaluate(cfg, str(tmp_path))
     ck = checkpoints.Checkpointer(str(tmp_path / "checkpoints"))
     assert ck.all_steps() == [2, 4], "nothing after the bad step may be saved"
     params = ck.manager.restore(4, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
@@ -331,7 +332,7 @@ def test_cli_end_to_end_kill9_sigterm_and_exact_resume(compile_cache, tmp_path):
     # Finish in-process and compare with one uninterrupted run: the same bits.
     goal = saved + 2
     cfg = quiet_config(total_steps=goal, checkpoint_every=1000, log_every=1000)
-    resumed = host_tree(train.train_and_evaluate(cfg, str(workdir)))
-    straight = host_tree(train.train_and_evaluate(cfg, str(tmp_path / "straight")))
+    resumed = host_tree(trainer_lib.train_and_evaluate(cfg, str(workdir)))
+    straight = host_tree(trainer_lib.train_and_evaluate(cfg, str(tmp_path / "straight")))
     assert int(straight["step"]) == goal
     assert_trees_equal(resumed, straight, "interrupted three times vs straight")

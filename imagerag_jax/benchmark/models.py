@@ -165,7 +165,7 @@ def bench_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     """One-step generation: text encoder + one UNet step + VAE decode, both frameworks."""
     import torch
 
-    from imagerag_jax import schedule
+    from imagerag_jax.diffusion import schedule
 
     torch.manual_seed(0)
     tm_text, tm_unet, tm_vae = torch_text(args.config), torch_unet(args.config), torch_vae(args.config)

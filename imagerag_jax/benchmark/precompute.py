@@ -48,7 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from imagerag_jax import towers, weights
+from imagerag_jax import weights
+from imagerag_jax.weights import towers
 from imagerag_jax.benchmark import common
 from imagerag_jax.benchmark import rag as bench_rag
 from imagerag_jax.benchmark import retrieval as bench_retrieval

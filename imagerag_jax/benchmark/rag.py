@@ -37,7 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from imagerag_jax import rag, sampling, towers
+from imagerag_jax.inference import rag
+from imagerag_jax.diffusion import sampling
+from imagerag_jax.weights import towers
 from imagerag_jax.benchmark import common
 from imagerag_jax.models.adapter import HSpaceAdapter
 from imagerag_jax.models.clip_text import CLIPTextTransformer, Tokenizer

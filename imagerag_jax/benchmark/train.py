@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Compile and time the train step; returns the measurements."""
     import jax
 
-    from imagerag_jax import sharding, train
+    from imagerag_jax import sharding
+    from imagerag_jax.training import trainer as trainer_lib
     from imagerag_jax.benchmark.common import machine_description
 
     config = load_config(args.config)
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         bool(s.has_noise))
 
     t0 = time.perf_counter()
-    trainer = train.Trainer(config, mesh)
+    trainer = trainer_lib.Trainer(config, mesh)
     trainer.check_schema(shapes)
     abstract = trainer.abstract_state(shapes)
     state = trainer.init_state(shapes)
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
                      "temp_size_in_bytes", "generated_code_size_in_bytes"):
             xla_mem[name] = int(getattr(mem, name, 0) or 0)
-    batches = [trainer.shard_batch(train.random_batch(shapes, batch, seed=i)) for i in range(2)]
+    batches = [trainer.shard_batch(trainer_lib.random_batch(shapes, batch, seed=i)) for i in range(2)]
 
     times = []
     for i in range(args.warmup + args.steps):

@@ -63,7 +63,8 @@ import jax
 import numpy as np
 import tqdm
 
-from imagerag_jax import config_args, jsonfiles, towers
+from imagerag_jax import config_args, jsonfiles
+from imagerag_jax.weights import towers
 from imagerag_jax.data import encoders
 from imagerag_jax.data import sources as sources_lib
 from imagerag_jax.errors import UserError

@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imagerag_jax import sampling, towers
-from imagerag_jax.schedule import make_schedule
+from imagerag_jax.diffusion import sampling
+from imagerag_jax.weights import towers
+from imagerag_jax.diffusion.schedule import make_schedule
 
 
 def _vae_latents(vae: Any, params: Any, images: jax.Array) -> jax.Array:

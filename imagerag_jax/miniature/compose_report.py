@@ -12,8 +12,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from imagerag_jax import evaluate, images as images_lib, lora, sampling
-from imagerag_jax import schedule as schedule_lib
+from imagerag_jax import images as images_lib
+from imagerag_jax.evaluation import metrics
+from imagerag_jax.models import lora
+from imagerag_jax.diffusion import sampling
+from imagerag_jax.diffusion import schedule as schedule_lib
 from imagerag_jax.data import encoders
 from imagerag_jax.miniature import compose, report, stages
 from imagerag_jax.miniature import judge as judge_lib
@@ -241,7 +244,7 @@ def _latencies(towers, retr, k, noise, token_ids, teacher, turbo, h_fn, direct, 
             return decode(imagerag(*main, noise[:1], ctx, h, lam))
         return fn
 
-    return {m: round(1000.0 * evaluate.time_per_image(request(m), repeats=repeats, batch=1), 2)
+    return {m: round(1000.0 * metrics.time_per_image(request(m), repeats=repeats, batch=1), 2)
             for m in ("teacher", "turbo", "injection", "imageragturbo")}
 
 

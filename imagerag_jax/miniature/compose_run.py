@@ -67,7 +67,7 @@ def train_towers(config: ml_collections.ConfigDict, workdir: str) -> run_lib.Tow
 
 def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """build-db -> precompute (teacher and real sets) -> train on the mixture (+ teacher only)."""
-    from imagerag_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+    from imagerag_jax.training import trainer as train_lib  # pylint: disable=g-import-not-at-top
     from imagerag_jax.data import build_db as build_db_lib  # pylint: disable=g-import-not-at-top
     from imagerag_jax.data import precompute as precompute_lib  # pylint: disable=g-import-not-at-top
 

@@ -7,7 +7,7 @@
 
 On digits it stands in for the paper's faithfulness scores (TIFA, CLIP score) and its FID: prompt
 fidelity is its accuracy on generated images against the prompted digit, and the Fréchet distance
-(`evaluate.frechet_distance`) is taken in its feature space (`DigitClassifier.features`).
+(`metrics.frechet_distance`) is taken in its feature space (`DigitClassifier.features`).
 Images are float NHWC in [-1, 1] (the pipeline's convention) or uint8 NHWC.
 
 Why the digit classifier is a fair judge: it is fit on the real `train` split only, never sees a
@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imagerag_jax import evaluate, jsonfiles
+from imagerag_jax import jsonfiles
+from imagerag_jax.evaluation import metrics
 from imagerag_jax.miniature import data as data_lib
 
 NUM_DIGITS = 10
@@ -53,7 +54,7 @@ def _check_labels(labels: Any, n: int, name: str = "labels") -> np.ndarray:
 
 def _gray(images: Any) -> np.ndarray:
     """(B, H, W, C) images -> float32 (B, H, W, 1) grayscale in [-1, 1] (mean over channels)."""
-    return evaluate.signed_float(evaluate.check_images(images)).mean(axis=-1, keepdims=True)
+    return metrics.signed_float(metrics.check_images(images)).mean(axis=-1, keepdims=True)
 
 
 # --------------------------------------------------------------------------- digit classifier
@@ -262,7 +263,7 @@ def train_digit_classifier(size: int, *, seed: int = 0, split_seed: int = 0,
 
 def prompt_fidelity(classifier: DigitClassifier, images: Any, target_labels: Any) -> float:
     """Accuracy of the classifier on generated images against the prompted digits."""
-    arr = evaluate.check_images(images)
+    arr = metrics.check_images(images)
     targets = _check_labels(target_labels, arr.shape[0], "target_labels")
     return float(np.mean(classifier.predict(arr) == targets))
 
@@ -271,5 +272,5 @@ def digit_report(classifier: DigitClassifier, images: Any, target_labels: Any,
                  reference_images: Any) -> dict[str, float]:
     """The miniature's two numbers: prompt fidelity and FD to real images in classifier space."""
     return {"fidelity": prompt_fidelity(classifier, images, target_labels),
-            "fd": evaluate.frechet_distance(classifier.features(reference_images),
+            "fd": metrics.frechet_distance(classifier.features(reference_images),
                                             classifier.features(images))}

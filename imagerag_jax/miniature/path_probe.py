@@ -32,8 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from imagerag_jax import config_args, lora, losses, sampling
-from imagerag_jax import schedule as schedule_lib
+from imagerag_jax import config_args
+from imagerag_jax.models import lora
+from imagerag_jax.training import losses
+from imagerag_jax.diffusion import sampling
+from imagerag_jax.diffusion import schedule as schedule_lib
 from imagerag_jax.miniature import compose, compose_report, compose_run, stages
 from imagerag_jax.models import adapter as adapter_lib
 from imagerag_jax.models import layers

@@ -13,8 +13,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from imagerag_jax import evaluate, images as images_lib, lora, sampling
-from imagerag_jax import schedule as schedule_lib
+from imagerag_jax import images as images_lib
+from imagerag_jax.evaluation import metrics
+from imagerag_jax.models import lora
+from imagerag_jax.diffusion import sampling
+from imagerag_jax.diffusion import schedule as schedule_lib
 from imagerag_jax.data import encoders, sources
 from imagerag_jax.miniature import data as data_lib
 from imagerag_jax.miniature import judge, stages
@@ -144,7 +147,7 @@ def evaluate_all(config: ml_collections.ConfigDict, workdir: str, towers: Any, s
     for name, imgs in references + [(m, generated[m]) for m in METHODS]:
         target = ev.labels if name in ("real", "vae") else labels
         rows[name] = {"fidelity": float(judge.prompt_fidelity(clf, imgs, target)),
-                      "frechet": float(evaluate.frechet_distance(clf.features(imgs), real_feats))}
+                      "frechet": float(metrics.frechet_distance(clf.features(imgs), real_feats))}
     rows["teacher"]["nfe"] = 2 * int(samp["steps"]) if float(samp["guidance"]) > 1 else int(samp["steps"])
     for m in ("turbo", "direct_w", "imagerag"):
         rows[m]["nfe"] = 1
@@ -173,7 +176,7 @@ def evaluate_all(config: ml_collections.ConfigDict, workdir: str, towers: Any, s
         return fn
 
     for m in ("teacher", "turbo", "direct_w", "imagerag"):
-        rows[m]["latency_ms"] = round(1000.0 * evaluate.time_per_image(request(m), repeats=reps, batch=1), 2)
+        rows[m]["latency_ms"] = round(1000.0 * metrics.time_per_image(request(m), repeats=reps, batch=1), 2)
     rows["direct_best_w"]["latency_ms"] = round(rows["direct_w"]["latency_ms"] * len(ws), 2)
 
     _write_grids(workdir, generated, labels, int(ev_cfg.grid_per_digit), ev)

@@ -114,7 +114,7 @@ def train_towers(config: ml_collections.ConfigDict, workdir: str, images: np.nda
 
 def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, str, str]:
     """Stage 5: build-db -> precompute -> train with the production jobs; (state, db, index dirs)."""
-    from imagerag_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+    from imagerag_jax.training import trainer as train_lib  # pylint: disable=g-import-not-at-top
     from imagerag_jax.data import build_db as build_db_lib  # pylint: disable=g-import-not-at-top
     from imagerag_jax.data import precompute as precompute_lib  # pylint: disable=g-import-not-at-top
 

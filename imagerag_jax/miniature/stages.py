@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from imagerag_jax import losses
-from imagerag_jax import schedule as schedule_lib
+from imagerag_jax.training import losses
+from imagerag_jax.diffusion import schedule as schedule_lib
 from imagerag_jax.miniature import data as data_lib
 from imagerag_jax.miniature import fit as fit_lib
 from imagerag_jax.models import clip_text

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imagerag_jax import lora as lora_lib
+from imagerag_jax.models import lora as lora_lib
 from imagerag_jax.models.adapter import HSpaceAdapter
 from imagerag_jax.models.clip_text import CLIPTextTransformer
 from imagerag_jax.models.unet import UNet

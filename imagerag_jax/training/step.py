@@ -30,8 +30,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from imagerag_jax import lora, losses, sampling, sharding
-from imagerag_jax import schedule as schedule_lib
+from imagerag_jax import sharding
+from imagerag_jax.models import lora
+from imagerag_jax.training import losses
+from imagerag_jax.diffusion import sampling
+from imagerag_jax.diffusion import schedule as schedule_lib
 from imagerag_jax.models import adapter as adapter_lib
 from imagerag_jax.models import discriminator as disc_lib
 from imagerag_jax.models.unet import UNet

@@ -1,7 +1,7 @@
-"""PyTorch runtime for an exported ImageRAGTurbo folder (``imagerag_jax.export``): adapter, hook, pipeline.
+"""PyTorch runtime for an exported ImageRAGTurbo folder (``imagerag_jax.export.to_diffusers``): adapter, hook, pipeline.
 
     import torch
-    from imagerag_jax import torch_runtime as rt
+    from imagerag_jax.export import torch_runtime as rt
     pipe = rt.ImageRAGTurboPipeline.from_pretrained("export/", database="W/db", index="W/index")
     out = pipe(["a handwritten digit seven"], generator=torch.Generator().manual_seed(0))
     rt.to_uint8(out.images)                     # (B, H, W, 3) uint8

@@ -35,7 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imagerag_jax import jsonfiles, sampling, sharding, towers
+from imagerag_jax import jsonfiles, sharding
+from imagerag_jax.diffusion import sampling
+from imagerag_jax.weights import towers
 from imagerag_jax.errors import UserError
 from imagerag_jax.retrieval import database as db_lib
 

@@ -1,6 +1,6 @@
 """ImageRAGTurbo generation in JAX: prompt -> text encoder -> retrieval -> H-space adapter -> one step.
 
-    from imagerag_jax import rag
+    from imagerag_jax.inference import rag
     pipe = rag.RagPipeline.from_run("/tmp/imagerag/train")            # the run's DB and index
     out = pipe(["a red square"], seed=0)           # out.images (B,H,W,3) in [-1,1], out.ids, out.lam
     pipe = rag.RagPipeline.from_export(DIR, database=DB, index=IDX)   # an `export` folder
@@ -30,8 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from imagerag_jax import hspace_cache, jsonfiles, sampling, sharding, towers
-from imagerag_jax import schedule as schedule_lib
+from imagerag_jax import jsonfiles, sharding
+from imagerag_jax.inference import hspace_cache
+from imagerag_jax.diffusion import sampling
+from imagerag_jax.weights import towers
+from imagerag_jax.diffusion import schedule as schedule_lib
 from imagerag_jax.errors import UserError
 from imagerag_jax.models import adapter as adapter_lib
 from imagerag_jax.retrieval import database as db_lib
@@ -233,11 +236,11 @@ class RagPipeline:
 
         The database and index default to those the run's TFRecords were retrieved from.
         """
-        from imagerag_jax import export
+        from imagerag_jax.export import to_diffusers
 
         if not os.path.isdir(workdir):
             raise UserError(f"{workdir} is not a folder: pass a training workdir (--run W)")
-        run = export.load_run(workdir, step)
+        run = to_diffusers.load_run(workdir, step)
         text, text_p, tok_dir, text_source = towers.text_tower(run.config)
         if database is None and index is None:
             database, index = _run_retrieval_paths(run.config, workdir)
@@ -263,13 +266,14 @@ class RagPipeline:
     def from_export(cls, path: str, *, database: Any = None, index: Any = None,
                     k: int | None = None, **kwargs: Any) -> RagPipeline:
         """An ``export`` folder: its merged UNet, VAE, text encoder, tokenizer and adapter."""
-        from imagerag_jax import export, weights
+        from imagerag_jax import weights
+        from imagerag_jax.export import to_diffusers
 
-        manifest = os.path.join(path, export.MANIFEST)
+        manifest = os.path.join(path, to_diffusers.MANIFEST)
         if not os.path.isfile(manifest):
-            raise UserError(f"{path} is not an export folder (no {export.MANIFEST}); write one with "
+            raise UserError(f"{path} is not an export folder (no {to_diffusers.MANIFEST}); write one with "
                             "`main export`")
-        meta = jsonfiles.read_versioned(manifest, export.EXPORT_FORMAT, export.EXPORT_VERSION,
+        meta = jsonfiles.read_versioned(manifest, to_diffusers.EXPORT_FORMAT, to_diffusers.EXPORT_VERSION,
                                         what="export manifest", hint="re-export the run")
         unet, unet_p = weights.load_unet(path)
         vae, vae_p = weights.load_vae(path)

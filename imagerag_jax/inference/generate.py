@@ -1,6 +1,6 @@
 """Prompts -> images with a local SD 2.x / SD-Turbo pipeline: what ``main generate`` runs.
 
-    from imagerag_jax import generate
+    from imagerag_jax.inference import generate
     pipe = generate.load_pipeline("/path/to/sd-turbo")          # None: the tiny random pipeline
     images = generate.text_to_images(pipe, ["a cat on a sofa"], seed=0)  # (B, 512, 512, 3), [-1, 1]
 
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imagerag_jax import sampling
+from imagerag_jax.diffusion import sampling
 from imagerag_jax.errors import UserError
 
 # The embedded random pipeline's images are 64 px (its UNet was made for 8x8 latents).

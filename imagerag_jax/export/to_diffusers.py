@@ -1,7 +1,7 @@
 """Export a training run to PyTorch: a diffusers pipeline folder plus the adapter and the LoRA.
 
-    from imagerag_jax import export
-    paths = export.export_run("/tmp/imagerag/train", "/tmp/imagerag/export")   # latest step
+    from imagerag_jax.export import to_diffusers
+    paths = to_diffusers.export_run("/tmp/imagerag/train", "/tmp/imagerag/export")   # latest step
 
 or ``python -m imagerag_jax.main export --workdir W --out_dir DIR [--step N] [--overwrite]``.
 
@@ -41,8 +41,10 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from imagerag_jax import checkpoints, lora, towers
-from imagerag_jax import schedule as schedule_lib
+from imagerag_jax.training import checkpoints
+from imagerag_jax.models import lora
+from imagerag_jax.weights import towers
+from imagerag_jax.diffusion import schedule as schedule_lib
 from imagerag_jax.models import adapter as adapter_lib
 from imagerag_jax.weights import to_torch
 from imagerag_jax.weights.convert import WeightLoadError

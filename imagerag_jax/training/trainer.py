@@ -1,7 +1,8 @@
 """ImageRAGTurbo training: placement and compilation over the mesh, and the loop.
 
-    from imagerag_jax import config_args, train
-    state = train.train_and_evaluate(config_args.load_config("configs/tiny.py"), "/tmp/workdir")
+    from imagerag_jax import config_args
+    from imagerag_jax.training import trainer
+    state = trainer.train_and_evaluate(config_args.load_config("configs/tiny.py"), "/tmp/workdir")
 
 The objective (the pure step, remat policies, optimisers) is `train_step.py`; the frozen towers
 come from `towers.frozen_towers`. Here, `Trainer` places the frozen towers on the ('data', 'fsdp')
@@ -28,9 +29,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from imagerag_jax import checkpoints, images, lora, sampling, sharding, towers
-from imagerag_jax import schedule as schedule_lib
-from imagerag_jax import train_step as step_lib
+from imagerag_jax import images, sharding
+from imagerag_jax.training import checkpoints
+from imagerag_jax.models import lora
+from imagerag_jax.diffusion import sampling
+from imagerag_jax.weights import towers
+from imagerag_jax.diffusion import schedule as schedule_lib
+from imagerag_jax.training import step as step_lib
 from imagerag_jax.models import adapter as adapter_lib
 from imagerag_jax.models import discriminator as disc_lib
 from imagerag_jax.models.latent_lpips import latent_lpips_or_none

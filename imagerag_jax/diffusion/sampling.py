@@ -19,7 +19,7 @@ import numpy as np
 
 from imagerag_jax.errors import UserError
 from imagerag_jax.models.adapter import inject, slerp_blend
-from imagerag_jax.schedule import (
+from imagerag_jax.diffusion.schedule import (
     NoiseSchedule,
     check_prediction_type,
     euler_timesteps,

@@ -1,6 +1,7 @@
 """A prompt file -> one image per prompt, its neighbours and metrics: what ``main evaluate`` runs.
 
-    from imagerag_jax import evaluate_prompts as ep, rag
+    from imagerag_jax.evaluation import evaluate as ep
+    from imagerag_jax.inference import rag
     pipe = rag.RagPipeline.from_run("/runs/coco")
     prompts = ep.read_prompts("prompts.txt")                    # .txt, .jsonl or .csv
     ep.evaluate_prompts(pipe, prompts, "/eval/coco", reference="/coco/val2017",
@@ -43,7 +44,8 @@ import jax
 import numpy as np
 import tqdm
 
-from imagerag_jax import evaluate, jsonfiles
+from imagerag_jax import jsonfiles
+from imagerag_jax.evaluation import metrics as metrics_lib
 from imagerag_jax import images as image_utils
 from imagerag_jax.errors import UserError
 
@@ -259,7 +261,7 @@ class _Metrics:
         self.inception_path, self.reference, self.clip_path = inception, reference, clip
         self.features = self.ref_feats = self.scorer = None
         if reference is not None and inception is not None:
-            self.features = _load(lambda: evaluate.InceptionFeatures(inception), inception,
+            self.features = _load(lambda: metrics_lib.InceptionFeatures(inception), inception,
                                   "an Inception TorchScript file")
             self.ref_feats = reference_features(self.features, reference, image_size)
         else:
@@ -272,7 +274,7 @@ class _Metrics:
             log("%s", note)
             self.notes.append(note)
         if clip is not None:
-            self.scorer = _load(lambda: evaluate.CLIPScorer(clip), clip, "a CLIP model folder")
+            self.scorer = _load(lambda: metrics_lib.CLIPScorer(clip), clip, "a CLIP model folder")
         else:
             logging.info("CLIP score omitted: no CLIP model folder given")
             self.notes.append("CLIP score omitted: no CLIP model folder given")
@@ -288,9 +290,9 @@ class _Metrics:
                 self.notes.append(note)
             else:
                 feats = np.concatenate([
-                    evaluate.batched_features(self.features, np.stack([_read_png(f) for f in c]))
+                    metrics_lib.batched_features(self.features, np.stack([_read_png(f) for f in c]))
                     for c in _chunks(files, FEATURE_CHUNK)])
-                out.update(fid=evaluate.frechet_distance(self.ref_feats, feats),
+                out.update(fid=metrics_lib.frechet_distance(self.ref_feats, feats),
                            fid_reference=os.path.abspath(self.reference),
                            fid_reference_count=len(self.ref_feats),
                            inception=os.path.abspath(self.inception_path))
@@ -349,7 +351,7 @@ def reference_features(feature_fn: Any, folder: str, size: Sequence[int]) -> np.
     """(N, F) features of every reference image (read in chunks; a bad file is a UserError)."""
     files = reference_images(folder)
     return np.concatenate([
-        evaluate.batched_features(feature_fn, np.stack([load_reference_image(f, size) for f in c]))
+        metrics_lib.batched_features(feature_fn, np.stack([load_reference_image(f, size) for f in c]))
         for c in tqdm.tqdm(list(_chunks(files, FEATURE_CHUNK)), desc="reference features",
                            unit="chunk", leave=False)])
 

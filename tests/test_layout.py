@@ -88,3 +88,14 @@ def test_nothing_points_outside_the_repository():
     else:
         hits = res.stdout.splitlines()
     assert not hits, "\n".join(hits)
+
+
+def test_the_top_level_holds_only_the_shared_base():
+    top = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "main"))
+    assert len(top) <= 8, f"{len(top)} top-level modules (at most 8 besides __init__ and main): {top}"
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in PACKAGE.rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if "protected-access" in line]
+    assert not hits, "shared names become public API:\n" + "\n".join(hits)

@@ -476,8 +476,9 @@ class RagPipeline:
         neighbours = images.to_uint8(self.neighbour_images(out.ids))
         generated = images.to_uint8(out.images)[:, None]
         lam = out.lam if out.lam is not None else np.full(len(out.ids), np.nan)
-        labels = [[f"lambda={lam[i]:.3f} " + (f"w={out.w:g} " if out.w is not None else "")
+        # The numbers on a line of their own, the text whole below them (labelled_grid wraps it).
+        labels = [[f"lambda={lam[i]:.3f}" + (f" w={out.w:g}" if out.w is not None else "") + "\n"
                    + (out.prompts[i] if i < len(out.prompts) else "")]
-                  + [f"{s:.3f} {c}" for c, s in zip(out.captions[i], out.scores[i])]
+                  + [f"score={s:.3f}\n{c}" for c, s in zip(out.captions[i], out.scores[i])]
                   for i in range(len(out.ids))]
         return images.labelled_grid(np.concatenate([generated, neighbours], axis=1), labels)

@@ -249,8 +249,7 @@ def _latencies(towers, retr, k, noise, token_ids, teacher, turbo, h_fn, direct, 
 
 
 def _write_grids(workdir: str, gen: Mapping[str, np.ndarray], prompts: Sequence[str], classes: np.ndarray,
-                 neighbours: np.ndarray, neighbour_captions: Sequence[str], per_class: int,
-                 scale: int = 6) -> None:
+                 neighbours: np.ndarray, neighbour_captions: Sequence[str], per_class: int) -> None:
     """grids/<class>.png: a row per prompt (teacher, turbo, injection, ImageRAGTurbo, neighbour)."""
     for c, name in enumerate(compose.CLASSES):
         rows = np.nonzero(classes == c)[0][:per_class]
@@ -258,7 +257,6 @@ def _write_grids(workdir: str, gen: Mapping[str, np.ndarray], prompts: Sequence[
             continue
         cells = np.stack([np.stack([images_lib.to_uint8(gen[m][i]) for m in GRID_COLUMNS]
                                    + [images_lib.to_uint8(neighbours[i])]) for i in rows])
-        cells = np.repeat(np.repeat(cells, scale, 2), scale, 3)
         labels = [[prompts[i]] + list(GRID_COLUMNS[1:]) + [f"retrieved: {neighbour_captions[i]}"] for i in rows]
         images_lib.save_png(images_lib.labelled_grid(cells, labels), os.path.join(workdir, "grids", f"{name}.png"))
 

@@ -217,11 +217,10 @@ def _machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": cores, "backend": jax.default_backend(), "jax": jax.__version__}
 
 
-def _save_grid(images: np.ndarray, columns: int, path: str, min_cell: int = 64) -> None:
-    """A grid PNG, upscaled (nearest) so that each cell is at least `min_cell` pixels wide."""
-    grid = images_lib.make_grid(images_lib.to_uint8(images), columns=columns)
-    scale = max(1, -(-min_cell // images.shape[1]))
-    images_lib.save_png(np.repeat(np.repeat(grid, scale, 0), scale, 1), path)
+def _save_grid(images: np.ndarray, columns: int, path: str) -> None:
+    """A grid PNG of the images upscaled (nearest neighbour) to a size people can read."""
+    cells = images_lib.upscale(images_lib.to_uint8(images))
+    images_lib.save_png(images_lib.make_grid(cells, columns=columns), path)
 
 
 def _write_grids(workdir: str, generated: Mapping[str, np.ndarray], labels: np.ndarray, per_digit: int,

@@ -12,16 +12,27 @@
   train       ImageRAGTurbo training (train.train_and_evaluate): same flags, --config.field=value
   run         the digits miniature, every stage + results (miniature.run.run): same flags
   export      a training run -> diffusers folder (export.export_run): --workdir W --out_dir DIR
+
+Every mistake a user can fix (a missing or unknown flag, a flag another subcommand takes, a bad
+``--config`` file, arg string or ``--config.field=value`` override, a wrong path, a
+`errors.UserError` of the library) ends as one ``error: ...`` line on stderr and exit status 2;
+anything else is a bug and keeps its traceback. `run_cli` is the in-process entry point (tests).
 """
 
 from __future__ import annotations
 
+import difflib
 import logging as pylogging
 import os
+import re
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from imagerag_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("weights", None, "generate: diffusers pipeline folder or single-file "
@@ -69,7 +80,7 @@ flags.DEFINE_integer("port", 7860, "serve: the port")
 def _job_args(command: str) -> tuple:
     """(--config, --workdir), which every job subcommand needs."""
     if FLAGS.config is None or FLAGS.workdir is None:
-        raise app.UsageError(f"{command} needs --config configs/X.py and --workdir DIR")
+        raise UserError(f"{command} needs --config configs/X.py and --workdir DIR")
     return FLAGS.config, FLAGS.workdir
 
 
@@ -79,7 +90,7 @@ def _rag_pipeline(command: str):
 
     given = [n for n in ("run", "export") if FLAGS[n].value is not None]
     if len(given) > 1 or (given and FLAGS.weights is not None):
-        raise app.UsageError(f"{command}: pass one of --run, --export or --weights")
+        raise UserError(f"{command}: pass one of --run, --export or --weights")
     kw = dict(database=FLAGS.database, index=FLAGS.index, k=FLAGS.k, cache=FLAGS.cache)
     if FLAGS.w is not None:
         kw["w"] = FLAGS.w
@@ -88,7 +99,7 @@ def _rag_pipeline(command: str):
     if FLAGS.export is not None:
         return rag.RagPipeline.from_export(FLAGS.export, **kw)
     if FLAGS.weights is None or FLAGS.database is None:
-        raise app.UsageError(f"{command} needs --run W, --export DIR, or --weights P --database DB "
+        raise UserError(f"{command} needs --run W, --export DIR, or --weights P --database DB "
                              "--index IDX")
     return rag.RagPipeline.from_weights(FLAGS.weights, tokenizer=FLAGS.tokenizer,
                                         **{**kw, "k": FLAGS.k or 1})
@@ -104,7 +115,7 @@ def generate_with_retrieval() -> None:
     plain_only = [n for n in ("steps", "guidance", "sampler", "negative_prompt", "height", "width",
                               "dtype") if FLAGS[n].present]
     if plain_only:
-        raise app.UsageError(f"--{', --'.join(plain_only)}: plain generation only (without --run, "
+        raise UserError(f"--{', --'.join(plain_only)}: plain generation only (without --run, "
                              "--export or --database)")
     pipe = _rag_pipeline("generate")
     out = pipe(images.caption_list(FLAGS.prompt, FLAGS.batch), seed=FLAGS.seed, k=FLAGS.k,
@@ -128,7 +139,7 @@ def generate() -> None:
     if _uses_retrieval():
         return generate_with_retrieval()
     if FLAGS.neighbours is not None:
-        raise app.UsageError("--neighbours needs retrieval: --run, --export or --database/--index")
+        raise UserError("--neighbours needs retrieval: --run, --export or --database/--index")
     pipe = generate_lib.load_pipeline(FLAGS.weights, tokenizer=FLAGS.tokenizer, dtype=FLAGS.dtype)
     out = generate_lib.text_to_images(
         pipe, images.caption_list(FLAGS.prompt, FLAGS.batch), seed=FLAGS.seed, steps=FLAGS.steps,
@@ -178,7 +189,7 @@ def export() -> None:
     from imagerag_jax.export import to_diffusers as export_lib
 
     if FLAGS.workdir is None or FLAGS.out_dir is None:
-        raise app.UsageError("export needs --workdir DIR (a training workdir) and --out_dir DIR")
+        raise UserError("export needs --workdir DIR (a training workdir) and --out_dir DIR")
     paths = export_lib.export_run(FLAGS.workdir, FLAGS.out_dir, FLAGS.step, overwrite=FLAGS.overwrite,
                                   tokenizer=FLAGS.tokenizer)
     print(f"exported {FLAGS.workdir} to {os.path.dirname(paths['manifest'])}")
@@ -189,7 +200,7 @@ def evaluate() -> None:
     from imagerag_jax.evaluation import evaluate
 
     if FLAGS.prompts is None or not FLAGS["out"].present:
-        raise app.UsageError("evaluate needs --prompts FILE and --out DIR (and --run/--export/--weights)")
+        raise UserError("evaluate needs --prompts FILE and --out DIR (and --run/--export/--weights)")
     prompts = evaluate.read_prompts(FLAGS.prompts)  # a bad file fails before loading
     sharding.initialize_distributed()  # each host generates its slice of the prompts
     pipe = _rag_pipeline("evaluate")
@@ -218,6 +229,27 @@ SUBCOMMANDS = {"generate": generate, "build-db": build_db, "precompute": precomp
                "run": run, "export": export, "evaluate": evaluate, "serve": serve,
                "build-cache": build_cache}
 
+# The flags of this module each subcommand reads; any other one given is a mistake (often another
+# subcommand's flag, e.g. generate's --out for export's --out_dir), not something to ignore.
+_PIPELINE_FLAGS = frozenset({"run", "export", "weights", "tokenizer", "database", "index", "step",
+                             "k", "w", "cache"})
+_JOB_FLAGS = frozenset({"config", "workdir"})
+ACCEPTED_FLAGS = {
+    "generate": _PIPELINE_FLAGS | {"prompt", "negative_prompt", "steps", "guidance", "sampler", "seed",
+                                   "batch", "height", "width", "out", "dtype", "mode", "neighbours"},
+    "evaluate": _PIPELINE_FLAGS | {"prompts", "out", "batch", "seed", "mode", "reference", "inception",
+                                   "clip"},
+    "serve": _PIPELINE_FLAGS | {"host", "port"},
+    "build-cache": _PIPELINE_FLAGS,
+    "build-db": _JOB_FLAGS,
+    "precompute": _JOB_FLAGS,
+    "train": _JOB_FLAGS,
+    "run": _JOB_FLAGS,
+    "export": frozenset({"workdir", "out_dir", "step", "overwrite", "tokenizer"}),
+}
+_OWN_FLAGS = frozenset().union(*ACCEPTED_FLAGS.values())
+assert set(ACCEPTED_FLAGS) == set(SUBCOMMANDS)
+
 
 class _QuietLibraries(pylogging.Filter):
     """Drops INFO chatter of libraries that log every checkpoint step (orbax); keeps warnings."""
@@ -228,21 +260,147 @@ class _QuietLibraries(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in self.NOISY)
 
 
-def main(argv: list[str]) -> None:
-    logging.get_absl_handler().addFilter(_QuietLibraries())
-    if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
-        extra = f" (unexpected: {' '.join(argv[2:])})" if len(argv) > 2 else ""
-        raise app.UsageError(f"usage: python -m imagerag_jax.main {{{'|'.join(SUBCOMMANDS)}}} "
-                             f"[--flags]{extra}")
-    from imagerag_jax.errors import UserError
+_QUIET = _QuietLibraries()
 
+
+def _usage() -> str:
+    return f"usage: python -m imagerag_jax.main {{{'|'.join(SUBCOMMANDS)}}} [--flags]"
+
+
+def _check_flags(command: str) -> None:
+    """Refuses a flag of this module that `command` does not read, naming the nearest it does."""
+    accepted = ACCEPTED_FLAGS[command]
+    for name in sorted(_OWN_FLAGS - accepted):
+        if FLAGS[name].present:
+            near = difflib.get_close_matches(name, sorted(accepted), n=1, cutoff=0.5)
+            hint = f" (did you mean --{near[0]}?)" if near else ""
+            raise UserError(f"{command} does not take --{name}{hint}; it takes "
+                            f"--{', --'.join(sorted(accepted))}")
+
+
+def _main(argv: list[str]) -> None:
+    """The `app.run` main: checks the subcommand and its flags, then runs it."""
+    if _QUIET not in logging.get_absl_handler().filters:
+        logging.get_absl_handler().addFilter(_QUIET)
+    if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
+        given = f"unexpected {' '.join(argv[2:])!r}" if len(argv) > 2 else (
+            f"unknown subcommand {argv[1]!r}" if len(argv) == 2 else "no subcommand")
+        raise UserError(f"{given}; {_usage()}")
+    _check_flags(argv[1])
+    SUBCOMMANDS[argv[1]]()
+
+
+def _config_spec(argv: Sequence[str]) -> str | None:
+    """The value of --config in argv (``--config=X`` or ``--config X``), None when absent."""
+    for i, arg in enumerate(argv):
+        match = re.match(r"^--?config(=(.*))?$", arg)
+        if match:
+            return match.group(2) if match.group(1) else (argv[i + 1] if i + 1 < len(argv) else None)
+    return None
+
+
+def _missing_override(argv: Sequence[str]) -> str | None:
+    """For a ``--config.a.b=v`` naming no field of the config: that field and the nearest names."""
+    spec = _config_spec(argv)
+    if spec is None:
+        return None
+    from imagerag_jax import config_args
+
+    try:  # as config_flags loads it: everything after the first ':' is get_config's argument
+        path, *arg = spec.split(":", 1)
+        config = config_args.load_module(path).get_config(*arg)
+    except Exception:  # pylint: disable=broad-except  # the config itself fails: not an override
+        return None
+    for arg in argv:
+        match = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
+        if not match:
+            continue
+        node: Any = config
+        for depth, key in enumerate(match.group(1).split(".")):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if key not in keys:
+                parent = ".".join(match.group(1).split(".")[:depth])
+                near = difflib.get_close_matches(key, keys, n=3, cutoff=0.0)
+                where = f"config.{parent}" if parent else "the config"
+                return (f"--config.{match.group(1)}: {where} of {spec} has no field {key!r}"
+                        + (f"; nearest: {', '.join(near)}" if near else ""))
+            node = node[key]
+    return None
+
+
+def _one_line(message: str) -> str:
+    """A flag error in one line: a config file's traceback text reduced to its final message."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return message.strip()
+    last = re.sub(r"^[A-Za-z_.]*(Error|Exception): ", "", lines[-1])
+    head = lines[0].split(": Error whilst parsing config file")[0]
+    return f"{head}: {last}"
+
+
+def _reset_flags() -> None:
+    """Back to the defined defaults, so that one process can parse many command lines."""
+    FLAGS.unparse_flags()
+    for name in [n for n in FLAGS if n.startswith("config.")]:
+        delattr(FLAGS, name)  # --config.field flags are defined by the parse that sees them
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """`app.run`'s flag parser: every user mistake is raised as a `UserError` (one line)."""
+    _reset_flags()
+    saved, sys.argv = sys.argv, list(argv)  # config_flags finds --config.field in sys.argv
     try:
-        SUBCOMMANDS[argv[1]]()
+        rest = FLAGS(argv)
+    except flags.Error as e:
+        raise UserError(_one_line(str(e))) from e
+    except (AttributeError, KeyError) as e:  # config_flags on an override naming no field
+        missing = _missing_override(argv)
+        if missing is None:
+            raise
+        raise UserError(missing) from e
+    finally:
+        sys.argv = saved
+    if FLAGS["config"].present:
+        try:
+            getattr(FLAGS.config, "keys", None)  # a file that failed to load raises on any access
+        except OSError as e:
+            spec = FLAGS["config"].config_filename
+            path = spec.split(":", 1)[0]
+            why = "no such file" if not os.path.isfile(path) else str(e).splitlines()[0]
+            raise UserError(f"--config={spec}: {why}") from e
+    if FLAGS["verbosity"].using_default_value:
+        FLAGS.verbosity = 0  # INFO, as app.run sets it on its first parse
+    return rest
+
+
+def run_cli(argv: Sequence[str]) -> int:
+    """Runs one command line in this process and returns its exit status.
+
+    `argv` is as `sys.argv` (program name first), e.g. ``run_cli(["main", "train", "--config",
+    "configs/tiny.py", "--workdir", str(w)])``. Flags are reset to their defaults before each
+    parse, so tests call it repeatedly in one process (another --config included). A user's
+    mistake prints one ``error: ...`` line to `sys.stderr` and returns 2 (tests read it with
+    pytest's `capsys`: ``capsys.readouterr().err``); success returns 0; a bug raises.
+
+    Args:
+      argv: the program name, the subcommand and its flags.
+
+    Returns:
+      The exit status: 0 on success, 2 for a user error, else what the command exited with.
+    """
+    try:
+        app.run(_main, argv=list(argv), flags_parser=_parse_flags)
     except UserError as e:  # a wrong path, flag or config: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    except SystemExit as e:  # app.run always ends with sys.exit(main's result)
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    app.run(main)
+    sys.exit(run_cli(sys.argv))

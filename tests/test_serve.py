@@ -108,6 +108,15 @@ def test_controls_follow_the_pipeline(pipe):
     assert props["mode"]["value"] == "inject" and props["w (inject weight)"]["interactive"]
 
 
+def test_the_page_offers_the_databases_captions_as_examples(pipe):
+    props = controls(serve.build_demo(pipe))
+    samples = [row[0] for row in props["example prompts (captions from the database)"]["samples"]]
+    # A visitor sees what the run can draw: distinct captions of its own database.
+    assert samples == serve.example_prompts(pipe) and 4 <= len(set(samples)) == len(samples) <= 6
+    assert set(samples) <= set(pipe.database.captions())
+    assert props["prompt"]["placeholder"] == samples[0]
+
+
 def test_importing_serve_does_not_import_gradio():
     code = "import sys, imagerag_jax.inference.serve; print(sorted({'gradio', 'jax'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -11,6 +11,7 @@ from imagerag_jax import images
 from imagerag_jax.errors import UserError
 
 MAX_K = 8
+EXAMPLES = 6  # example prompts offered under the prompt box
 EMPTY_PROMPT = "The prompt is empty: type a prompt, then press Generate."
 MODE_HELP = {
     "adapter": "adapter: the trained H-space adapter mixes in the neighbours, scaled by λ",
@@ -37,6 +38,31 @@ def supported_modes(pipe) -> list[str]:
 def max_k(pipe) -> int:
     """The k slider's top: at most MAX_K neighbours and never more than the database holds."""
     return max(1, min(MAX_K, len(pipe.database))) if pipe.database is not None else 1
+
+
+def example_prompts(pipe, count: int = EXAMPLES) -> list[str]:
+    """Distinct captions of the pipeline's database, spread over it, to offer as example prompts.
+
+    A miniature run draws only what its database describes: its captions tell a visitor what to ask
+    for. Only a few rows are read (evenly spaced), so a database of millions costs no more.
+
+    Args:
+        pipe: The RagPipeline the page serves.
+        count: The most prompts to return.
+
+    Returns:
+        Up to `count` distinct, non-empty captions in database order; none without a database.
+    """
+    db = pipe.database
+    if db is None or not len(db) or count < 1:
+        return []
+    # More candidate rows than needed: neighbouring rows of a database often share a caption.
+    rows = np.unique(np.linspace(0, len(db) - 1, num=min(len(db), 8 * count)).round().astype(int))
+    distinct = list(dict.fromkeys(c.strip() for c in db.captions(rows) if c.strip()))
+    if len(distinct) <= count:
+        return distinct
+    # Evenly over the distinct captions, not the first few: a sorted database starts with one kind.
+    return [distinct[i] for i in np.linspace(0, len(distinct) - 1, num=count).round().astype(int)]
 
 
 def generate(pipe, prompt: str, mode: str, k: float, w: float, seed: float):
@@ -102,7 +128,12 @@ def build_demo(pipe):
             gr.Markdown(summary)
         with gr.Row():
             with gr.Column(scale=1):
-                prompt = gr.Textbox(label="prompt", placeholder="a photo of ...", lines=2)
+                examples = example_prompts(pipe)
+                prompt = gr.Textbox(label="prompt", lines=2,
+                                    placeholder=examples[0] if examples else "a photo of ...")
+                if examples:  # what this run can draw: its database's own captions
+                    gr.Examples([[e] for e in examples], inputs=[prompt],
+                                label="example prompts (captions from the database)")
                 mode = gr.Radio(modes, value=default_mode, label="mode",
                                 info=MODE_HELP[default_mode])
                 k = gr.Slider(1, top_k, value=default_k, step=1, label="k (neighbours)",

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from imagerag_jax import images, sharding
+from imagerag_jax.errors import UserError
 from imagerag_jax.training import checkpoints
 from imagerag_jax.models import lora
 from imagerag_jax.diffusion import sampling
@@ -96,9 +97,7 @@ class Trainer:
         if config.lambda_mode != "mean":
             raise ValueError(f"lambda_mode {config.lambda_mode!r}: the step needs one lambda per "
                              "example ('mean')")
-        if config.remat not in step_lib.REMAT_POLICIES:
-            raise ValueError(f"unknown remat {config.remat!r}; expected one of "
-                             f"{sorted(step_lib.REMAT_POLICIES)}")
+        check_config(config)
         n = int(config.student_steps)
         self.setup = step_lib.StepSetup(
             student=student,
@@ -139,17 +138,17 @@ class Trainer:
         """Fails early when the data do not fit the towers (channels, text width, k)."""
         st = self.setup.student
         if schema.latent_shape[-1] != st.in_channels:
-            raise ValueError(f"data latents have {schema.latent_shape[-1]} channels, the student UNet "
+            raise UserError(f"data latents have {schema.latent_shape[-1]} channels, the student UNet "
                              f"takes {st.in_channels}")
         for name, unet in (("student", st), ("teacher", self.setup.teacher)):
             if schema.embed_shape[-1] != unet.cross_attention_dim:
-                raise ValueError(f"data prompt embeds have width {schema.embed_shape[-1]}, the {name} "
+                raise UserError(f"data prompt embeds have width {schema.embed_shape[-1]}, the {name} "
                                  f"UNet's cross_attention_dim is {unet.cross_attention_dim}")
         if schema.k < 1:
-            raise ValueError("the data have no retrieved neighbours (k=0); ImageRAGTurbo needs k >= 1")
+            raise UserError("the data have no retrieved neighbours (k=0); ImageRAGTurbo needs k >= 1")
         factor = 2 ** (len(st.block_out_channels) - 1)
         if schema.latent_shape[0] % factor or schema.latent_shape[1] % factor:
-            raise ValueError(f"latent size {schema.latent_shape[:2]} is not a multiple of {factor}")
+            raise UserError(f"latent size {schema.latent_shape[:2]} is not a multiple of {factor}")
 
     def frozen_fingerprints(self) -> dict[str, Any]:
         """Paths and content hashes of the frozen towers (stored with every checkpoint)."""
@@ -370,6 +369,13 @@ def _check_finite(step: int, metrics: Mapping[str, jax.Array], ckpt: checkpoints
         f"Last good checkpoint: {where}.")
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Refuses config values the step cannot take, before anything is loaded or written."""
+    if config.remat not in step_lib.REMAT_POLICIES:
+        raise UserError(f"unknown remat {config.remat!r}; expected one of "
+                        f"{sorted(step_lib.REMAT_POLICIES)}")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State:
     """Trains (resuming from workdir/checkpoints when present) and returns the final train state.
 
@@ -386,6 +392,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     from imagerag_jax.data import mixture, synthetic
     from imagerag_jax.data.pipeline import InputPipeline, data_schema
 
+    check_config(config)  # a bad value leaves no half-made workdir behind
     workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
     os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
     is_main = jax.process_index() == 0
@@ -409,7 +416,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     gb = int(config.global_batch_size)
     shards = sharding.batch_shards(mesh, trainer.rules)
     if gb % shards:
-        raise ValueError(f"global_batch_size {gb} is not a multiple of the {shards} batch shards")
+        raise UserError(f"global_batch_size {gb} is not a multiple of the {shards} batch shards")
     fields = step_lib.batch_fields(schema)
     pipeline_kw = dict(mesh=mesh, batch_axes=sharding.batch_axes(mesh, trainer.rules), fields=fields,
                        dtype=np.float32)

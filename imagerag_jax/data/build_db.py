@@ -176,13 +176,13 @@ def _job(config: Any, workdir: str) -> _Job:
     get = config_args.get
     dbc = get(config, "db")
     if dbc is None or get(dbc, "source") is None:
-        raise ValueError("build_db needs config.db.source (e.g. {'kind': 'digits', ...})")
+        raise UserError("build_db needs config.db.source (e.g. {'kind': 'digits', ...})")
     image_size = get(config, "image_size")
     batch_size = int(get(config, "batch_size", 32))
     models = towers.load_pipeline_towers(config, workdir)
     source = sources_lib.source_from_config(get(dbc, "source"))
     if not source.has_images:
-        raise ValueError(f"{source.skipped.name} holds prompts only; a retrieval database needs "
+        raise UserError(f"{source.skipped.name} holds prompts only; a retrieval database needs "
                          "images (use it as config.source of precompute with latents='teacher')")
     # Weight fingerprints beside the architecture identities: generation refuses a DB whose
     # text encoder or VAE had other weights (paths alone move between machines).
@@ -297,7 +297,7 @@ def _first_image_shape(job: _Job) -> tuple[int, ...]:
     source = job.new_source()  # its skips are counted again by the pass that owns them
     first = next(iter(source), None)
     if first is None:
-        raise ValueError(f"source {source.skipped.name} yielded no readable example")
+        raise UserError(f"source {source.skipped.name} yielded no readable example")
     return sources_lib.prepare_image(first[1], job.image_size).shape
 
 
@@ -333,7 +333,7 @@ def _build_one(job: _Job, idx_dir: str, index_cfg: Any) -> dict[str, Any]:
     it = sources_lib.raw_items(source)
     first = next((r for r in it if r.example is not None), None)
     if first is None:
-        raise ValueError(f"source {source.skipped.name} yielded no readable example")
+        raise UserError(f"source {source.skipped.name} yielded no readable example")
     shape = sources_lib.prepare_image(first.example[1], job.image_size).shape
     writer = _open_db(job, path, shape, dict(job.extra))
     committed = writer.count
@@ -409,7 +409,7 @@ def _num_raw_items(job: _Job) -> int:
     has_len = hasattr(source, "__len__")
     if limit is None:
         if not has_len:
-            raise ValueError(f"{source.skipped.name} has no length: set config.db.limit (entries) "
+            raise UserError(f"{source.skipped.name} has no length: set config.db.limit (entries) "
                              "to build the database in parts")
         return len(source)
     if has_len and limit >= len(source):
@@ -687,7 +687,7 @@ def build_index(db_path: str, out_dir: str, index_config: Any = None) -> dict[st
         logging.info("Index %s is up to date (%d entries).", out_dir, db.count)
         return index_meta(out_dir)
     if db.count == 0:
-        raise ValueError(f"{db_path} is empty: nothing to index")
+        raise UserError(f"{db_path} is empty: nothing to index")
     if cfg.get("kind") == "bm25":
         index = index_lib.Index.build(db.captions(), cfg, ids=np.asarray(db.ids))
     else:

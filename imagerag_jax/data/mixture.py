@@ -22,12 +22,14 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from imagerag_jax.errors import UserError
+
 _M = 2654435769  # floor(2**32 / golden ratio), odd
 _PERIOD = 1 << 31  # e mod 2^31 keeps e * M below 2^63 (int64 in both frameworks)
 _CHUNK = 1 << 22
 
 
-class MixtureError(ValueError):
+class MixtureError(UserError):
     """A mixture that cannot be read: bad weights, paths, or sets that do not fit together."""
 
 

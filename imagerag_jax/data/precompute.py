@@ -47,6 +47,7 @@ from imagerag_jax.weights import towers
 from imagerag_jax.data import build_db as build_db_lib
 from imagerag_jax.data import encoders
 from imagerag_jax.data import sources as sources_lib
+from imagerag_jax.errors import UserError
 from imagerag_jax.retrieval import database as db_lib
 from imagerag_jax.retrieval import index as index_lib
 
@@ -165,10 +166,10 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
     pi = jax.process_index() if process_index is None else int(process_index)
     pc = jax.process_count() if process_count is None else int(process_count)
     if get(config, "source") is None:
-        raise ValueError("precompute needs config.source (the training pairs)")
+        raise UserError("precompute needs config.source (the training pairs)")
     mode = get(config, "latents", "vae")
     if mode not in ("vae", "teacher"):
-        raise ValueError(f"config.latents must be 'vae' or 'teacher', got {mode!r}")
+        raise UserError(f"config.latents must be 'vae' or 'teacher', got {mode!r}")
     out_dir = get(config, "data_dir") or os.path.join(workdir, "data")
     split = get(config, "split", "train")
     num_shards = int(get(config, "num_shards", 1))
@@ -197,12 +198,12 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
 
     source = sources_lib.source_from_config(get(config, "source"))
     if not source.has_images and mode != "teacher":
-        raise ValueError(f"{source.skipped.name} holds prompts only: it needs config.latents='teacher' "
+        raise UserError(f"{source.skipped.name} holds prompts only: it needs config.latents='teacher' "
                          "(the teacher synthesizes the images), not 'vae'")
     limit = int(get(config, "limit", 0)) or None
     if not hasattr(source, "__len__"):
         if limit is None:
-            raise ValueError("this source has no length: set config.limit (raw items to read)")
+            raise UserError("this source has no length: set config.limit (raw items to read)")
         num_items = limit
     else:
         num_items = len(source) if limit is None else min(len(source), limit)
@@ -215,19 +216,19 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
             old = json.load(f)
         if old != desc:
             diff = sorted(key for key in set(old) | set(desc) if old.get(key) != desc.get(key))
-            raise ValueError(f"{out_dir} holds split {split!r} of a precompute job with another "
+            raise UserError(f"{out_dir} holds split {split!r} of a precompute job with another "
                              f"configuration (differs in {diff}); use a new data_dir or delete it")
     else:
         jsonfiles.write_atomic(desc_path, desc)
 
     # Shapes of the schema from abstract evaluation (no compile).
     if image_size is None:
-        raise ValueError("precompute needs config.image_size (pixels; images are resized to it)")
+        raise UserError("precompute needs config.image_size (pixels; images are resized to it)")
     lat, embed_shape, pooled_dim = enc.output_shapes((image_size, image_size, 3))
     schema = tfrecords.Schema(lat, embed_shape, pooled_dim, k, has_noise=mode == "teacher")
     if retriever is not None and (tuple(retriever.db.shapes["latents"]) != lat or
                                   tuple(retriever.db.shapes["prompt_embeds"]) != embed_shape):
-        raise ValueError(f"database shapes {retriever.db.shapes} do not match the examples' "
+        raise UserError(f"database shapes {retriever.db.shapes} do not match the examples' "
                          f"latent {lat} / embeds {schema.embed_shape}; check config.image_size")
 
     bounds = shard_bounds(num_items, num_shards)

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from imagerag_jax import config_args, jsonfiles
+from imagerag_jax.errors import UserError
 
 Example = tuple[int, np.ndarray | None, str]  # None: a prompt-only source
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -199,7 +200,7 @@ class CaptionFileSource(Source):
             elif self.path.endswith((".csv", ".tsv")):
                 rows = list(csv.DictReader(f, delimiter="\t" if self.path.endswith(".tsv") else ","))
             else:
-                raise ValueError(f"{self.path}: expected .jsonl, .csv or .tsv")
+                raise UserError(f"{self.path}: expected .jsonl, .csv or .tsv")
         for key in filter(None, (self.path_key, self.caption_key, self.id_key)):
             if rows and key not in rows[0]:
                 raise KeyError(f"{self.path}: no column {key!r} (have {sorted(rows[0])})")
@@ -230,7 +231,7 @@ class PromptListSource(Source):
     def __init__(self, path: str, *, caption_key: str = "caption", id_key: str | None = None):
         super().__init__(f"PromptListSource({path})")
         if not path.endswith((".txt", ".jsonl", ".csv", ".parquet")):
-            raise ValueError(f"{path}: a prompt list is .txt, .jsonl, .csv or .parquet")
+            raise UserError(f"{path}: a prompt list is .txt, .jsonl, .csv or .parquet")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such prompt list")
         self.path, self.caption_key, self.id_key = path, caption_key, id_key
@@ -403,7 +404,7 @@ class DigitsSource(Source):
         else:
             splits = digits_split_indices(seed, fractions)
             if split not in splits:
-                raise ValueError(f"unknown digits split {split!r}; have {sorted(splits)} or 'all'")
+                raise UserError(f"unknown digits split {split!r}; have {sorted(splits)} or 'all'")
             self.ids = splits[split]
 
     def __len__(self) -> int:
@@ -453,7 +454,7 @@ def make_source(config: Mapping[str, Any] | Any) -> Source:
     if ":" in str(kind):  # "package.module:Class": a Source subclass defined outside this module
         return _import_source(kind)(**cfg)
     if kind not in kinds:
-        raise ValueError(f"unknown source kind {kind!r}; expected one of {sorted(kinds)}")
+        raise UserError(f"unknown source kind {kind!r}; expected one of {sorted(kinds)}")
     return kinds[kind](**cfg)
 
 
@@ -465,9 +466,9 @@ def _import_source(kind: str) -> type:
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"source kind {kind!r}: cannot import {name} from {module} ({e})") from e
+        raise UserError(f"source kind {kind!r}: cannot import {name} from {module} ({e})") from e
     if not (isinstance(cls, type) and issubclass(cls, Source)):
-        raise ValueError(f"source kind {kind!r} is not a data.sources.Source subclass")
+        raise UserError(f"source kind {kind!r} is not a data.sources.Source subclass")
     return cls
 
 

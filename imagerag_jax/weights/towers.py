@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from imagerag_jax import config_args, jsonfiles, sharding
+from imagerag_jax.errors import UserError
 
 PyTree = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -55,12 +56,12 @@ def random_tower(name: str, preset: str, seed: int) -> tuple[Any, PyTree]:
             _TINY_CACHE[seed] = random_pipeline.random_modules("tiny", seed)
         return _TINY_CACHE[seed][name]
     if preset == "none":
-        raise ValueError(f"no weights path for the {name} and random_preset='none': set the config's "
+        raise UserError(f"no weights path for the {name} and random_preset='none': set the config's "
                          f"weight paths (or random_preset='sd21'/'tiny' for random towers)")
     if preset != "sd21":
-        raise ValueError(f"unknown random_preset {preset!r}; expected 'tiny', 'sd21' or 'none'")
+        raise UserError(f"unknown random_preset {preset!r}; expected 'tiny', 'sd21' or 'none'")
     if name == "text_encoder":
-        raise ValueError("random_preset='sd21' has no text encoder; set the student's weights path")
+        raise UserError("random_preset='sd21' has no text encoder; set the student's weights path")
     from imagerag_jax.models.unet import UNet
     from imagerag_jax.models.vae import AutoencoderKL
     from imagerag_jax.weights import convert

@@ -6,6 +6,8 @@ from typing import Any
 
 import ml_collections
 
+from imagerag_jax.errors import UserError
+
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     """'a=1,b' -> the defaults updated with typed values; a bare name sets a boolean to True."""
@@ -13,7 +15,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     for item in filter(None, (arg or "").split(",")):
         key, eq, value = item.partition("=")
         if key not in out:
-            raise ValueError(f"unknown config arg {key!r}; known: {sorted(out)}")
+            raise UserError(f"unknown config arg {key!r}; known: {sorted(out)}")
         kind = type(out[key])
         if kind is bool:
             out[key] = (value.lower() in ("1", "true", "yes")) if eq else True

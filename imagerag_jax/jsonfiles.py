@@ -1,5 +1,8 @@
 """The JSON side files of every on-disk format: canonical form, atomic writes, versioned reads.
 
+`atomic_write` is the one way any file of the package is replaced (JSON, text, `np.save`, msgpack):
+a unique temporary name beside the file, fsync, `os.replace`.
+
 Each format (retrieval database, index, TFRecord manifest, export, adapter, judge, iterator
 state) names itself with a ``format`` string and a version; `read_versioned` is the one place
 that opens such a file and refuses a missing file, bad JSON, another format or another version
@@ -8,10 +11,13 @@ with one message naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from typing import Any
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
 
 import numpy as np
 
@@ -40,12 +46,63 @@ def short_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(canonical(obj).encode()).hexdigest()[:n]
 
 
-def write_atomic(path: str, obj: Any, *, sort_keys: bool = True) -> str:
-    """Writes JSON to a per-process temporary name, then renames it over `path` (never half-written)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=sort_keys, default=_default)
-    os.replace(tmp, path)
+def temp_name(path: str) -> str:
+    """A fresh name beside `path` (same directory, so a rename is atomic): pid plus a random part.
+
+    Unique across processes and hosts sharing a folder, and hidden (a leading dot) so globs over
+    the folder do not pick up a write in flight.
+    """
+    parent, base = os.path.split(path)
+    return os.path.join(parent, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w", *, fsync: bool = True,
+                 encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+    """Opens a temporary file beside `path`; on success it replaces `path`, else it is removed.
+
+    Readers see the old file or the new one, never a half-written one, and an exception inside
+    the block leaves the old file intact. With `fsync` (the default) the data reach the disk
+    before the rename, so the rename is a commit point that survives a crash.
+
+    Args:
+        path: the file to (re)write.
+        mode: 'w' (text) or 'wb' (binary, e.g. ``np.save(f, x)``).
+        fsync: flush the file to disk before the rename.
+        encoding: the text encoding (ignored for binary modes).
+
+    Yields:
+        The open temporary file.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
+    tmp = temp_name(path)
+    try:
+        # 'x': never another writer's file; plain open keeps the usual (umask) permissions.
+        with open(tmp, mode.replace("w", "x"), encoding=None if "b" in mode else encoding) as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text(path: str, text: str, *, fsync: bool = True) -> str:
+    """Writes `text` (utf-8) to `path` atomically (see `atomic_write`)."""
+    with atomic_write(path, fsync=fsync) as f:
+        f.write(text)
+    return path
+
+
+def write_atomic(path: str, obj: Any, *, sort_keys: bool = True, indent: int = 2,
+                 fsync: bool = True) -> str:
+    """Writes `obj` as JSON to `path` atomically (see `atomic_write`); numpy scalars as numbers."""
+    with atomic_write(path, fsync=fsync) as f:
+        json.dump(obj, f, indent=indent, sort_keys=sort_keys, default=_default)
     return path
 
 

@@ -139,13 +139,6 @@ def image_file(i: int) -> str:
     return f"{IMAGES_DIR}/{i:06d}.png"
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _read_png(path: str) -> np.ndarray:
     from PIL import Image  # pylint: disable=g-import-not-at-top
     with Image.open(path) as im:
@@ -405,10 +398,10 @@ def _finalize(out_dir: str, prompts: Sequence[str], settings: dict[str, Any],
          "latency_s": latency, "latency_note": latency_note,
          **({"lambda_mean": float(np.mean(lams))} if lams else {}), **extra,
          "omitted": list(metrics.notes)}
-    _write_text_atomic(os.path.join(out_dir, "index.jsonl"), "".join(
+    jsonfiles.write_text(os.path.join(out_dir, "index.jsonl"), "".join(
         json.dumps(rows[i], ensure_ascii=False) + "\n" for i in range(len(prompts))))
     jsonfiles.write_atomic(os.path.join(out_dir, "metrics.json"), m)
-    _write_text_atomic(os.path.join(out_dir, "metrics.md"), _metrics_markdown(m))
+    jsonfiles.write_text(os.path.join(out_dir, "metrics.md"), _metrics_markdown(m))
     return m
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -161,13 +160,7 @@ def _read_manifest(path: str) -> dict[str, Any] | None:
 
 def _write_manifest(path: str, manifest: dict[str, Any], fsync: bool) -> None:
     """Atomically replaces the manifest: the commit point."""
-    tmp = os.path.join(path, f"{MANIFEST}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(path, MANIFEST))
+    jsonfiles.write_atomic(os.path.join(path, MANIFEST), manifest, fsync=fsync)
 
 
 def _db_identity(db: db_lib.Database) -> dict[str, Any]:

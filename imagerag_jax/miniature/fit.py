@@ -17,6 +17,8 @@ import numpy as np
 import optax
 from flax import serialization
 
+from imagerag_jax import jsonfiles
+
 PyTree = Any
 LossFn = Callable[[PyTree, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 BatchFn = Callable[[int], Mapping[str, np.ndarray]]
@@ -39,10 +41,8 @@ def ema_update(ema: PyTree, params: PyTree, decay: float) -> PyTree:
 
 def save_state(path: str, state: PyTree) -> None:
     """Atomic msgpack write: a crash mid-write never leaves a half checkpoint."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with jsonfiles.atomic_write(path, "wb") as f:
         f.write(serialization.to_bytes(jax.device_get(state)))
-    os.replace(tmp, path)
 
 
 def fit(

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
+from imagerag_jax import jsonfiles
 from imagerag_jax.training import losses
 from imagerag_jax.diffusion import schedule as schedule_lib
 from imagerag_jax.miniature import data as data_lib
@@ -134,9 +135,8 @@ class Stage:
         """Write the final params, then done.json (the commit point)."""
         os.makedirs(self.dir, exist_ok=True)
         fit_lib.save_state(os.path.join(self.dir, "final.msgpack"), params)
-        with open(os.path.join(self.dir, "done.json.tmp"), "w") as f:
-            json.dump({"config": self.cfg, "stats": dict(stats)}, f, indent=1, default=float)
-        os.replace(os.path.join(self.dir, "done.json.tmp"), os.path.join(self.dir, "done.json"))
+        jsonfiles.write_atomic(os.path.join(self.dir, "done.json"),
+                               {"config": self.cfg, "stats": dict(stats)}, sort_keys=False, indent=1)
 
 
 def _init(module: nn.Module, seed: int, *args: Any) -> PyTree:
@@ -434,8 +434,8 @@ def teacher_pairs(workdir: str, cfg: Mapping[str, Any], unet: UNet, teacher_para
         out.append(np.asarray(z)[:len(r)])
     pairs = {"rows": rows, "noise": noise, "latents": np.concatenate(out)}
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path + ".tmp.npz", **pairs)
-    os.replace(path + ".tmp.npz", path)
+    with jsonfiles.atomic_write(path, "wb") as f:
+        np.savez(f, **pairs)
     return pairs
 
 

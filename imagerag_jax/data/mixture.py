@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from imagerag_jax import jsonfiles
+from imagerag_jax.data import tfrecords
 from imagerag_jax.errors import UserError
 
 _M = 2654435769  # floor(2**32 / golden ratio), odd
@@ -108,3 +110,16 @@ def config_sets(config: Any, workdir: str | None = None) -> list[tuple[str, floa
     if workdir is None:
         raise MixtureError("the config names no data (config.data_dir / config.data_mixture)")
     return [(os.path.join(workdir, "data"), 1.0)]
+
+
+def run_manifest(config: Any, workdir: str | None = None) -> dict[str, Any] | None:
+    """The TFRecord manifest of a run's training data; None when missing or unreadable.
+
+    A mixture's sets share one database, index and k, so its first set's manifest speaks for all
+    (what export reads k from, and generation the run's database and index).
+    """
+    data_dir = config_sets(config, workdir)[0][0]
+    try:
+        return jsonfiles.read(os.path.join(data_dir, tfrecords.MANIFEST), what="TFRecord manifest")
+    except ValueError:  # missing, not JSON, or not an object
+        return None

@@ -89,13 +89,11 @@ class RunWeights:
 
 def _trained_k(config: ml_collections.ConfigDict, workdir: str) -> int | None:
     """k of the run's training data (its manifest), None when it cannot be found."""
-    from imagerag_jax.data import mixture, tfrecords
+    from imagerag_jax.data import mixture
 
-    data_dir = mixture.config_sets(config, workdir)[0][0]  # a mixture's sets share one k
     try:
-        with open(os.path.join(data_dir, tfrecords.MANIFEST)) as f:
-            return int(json.load(f)["schema"]["k"])
-    except (OSError, KeyError, ValueError, TypeError):
+        return int(mixture.run_manifest(config, workdir)["schema"]["k"])
+    except (KeyError, ValueError, TypeError):  # no manifest (None), or one without a k
         synthetic = config.get("synthetic")
         unset = config.get("data_dir") is None and not config.get("data_mixture")
         return int(synthetic["k"]) if unset and synthetic else None

@@ -34,18 +34,11 @@ The splits and the judge depend on `data_seed` only, never on the training seed;
 resumes from its checkpoint when the command is run again with the same workdir.
 """
 
-import os
-
 import ml_collections
 
-from imagerag_jax.config_args import load_module, parse_arg
+from imagerag_jax.config_args import load_sibling, parse_arg
 from imagerag_jax.miniature.stages import PREDICTION_TYPES
 from imagerag_jax.models.adapter import POSITIONAL
-
-
-def _sibling(name):
-    """Another config file of this folder (configs/ is not a package)."""
-    return load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py"))
 
 
 def _source(split, size, splits):
@@ -105,7 +98,8 @@ def get_config(arg=None):
     config.k = arg.k
     config.mixture = dict(teacher=0.8, real=0.2)
     config.teacher_only_ablation = not q  # a second ImageRAGTurbo trained on teacher pairs only
-    pre, config.train = _sibling("digits").rag_jobs(arg.k, config.sampling, 500 if q else 1500)
+    rag_jobs = load_sibling(__file__, "digits").rag_jobs
+    pre, config.train = rag_jobs(arg.k, config.sampling, 500 if q else 1500)
     config.train.adapter.positional = arg.positional
     config.train.self_neighbour = arg.self_neighbour
     pre.db.source = _source("database", 16, config.splits)

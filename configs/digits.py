@@ -15,16 +15,9 @@ plumbing in tests, the numbers mean nothing), ``k=N`` neighbours.
 Every stage resumes from its checkpoint when the command is run again with the same workdir.
 """
 
-import os
-
 import ml_collections
 
-from imagerag_jax.config_args import load_module, parse_arg
-
-
-def _sibling(name):
-    """Another config file of this folder (configs/ is not a package)."""
-    return load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py"))
+from imagerag_jax.config_args import load_sibling, parse_arg
 
 
 def rag_jobs(k, sampling, total_steps):
@@ -32,18 +25,16 @@ def rag_jobs(k, sampling, total_steps):
 
     Unlocked, for the caller to set its sources; `run` fills in the weight and data paths.
     """
-    pre = _sibling("precompute_digits").get_config(f"image_size=16,k={k},num_shards=2,teacher")
+    pre = load_sibling(__file__, "precompute_digits").get_config(
+        f"image_size=16,k={k},num_shards=2,teacher")
     pre.unlock()
     pre.db.limit, pre.limit, pre.batch_size = 0, 0, 128
     pre.teacher.update(dict(sampler="ddim", steps=sampling["steps"], guidance=sampling["guidance"]))
-    train = _sibling("tiny").get_config(f"total_steps={total_steps},batch=32")
+    # tiny's modules and lr (the paper's 1e-5 is for batch 2048) on the miniature's own towers.
+    train = load_sibling(__file__, "tiny").get_config(f"total_steps={total_steps},batch=32")
     train.unlock()
     train.random_preset = "none"  # the towers come from workdir/models
     train.shuffle_buffer = 512
-    train.optimizer.lr = train.disc_optimizer.lr = 1e-4  # the paper's 1e-5 is for batch 2048
-    train.lora.update(dict(rank=4, alpha=4.0))
-    train.adapter.num_heads = 4
-    train.disc.update(dict(hidden=32, time_dim=32, cond_dim=32))
     train.log_every, train.checkpoint_every, train.sample_every = 50, 250, 0
     return pre, train
 

@@ -15,11 +15,9 @@ Arg string (comma-separated): ``paths=GLOB`` (the database's shards; required), 
 ``max_punsafe=X``, ``min_aesthetic=X``. Everything else is `configs/precompute_digits.py`'s.
 """
 
-import os
-
 import ml_collections
 
-from imagerag_jax.config_args import load_module, parse_arg
+from imagerag_jax.config_args import load_sibling, parse_arg
 
 
 def get_config(arg=None):
@@ -28,9 +26,9 @@ def get_config(arg=None):
                     min_side=0, max_pwatermark=-1.0, max_punsafe=-1.0, min_aesthetic=-1.0)
     if not arg.paths:
         raise ValueError("configs/precompute_webdataset.py needs paths=GLOB (img2dataset .tar shards)")
-    base = load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "precompute_digits.py"))
-    config = base.get_config(f"image_size={arg.image_size},k={arg.k},num_shards={arg.num_shards}"
-                             + (",teacher" if arg.teacher else ""))
+    config = load_sibling(__file__, "precompute_digits").get_config(
+        f"image_size={arg.image_size},k={arg.k},num_shards={arg.num_shards}"
+        + (",teacher" if arg.teacher else ""))
     filters = {"min_side": arg.min_side or None,
                **{name: (arg[name] if arg[name] >= 0 else None)
                   for name in ("max_pwatermark", "max_punsafe", "min_aesthetic")}}

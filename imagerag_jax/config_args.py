@@ -54,6 +54,21 @@ def load_module(path: str) -> Any:
     return module
 
 
+def load_sibling(config_file: str, name: str) -> Any:
+    """The config file `name`.py in the folder of `config_file` (a config's ``__file__``).
+
+    Args:
+      config_file: the path of the config that asks, usually its ``__file__``.
+      name: the sibling's file name without ``.py``, e.g. 'base'.
+
+    Returns:
+      The sibling config module (call its ``get_config``).
+    """
+    import os  # pylint: disable=g-import-not-at-top
+
+    return load_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py"))
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """``path/to/config.py[:arg]`` -> its ``get_config(arg)``, as ``--config`` reads it (for notebooks)."""
     path, _, arg = spec.partition(".py:")

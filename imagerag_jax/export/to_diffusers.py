@@ -94,9 +94,8 @@ def _trained_k(config: ml_collections.ConfigDict, workdir: str) -> int | None:
     try:
         return int(mixture.run_manifest(config, workdir)["schema"]["k"])
     except (KeyError, ValueError, TypeError):  # no manifest (None), or one without a k
-        synthetic = config.get("synthetic")
-        unset = config.get("data_dir") is None and not config.get("data_mixture")
-        return int(synthetic["k"]) if unset and synthetic else None
+        unset = config.data_dir is None and not config.data_mixture
+        return int(config.synthetic.k) if unset else None
 
 
 def load_run(workdir: str, step: int | None = None, *, check_frozen: bool = True) -> RunWeights:

@@ -250,7 +250,7 @@ class RagPipeline:
                 database = index = None
             else:
                 logging.info("the run's database %s, index %s", database, index)
-        latent = run.config.get("synthetic", {}) or {}
+        latent = run.config.synthetic
         return cls(unet=run.student, unet_params=run.merged_unet_params(), vae=run.vae,
                    vae_params=run.vae_params, text=text, text_params=text_p,
                    tokenizer=_tokenizer_for(tok_dir, text_source) if text is not None else None,

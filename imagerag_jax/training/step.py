@@ -90,7 +90,7 @@ def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
     ``adapter_lr_multiplier`` (generator only; default 1) scales the adapter's AdamW steps, so the
     adapter, trained from a zero output, can learn faster than the LoRA it shares the optimiser with.
     """
-    clip = float(cfg.get("grad_clip_norm", 0.0) or 0.0)
+    clip = float(cfg["grad_clip_norm"])
     multiplier = float(cfg.get("adapter_lr_multiplier", 1.0))
     if multiplier <= 0:
         raise ValueError(f"optimizer.adapter_lr_multiplier must be > 0, got {multiplier}")

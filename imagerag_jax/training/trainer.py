@@ -253,8 +253,8 @@ class Trainer:
                             self.disc_tx, remat=self.config.remat,
                             lambda_mode=self.config.lambda_mode,
                             lpips_augment=bool(self.config.lpips_augment),
-                            self_neighbour=bool(self.config.get("self_neighbour", False)),
-                            prompt_dropout=float(self.config.get("prompt_dropout", 0.0))),
+                            self_neighbour=bool(self.config.self_neighbour),
+                            prompt_dropout=float(self.config.prompt_dropout)),
             in_shardings=(state_sh, self.frozen_shardings, self.batch_shardings(fields)),
             out_shardings=(state_sh, self.replicated),
             donate_argnums=(0,),
@@ -405,12 +405,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
     trainer = Trainer(config, mesh)
     sets = mixture.config_sets(config, workdir)
-    if config.data_dir is None and not config.get("data_mixture"):
+    if config.data_dir is None and not config.data_mixture:
         if config.student_weights is not None:
             logging.warning("data_dir unset: training on random synthetic data")
         synthetic.write_synthetic_data(sets[0][0], config)
     # One set reads as its directory (the state of runs before mixtures), several as a mixture.
-    data = sets[0][0] if len(sets) == 1 and not config.get("data_mixture") else sets
+    data = sets[0][0] if len(sets) == 1 and not config.data_mixture else sets
     schema = data_schema(data, config.split)
     trainer.check_schema(schema)
     gb = int(config.global_batch_size)

@@ -156,7 +156,7 @@ class FrozenTowers:
 
 def vae_path(config: Mapping[str, Any]) -> str | None:
     """config.vae_weights, else the student's pipeline folder when it has a vae/ (SD-Turbo's has)."""
-    path, student = config.get("vae_weights"), config.get("student_weights")
+    path, student = config["vae_weights"], config["student_weights"]
     if path is None and student is not None and os.path.isdir(os.path.join(student, "vae")):
         return student
     return path
@@ -174,10 +174,10 @@ def frozen_towers(config: Mapping[str, Any], *, compute_dtype: Any = None, teach
                   param_dtype=DTYPES[config["frozen_param_dtype"]],
                   prediction_type=config["random_prediction_type"])
     seed = int(config["seed"])
-    student = Tower(*load_tower("unet", config.get("student_weights"), seed=seed, **common))
+    student = Tower(*load_tower("unet", config["student_weights"], seed=seed, **common))
     teacher_tower = None
     if teacher:
-        module, params, ref = load_tower("unet", config.get("teacher_weights"), seed=seed + 1, **common)
+        module, params, ref = load_tower("unet", config["teacher_weights"], seed=seed + 1, **common)
         teacher_tower = Tower(module, encoder_params(params), ref)
     vae = Tower(*load_tower("vae", vae_path(config), seed=seed, **common))
     return FrozenTowers(student, teacher_tower, vae)
@@ -206,7 +206,7 @@ def text_tower(config: Mapping[str, Any], text_encoder: str | None = None,
     from imagerag_jax import weights
 
     source = text_encoder
-    student = config.get("student_weights")
+    student = config["student_weights"]
     if source is None and student is not None:
         if os.path.isfile(student) or os.path.isdir(os.path.join(student, "text_encoder")):
             source = student
@@ -215,7 +215,7 @@ def text_tower(config: Mapping[str, Any], text_encoder: str | None = None,
         if tokenizer is None and os.path.isdir(os.path.join(source, "tokenizer")):
             tokenizer = os.path.join(source, "tokenizer")
         return module, params, tokenizer, os.path.abspath(source)
-    if student is None and config.get("random_preset") == "tiny":
+    if student is None and config["random_preset"] == "tiny":
         seed = int(config["seed"])
         module, params = random_tower("text_encoder", "tiny", seed)
         return module, params, tokenizer, f"random:tiny:{seed}"

@@ -54,7 +54,6 @@ def get_config(arg=None):
     # Objective (Eq. 10) and optimisers (AdamW, constant lr, one per player).
     config.alpha = 2.5
     config.beta = 1.0
-    config.lambda_mode = "mean"
     config.lpips_augment = True
     config.self_neighbour = False  # diagnostic: neighbour 0 = the example itself (training/step.py)
     config.prompt_dropout = 0.0  # not in the paper: zero the student's prompt with this probability

@@ -20,7 +20,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -212,29 +212,10 @@ def put(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(one, tree, shardings)
 
 
-def tree_bytes(tree: Any) -> int:
-    """Total bytes of the leaves of a tree (arrays or ShapeDtypeStructs)."""
-    return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
-def bytes_per_device(tree: Any, shardings: Any) -> int:
-    """Bytes each device holds for `tree` under `shardings` (the largest shard counts)."""
-    total = 0
-    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
-        shard = s.shard_shape(tuple(np.shape(x)))
-        total += int(np.prod(shard)) * np.dtype(x.dtype).itemsize
-    return total
-
-
 def with_shardings(abstract: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying `shardings` (for orbax restore targets and AOT lowering)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract, shardings)
-
-
-def map_shardings(fn: Callable[[Any], Any], tree: Any) -> Any:
-    """tree.map over a tree of shardings (which are leaves)."""
-    return jax.tree.map(fn, tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
 
 
 def host_value(x: Any) -> np.ndarray:

@@ -344,8 +344,3 @@ class InputPipeline:
     def steps_per_epoch(self) -> int:
         """Batches per epoch of this host, all sets together (the smallest host bounds finite runs)."""
         return self.examples_per_epoch // self.per_host_batch
-
-
-def make_pipeline(data_dir: str, split: str, global_batch_size: int, **kwargs) -> InputPipeline:
-    """`InputPipeline(...)` (kept as a function for configs that name a factory)."""
-    return InputPipeline(data_dir, split, global_batch_size, **kwargs)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
 
 import numpy as np
 
@@ -47,11 +46,6 @@ def batch_indices(n: int, batch: int, step: int, seed: int) -> np.ndarray:
     epoch, j = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n)
     return order[(j * batch) % n: (j * batch) % n + batch] if n >= batch else order[np.arange(batch) % n]
-
-
-def random_captions(labels: Sequence[int], rng: np.random.Generator) -> list[str]:
-    """A fresh caption wording for each label (the templates of `data/sources.py`)."""
-    return [sources.digit_caption(int(l), int(rng.integers(1 << 30))) for l in labels]
 
 
 def eval_prompts(split: DigitSplit, limit: int = 0) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -337,17 +337,6 @@ class Transformer2D(nn.Module):
         return x + residual
 
 
-def heads_and_dim(channels: int, num_heads: int | None, head_dim: int | None) -> tuple[int, int]:
-    """Resolve (heads, dim_head) from either a head count or a head width."""
-    if num_heads:
-        if channels % num_heads:
-            raise ValueError(f"{channels} channels cannot be split into {num_heads} heads")
-        return num_heads, channels // num_heads
-    if head_dim and channels % head_dim == 0:
-        return channels // head_dim, head_dim
-    raise ValueError(f"cannot derive attention heads for {channels} channels (heads={num_heads}, dim={head_dim})")
-
-
 def per_block(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
     """Broadcast an int config value to one entry per block; check tuple lengths."""
     if isinstance(value, int):

@@ -141,7 +141,7 @@ def with_self_as_neighbour(batch: Mapping[str, jax.Array], latent: jax.Array) ->
 def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: jax.sharding.Mesh,
                     rules: Sequence[tuple[str, Any]], gen_tx: optax.GradientTransformation,
                     disc_tx: optax.GradientTransformation, *, remat: str = "none",
-                    lambda_mode: str = "mean", lpips_augment: bool = True,
+                    lpips_augment: bool = True,
                     self_neighbour: bool = False,
                     prompt_dropout: float = 0.0) -> Callable[[State, PyTree, PyTree], tuple[State, dict]]:
     """The pure train step `(state, frozen, batch) -> (state, metrics)` (see the module docstring).
@@ -221,7 +221,7 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
             batch = with_self_as_neighbour(batch, z0)
         h_retr = sampling.retrieved_hspace(s.student, student_p, batch["retrieved_latents"],
                                            batch["retrieved_prompt_embeds"])
-        lam = adapter_lib.retrieval_lambda(pooled, batch["retrieved_pooled"], mode=lambda_mode)
+        lam = adapter_lib.retrieval_lambda(pooled, batch["retrieved_pooled"])
 
         s_t = disc_lib.sample_discriminator_timesteps(k_s, b, n_train)
         eps = batch_c(jax.random.normal(k_eps, z0.shape, jnp.float32))

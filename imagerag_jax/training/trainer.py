@@ -94,9 +94,6 @@ class Trainer:
         self.vae, vae_p = frozen_towers.vae.module, frozen_towers.vae.params
         lp = latent_lpips_or_none(config.latent_lpips_weights, config.beta)
         beta = float(config.beta) if lp is not None else 0.0
-        if config.lambda_mode != "mean":
-            raise ValueError(f"lambda_mode {config.lambda_mode!r}: the step needs one lambda per "
-                             "example ('mean')")
         check_config(config)
         n = int(config.student_steps)
         self.setup = step_lib.StepSetup(
@@ -251,7 +248,6 @@ class Trainer:
         return jax.jit(
             step_lib.make_train_step(self.setup, self.schedule, self.mesh, self.rules, self.gen_tx,
                             self.disc_tx, remat=self.config.remat,
-                            lambda_mode=self.config.lambda_mode,
                             lpips_augment=bool(self.config.lpips_augment),
                             self_neighbour=bool(self.config.self_neighbour),
                             prompt_dropout=float(self.config.prompt_dropout)),

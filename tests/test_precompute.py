@@ -134,7 +134,7 @@ def test_build_db_refuses_to_resume_over_other_weights_at_the_same_path(tmp_path
     shutil.rmtree(weights)
     random_pipeline.write_random_pipeline(weights, preset="tiny", seed=1)
     with pytest.raises(database.DatabaseError,
-                       match=r"cannot resume.*text_encoder_fingerprint.*vae_fingerprint.*overwrite=True"):
+                       match=r"built with text_encoder .*weights .*this job's.*overwrite=True"):
         build_db.build_db(config(20), str(tmp_path))
     assert database.Database(path).count == 10  # the old rows are kept
 

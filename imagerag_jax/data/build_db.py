@@ -184,12 +184,13 @@ def _job(config: Any, workdir: str) -> _Job:
     if not source.has_images:
         raise UserError(f"{source.skipped.name} holds prompts only; a retrieval database needs "
                          "images (use it as config.source of precompute with latents='teacher')")
-    # Weight fingerprints beside the architecture identities: generation refuses a DB whose
-    # text encoder or VAE had other weights (paths alone move between machines).
+    # Weight fingerprints beside the architecture identities: `db_lib.check_encoders` refuses a DB
+    # whose text encoder or VAE had other weights (paths alone move between machines).
+    encs = models.encoders()
     extra = {"image_size": image_size, "image_hashes": HASHES_FILE,
              "compute_dtype": get(config, "compute_dtype", "float32"),
-             "text_encoder_fingerprint": towers.fingerprint(models.pipe.text_params),
-             "vae_fingerprint": towers.fingerprint(models.pipe.vae_params)}
+             "text_encoder_fingerprint": encs.text_encoder_fingerprint,
+             "vae_fingerprint": encs.vae_fingerprint}
     return _Job(path=db_dir(config, workdir), image_size=image_size, batch_size=batch_size,
                 limit=int(get(dbc, "limit", 0)) or None, fsync=bool(get(dbc, "fsync", True)),
                 overwrite=bool(get(dbc, "overwrite", False)),
@@ -216,11 +217,16 @@ def _open_db(job: _Job, path: str, image_shape: Sequence[int],
 def _check_resumable(path: str, job: _Job) -> None:
     """Refuses to append to a database whose rows came from other weights or settings.
 
-    The writer compares the towers' labels (a path, or random:preset:seed); the same path may
-    hold other weights by now, and rows of two VAEs in one database would be silently wrong.
+    The encoders are checked as precompute and generation check them (`db_lib.check_encoders`:
+    architecture and weight fingerprints, not paths, so a moved workdir resumes): rows of two VAEs
+    in one database would be silently wrong. The image size and compute dtype must match too.
     """
-    have = jsonfiles.read(os.path.join(path, db_lib.MANIFEST), what="database manifest",
-                          error=db_lib.DatabaseError).get("extra") or {}
+    manifest = jsonfiles.read(os.path.join(path, db_lib.MANIFEST), what="database manifest",
+                              error=db_lib.DatabaseError)
+    db_lib.check_encoders(path, manifest, db_lib.Encoders(
+        job.models.text_encoder_id, job.models.vae_id, job.extra["text_encoder_fingerprint"],
+        job.extra["vae_fingerprint"]))
+    have = manifest.get("extra") or {}
     differ = [k for k in _PINNED_EXTRA if k in have and have[k] != job.extra[k]]
     if differ:
         raise db_lib.DatabaseError(
@@ -287,8 +293,7 @@ class _Appender:
         """Commits the last batch and the final skip counts (including skips after that batch)."""
         self.flush()
         self.writer.manifest["extra"] = self._extra()
-        # The writer has no public call that commits the manifest without appending rows.
-        db_lib._write_manifest(self.writer.path, self.writer.manifest)  # pylint: disable=protected-access
+        db_lib.write_manifest(self.writer.path, self.writer.manifest)
         self.writer.close()
 
 
@@ -693,11 +698,10 @@ def build_index(db_path: str, out_dir: str, index_config: Any = None) -> dict[st
     else:
         index = index_lib.Index.build(db.pooled, cfg, ids=np.asarray(db.ids))
     # Save beside, then swap in: readers never see a half-written index.
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = jsonfiles.temp_name(out_dir)
     index.save(tmp)
     jsonfiles.write_atomic(os.path.join(tmp, INDEX_STAMP), stamp)
-    old = f"{out_dir}.old-{os.getpid()}"
+    old = jsonfiles.temp_name(out_dir)
     if os.path.exists(out_dir):
         os.rename(out_dir, old)
     os.rename(tmp, out_dir)

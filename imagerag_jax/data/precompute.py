@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -49,7 +48,7 @@ from imagerag_jax.data import encoders
 from imagerag_jax.data import sources as sources_lib
 from imagerag_jax.errors import UserError
 from imagerag_jax.retrieval import database as db_lib
-from imagerag_jax.retrieval import index as index_lib
+from imagerag_jax.retrieval import retriever as retriever_lib
 
 
 def shard_bounds(num_items: int, num_shards: int) -> list[int]:
@@ -79,64 +78,19 @@ def shard_done(out_dir: str, split: str, index: int, num_shards: int) -> bool:
             and files[0]["num_bytes"] == os.path.getsize(shard))
 
 
-class _Retriever:
-    """Index search with self/duplicate exclusion and DB gathers."""
-
-    def __init__(self, db_path: str, idx_path: str, models: towers.PipelineTowers,
-                 exclude_duplicates: bool):
-        self.db = db_lib.Database(db_path)
-        m = self.db.manifest
-        for key, have in (("text_encoder", models.text_encoder_id), ("vae", models.vae_id)):
-            if m.get(key) != have:
-                raise ValueError(
-                    f"{db_path} was built with {key} {m.get(key)!r}, but precompute uses {have!r}: "
-                    "retrieval needs the same text encoder and latent space; rebuild the database")
-        self.index = index_lib.Index.load(idx_path)
-        if self.index.count != self.db.count or (
-                self.index.ids is not None and not np.array_equal(self.index.ids, self.db.ids)):
-            raise ValueError(f"index {idx_path} ({self.index.count} entries) does not match the "
-                             f"database {db_path} ({self.db.count}); run build_db again")
-        self.meta = build_db_lib.index_meta(idx_path)
-        self.ids = np.asarray(self.db.ids)
-        self.exclude_duplicates = exclude_duplicates
-        if exclude_duplicates:
-            h = build_db_lib.load_image_hashes(db_path, self.db.count)
-            self._order = np.argsort(h, kind="stable")
-            self._sorted_hashes = h[self._order]
-
-    def duplicates(self, hash_: int) -> np.ndarray:
-        """DB ids whose image hash equals `hash_`."""
-        h = np.uint64(hash_)
-        lo = np.searchsorted(self._sorted_hashes, h, "left")
-        hi = np.searchsorted(self._sorted_hashes, h, "right")
-        return self.ids[self._order[lo:hi]]
-
-    def __call__(self, pooled: np.ndarray, captions: Sequence[str], example_ids: np.ndarray,
-                 hashes: Sequence[int | None], k: int) -> dict[str, np.ndarray]:
-        """Top-k neighbours of a batch: ids, scores and the gathered DB rows."""
-        excl = [np.concatenate([[eid], self.duplicates(h)]) if self.exclude_duplicates and h is not None
-                else np.asarray([eid]) for eid, h in zip(example_ids, hashes)]
-        width = max(len(e) for e in excl)
-        exclude = np.full((len(excl), width), -1, np.int64)
-        for j, e in enumerate(excl):
-            exclude[j, :len(e)] = e
-        queries = list(captions) if self.index.kind == "bm25" else pooled
-        ids, scores = self.index.search(queries, k, exclude_ids=exclude)
-        if np.any(ids < 0):
-            j = int(np.nonzero((ids < 0).any(1))[0][0])
-            raise ValueError(f"example {int(example_ids[j])}: only {int((ids[j] >= 0).sum())} of "
-                             f"k={k} neighbours left after exclusions; the database is too small")
-        rows = self.db.rows_for_ids(ids)
-        got = self.db.gather(rows)
-        return {"retrieved_ids": ids, "retrieval_scores": scores.astype(np.float32),
-                "retrieved_latents": got["latents"],
-                "retrieved_prompt_embeds": got["prompt_embeds"],
-                "retrieved_pooled": got["pooled"]}
+def _open_retriever(db_path: str, idx_path: str, models: towers.PipelineTowers,
+                    exclude_duplicates: bool) -> retriever_lib.Retriever:
+    """The database and index build_db wrote, checked against precompute's encoders."""
+    db = db_lib.Database(db_path)
+    db_lib.check_encoders(db_path, db.manifest, models.encoders())
+    hashes = build_db_lib.load_image_hashes(db_path, db.count) if exclude_duplicates else None
+    return retriever_lib.Retriever.open(db, idx_path, image_hashes=hashes)
 
 
 def _job_description(config: Any, models: towers.PipelineTowers,
                      teacher: towers.PipelineTowers | None, num_items: int,
-                     retriever: _Retriever | None, image_size: int | None) -> dict[str, Any]:
+                     retriever: retriever_lib.Retriever | None, index_meta: dict[str, Any],
+                     image_size: int | None) -> dict[str, Any]:
     """What determines the shards' content; a resumed job must match it exactly."""
     get, plain = config_args.get, config_args.plain
     tcfg = plain(get(config, "teacher"))
@@ -151,10 +105,10 @@ def _job_description(config: Any, models: towers.PipelineTowers,
     if desc["latents"] == "teacher":
         desc["teacher"] = {**tcfg, "unet": teacher.unet_id, "text_encoder": teacher.text_encoder_id}
     if retriever is not None:
-        desc["database"] = {"path": os.path.abspath(retriever.db.path), "count": retriever.db.count,
-                            "created": retriever.db.manifest.get("created"),
-                            "source": retriever.db.manifest.get("source")}
-        desc["index"] = {k: retriever.meta[k] for k in ("kind", "count", "config")}
+        db = retriever.database
+        desc["database"] = {"path": os.path.abspath(db.path), "count": db.count,
+                            "created": db.manifest.get("created"), "source": db.manifest.get("source")}
+        desc["index"] = {k: index_meta[k] for k in ("kind", "count", "config")}
     return jsonfiles.normalized(desc)
 
 
@@ -191,10 +145,11 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
         teacher_enc = encoders.Encoder(teacher, batch_size)
         spec = encoders.TeacherSpec(get(tcfg, "sampler", "ddim"), int(get(tcfg, "steps", 25)),
                                     float(get(tcfg, "guidance", 7.5)), teacher.pipe.prediction_type)
-    retriever = None
+    retriever, index_meta = None, {}
     if k > 0:
-        retriever = _Retriever(build_db_lib.db_dir(config, workdir),
-                               build_db_lib.index_dir(config, workdir), models, exclude_dups)
+        retriever = _open_retriever(build_db_lib.db_dir(config, workdir),
+                                    build_db_lib.index_dir(config, workdir), models, exclude_dups)
+        index_meta = build_db_lib.index_meta(build_db_lib.index_dir(config, workdir))
 
     source = sources_lib.source_from_config(get(config, "source"))
     if not source.has_images and mode != "teacher":
@@ -209,7 +164,7 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
         num_items = len(source) if limit is None else min(len(source), limit)
 
     os.makedirs(out_dir, exist_ok=True)
-    desc = _job_description(config, models, teacher, num_items, retriever, image_size)
+    desc = _job_description(config, models, teacher, num_items, retriever, index_meta, image_size)
     desc_path = os.path.join(out_dir, f"precompute_{split}.json")
     if os.path.exists(desc_path):
         with open(desc_path) as f:
@@ -226,9 +181,9 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
         raise UserError("precompute needs config.image_size (pixels; images are resized to it)")
     lat, embed_shape, pooled_dim = enc.output_shapes((image_size, image_size, 3))
     schema = tfrecords.Schema(lat, embed_shape, pooled_dim, k, has_noise=mode == "teacher")
-    if retriever is not None and (tuple(retriever.db.shapes["latents"]) != lat or
-                                  tuple(retriever.db.shapes["prompt_embeds"]) != embed_shape):
-        raise UserError(f"database shapes {retriever.db.shapes} do not match the examples' "
+    if retriever is not None and (tuple(retriever.database.shapes["latents"]) != lat or
+                                  tuple(retriever.database.shapes["prompt_embeds"]) != embed_shape):
+        raise UserError(f"database shapes {retriever.database.shapes} do not match the examples' "
                          f"latent {lat} / embeds {schema.embed_shape}; check config.image_size")
 
     bounds = shard_bounds(num_items, num_shards)
@@ -253,7 +208,11 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
             # A prompt has no image to be a duplicate of: only its own id is excluded.
             hashes = [build_db_lib.image_hash(im) for im in images] if images is not None else \
                 [None] * len(batch)
-            out.update(retriever(pooled, captions, ids, hashes, k))
+            got = retriever.retrieve(retriever.queries(pooled, captions), k,
+                                     exclude_ids=retriever.exclusions(ids, hashes))
+            out.update(retrieved_ids=got["ids"], retrieval_scores=got["scores"].astype(np.float32),
+                       retrieved_latents=got["latents"], retrieved_prompt_embeds=got["prompt_embeds"],
+                       retrieved_pooled=got["pooled"])
         return [{"prompt": captions[j], "example_id": ids[j],
                  **{name: v[j] for name, v in out.items()}} for j in range(len(batch))]
 
@@ -293,7 +252,7 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
         logging.info("precompute: %d shard(s) of other processes not finished yet (%s...); the "
                      "last process to finish writes the manifest.", len(missing), missing[:8])
         return None
-    index_params = dict(retriever.meta) if retriever is not None else {}
+    index_params = dict(index_meta)
     source_info = {"config": config_args.plain(get(config, "source")), "name": source.skipped.name,
                    "image_size": image_size, "num_items": num_items}
     extra = {"precompute": desc, "latents": mode}

@@ -30,6 +30,7 @@ from torch import nn
 
 from imagerag_jax import jsonfiles
 from imagerag_jax.models.adapter import POSITIONAL, sincos_2d
+from imagerag_jax.retrieval.retriever import Retriever
 from imagerag_jax.weights import to_torch
 
 
@@ -326,10 +327,8 @@ class ImageRAGTurboPipeline:
         """Top-k DB entries per query: latents (B,k,c,h,w), prompt_embeds, pooled, ids and scores."""
         if self.database is None or self.index is None:
             raise ValueError("no retrieval database/index: pass database= and index=")
-        ids, scores = self.index.search(pooled.detach().float().cpu().numpy(), k)
-        if np.any(ids < 0):
-            raise ValueError(f"the index returned fewer than k={k} neighbours")
-        got = self.database.gather(self.database.rows_for_ids(ids))
+        got = Retriever(self.database, self.index).retrieve(pooled.detach().float().cpu().numpy(), k)
+        ids, scores = got["ids"], got["scores"]
         as_t = lambda x: torch.from_numpy(np.asarray(x, np.float32)).to(self.device)
         # The DB stores NHWC latents (the JAX layout); diffusers wants NCHW.
         latents = as_t(got["latents"]).permute(0, 1, 4, 2, 3).contiguous()

@@ -17,7 +17,6 @@ is padded to the local device count and sharded over them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import tempfile
@@ -39,6 +38,7 @@ from imagerag_jax.errors import UserError
 from imagerag_jax.models import adapter as adapter_lib
 from imagerag_jax.retrieval import database as db_lib
 from imagerag_jax.retrieval import index as index_lib
+from imagerag_jax.retrieval import retriever as retriever_lib
 
 MODES = ("adapter", "inject", "none")
 DEFAULT_INJECTION_WEIGHT = 0.8  # the paper's fixed-w row (Sec. 3.2)
@@ -61,13 +61,7 @@ class RagOutput:
     prompts: list[str] = dataclasses.field(default_factory=list)
 
 
-def _hash_part(identity: str | None) -> str | None:
-    """'label#archhash' -> 'archhash' (labels are paths, which move between machines)."""
-    return identity.rsplit("#", 1)[1] if identity and "#" in identity else None
-
-
-def check_database(db: db_lib.Database, *, text_identity: str, text_fingerprint: str | None,
-                   vae_identity: str, vae_fingerprint: str | None, latent_channels: int,
+def check_database(db: db_lib.Database, *, encoders: db_lib.Encoders, latent_channels: int,
                    embed_dim: int) -> None:
     """Refuses a DB built with another text encoder, VAE or latent/embedding shape than the pipeline's."""
     latents, embeds = db.shapes["latents"], db.shapes["prompt_embeds"]
@@ -79,47 +73,21 @@ def check_database(db: db_lib.Database, *, text_identity: str, text_fingerprint:
         raise db_lib.DatabaseError(
             f"{db.path} holds prompt embeddings of width {embeds[-1]}, but the pipeline's text "
             f"encoder gives {embed_dim}: it was built with another text encoder; rebuild it")
-    m, extra = db.manifest, db.manifest.get("extra") or {}
-    for what, have_id, have_fp in (("text_encoder", text_identity, text_fingerprint),
-                                   ("vae", vae_identity, vae_fingerprint)):
-        want_id, want_fp = m.get(what) or None, extra.get(f"{what}_fingerprint")
-        if want_id is None:
-            logging.warning("%s records no %s identity; cannot check it matches the pipeline's",
-                            db.path, what)
-            continue
-        arch_differs = _hash_part(want_id) != _hash_part(have_id)
-        weights_differ = want_fp is not None and have_fp is not None and want_fp != have_fp
-        if arch_differs or weights_differ:
-            raise db_lib.DatabaseError(
-                f"{db.path} was built with {what} {want_id}"
-                f"{f' (weights {want_fp})' if want_fp else ''}, but the pipeline's is {have_id}"
-                f"{f' (weights {have_fp})' if have_fp else ''}: retrieval needs the same text "
-                "encoder and latent space; rebuild the database with the pipeline's weights")
+    db_lib.check_encoders(db.path, db.manifest, encoders)
 
 
-def check_index(index: index_lib.Index, db: db_lib.Database, index_path: str) -> None:
-    """The index must cover exactly the DB's entries."""
-    same_ids = index.ids is None or np.array_equal(index.ids, np.asarray(db.ids))
-    if index.count != db.count or not same_ids:
-        raise db_lib.DatabaseError(f"index {index_path} ({index.count} entries) does not match the "
-                                   f"database {db.path} ({db.count}); rebuild the index (build-db)")
-
-
-def _open_retrieval(database: Any, index: Any) -> tuple[db_lib.Database | None, Any, str | None]:
-    """(Database, Index, index path) from paths or opened objects; both or neither."""
+def _open_retrieval(database: Any, index: Any) -> tuple[retriever_lib.Retriever | None, str | None]:
+    """(Retriever, index path) from paths or opened objects; both or neither."""
     if (database is None) != (index is None):
         raise UserError("retrieval needs both a database and its index (--database DB --index IDX)")
     if database is None:
-        return None, None, None
-    db = database if isinstance(database, db_lib.Database) else db_lib.Database(os.fspath(database))
+        return None, None
     if isinstance(index, index_lib.Index):
-        return db, index, "(in memory)"
+        return retriever_lib.Retriever.open(database, index), "(in memory)"
     path = os.fspath(index)
     if not os.path.isfile(os.path.join(path, index_lib.META)):
         raise UserError(f"{path} is not a saved index (no {index_lib.META}); build one with build-db")
-    idx = index_lib.Index.load(path)
-    check_index(idx, db, path)
-    return db, idx, path
+    return retriever_lib.Retriever.open(database, path), path
 
 
 def _tokenizer_for(tok_dir: str | None, source: str | None) -> Any:
@@ -137,14 +105,9 @@ def _tokenizer_for(tok_dir: str | None, source: str | None) -> Any:
 
 def _run_retrieval_paths(config: Any, workdir: str) -> tuple[str | None, str | None]:
     """(database, index) paths the run's TFRecord manifest records; (None, None) for synthetic data."""
-    from imagerag_jax.data import mixture, tfrecords
+    from imagerag_jax.data import mixture
 
-    data_dir = mixture.config_sets(config, workdir)[0][0]  # a mixture's sets share one database
-    try:
-        with open(os.path.join(data_dir, tfrecords.MANIFEST)) as f:
-            index = json.load(f).get("index") or {}
-    except (OSError, ValueError):
-        return None, None
+    index = (mixture.run_manifest(config, workdir) or {}).get("index") or {}
     return (index.get("database") or {}).get("path"), index.get("path")
 
 
@@ -191,14 +154,15 @@ class RagPipeline:
         self.adapter, self.source = adapter, source
         self.schedule = schedule or schedule_lib.scaled_linear_schedule()
         self.timestep, self.w = int(timestep), float(w)
-        self.database, self.index, self.index_path = _open_retrieval(database, index)
+        self.retriever, self.index_path = _open_retrieval(database, index)
+        self.database = None if self.retriever is None else self.retriever.database
+        self.index = None if self.retriever is None else self.retriever.index
         self.k = int(k if k is not None else 1)
         if self.database is not None:
-            check_database(self.database, text_identity=towers.module_identity(text_label, text),
-                           text_fingerprint=towers.fingerprint(text_params),
-                           vae_identity=towers.module_identity(vae_label, vae),
-                           vae_fingerprint=towers.fingerprint(vae_params),
-                           latent_channels=int(unet.in_channels),
+            encoders = db_lib.Encoders(
+                towers.module_identity(text_label, text), towers.module_identity(vae_label, vae),
+                towers.fingerprint(text_params), towers.fingerprint(vae_params))
+            check_database(self.database, encoders=encoders, latent_channels=int(unet.in_channels),
                            embed_dim=int(unet.cross_attention_dim))
             latent_size = tuple(self.database.shapes["latents"][:2])
         self.latent_shape = (*(latent_size or (64, 64)), int(unet.in_channels))
@@ -372,15 +336,7 @@ class RagPipeline:
 
     def retrieve(self, prompts: Sequence[str], pooled: np.ndarray, k: int) -> dict[str, Any]:
         """Top-k neighbours: ids, scores, rows, captions and the gathered DB arrays."""
-        queries = list(prompts) if self.index.kind == "bm25" else pooled
-        ids, scores = self.index.search(queries, k)
-        if np.any(ids < 0):
-            raise UserError(f"the index returned fewer than k={k} neighbours ({self.database.count} "
-                            "entries in the database); lower --k")
-        rows = self.database.rows_for_ids(ids)
-        got = self.database.gather(rows)
-        got.update(rows=rows, scores=scores, captions=[self.database.captions(r) for r in rows])
-        return got
+        return self.retriever.retrieve(self.retriever.queries(pooled, prompts), k, captions=True)
 
     def __call__(self, prompts: Sequence[str] | str, *, seed: int = 0, noise: Any = None,
                  k: int | None = None, mode: str | None = None, w: float | None = None,

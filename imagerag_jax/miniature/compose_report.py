@@ -103,7 +103,7 @@ def evaluate_seed(config: ml_collections.ConfigDict, workdir: str, towers: Any, 
     offset = compose.SPLIT_ID_OFFSET["database"]
     retr_comps = db_split.compositions[retr.ids - offset]
     rand_ids = np.random.default_rng([seed, 5]).choice(np.asarray(retr.db.ids), (len(prompts), k))
-    rand = retr.db.gather(retr.db.rows_for_ids(rand_ids))
+    rand = retr.retriever.gather(rand_ids)
     rand_comps = db_split.compositions[rand_ids - offset]
     noise = np.random.default_rng([seed, 99]).standard_normal((len(prompts), *retr.latents.shape[2:]),
                                                                dtype=np.float32)
@@ -188,7 +188,7 @@ def evaluate_seed(config: ml_collections.ConfigDict, workdir: str, towers: Any, 
     return {
         "miniature": "compose",
         "config": json.loads(config.to_json_best_effort()),
-        "machine": report._machine(),  # pylint: disable=protected-access
+        "machine": report.machine(),
         "seeds": [seed],
         "num_prompts": len(prompts),
         "prompts_per_class": {n: int(np.sum(classes == c)) for c, n in enumerate(compose.CLASSES)},
@@ -203,7 +203,7 @@ def evaluate_seed(config: ml_collections.ConfigDict, workdir: str, towers: Any, 
                       "random_precision": _precision(rand_comps, comps, classes),
                       "lambda": _distribution(lam)},
         "best_w_histogram": {f"{wi:.1f}": int(c) for wi, c in zip(ws, np.bincount(best, minlength=len(ws)))},
-        "adapter_edit": report._edit_size(main[1]),  # pylint: disable=protected-access
+        "adapter_edit": report.edit_size(main[1]),
         "stages": towers.stats,
         "labels": {m: LABELS[m].format(steps=samp["steps"], guidance=samp["guidance"], w=w,
                                        data=_training_data(config)) for m in LABELS},

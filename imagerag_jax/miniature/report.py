@@ -22,8 +22,7 @@ from imagerag_jax.data import encoders, sources
 from imagerag_jax.miniature import data as data_lib
 from imagerag_jax.miniature import judge, stages
 from imagerag_jax.models import adapter as adapter_lib
-from imagerag_jax.retrieval import database as db_lib
-from imagerag_jax.retrieval import index as index_lib
+from imagerag_jax.retrieval import retriever as retriever_lib
 
 # Row order of the table: the paper's comparison, then the references.
 METHODS = ("teacher", "turbo", "direct_w", "direct_best_w", "imagerag")
@@ -54,16 +53,16 @@ class Retrieved:
     """Top-k database neighbours of the evaluation prompts (the production index and DB)."""
 
     def __init__(self, db_path: str, index_path: str, pooled: np.ndarray, k: int):
-        self.db, self.index = db_lib.Database(db_path), index_lib.Index.load(index_path)
-        self.ids, self.scores = self.index.search(pooled, k)
-        got = self.db.gather(self.db.rows_for_ids(self.ids))
+        self.retriever = retriever_lib.Retriever.open(db_path, index_path)
+        self.db = self.retriever.database
+        got = self.retriever.retrieve(pooled, k)
+        self.ids, self.scores = got["ids"], got["scores"]
         self.latents, self.prompt_embeds = got["latents"], got["prompt_embeds"]
         self.pooled = got["pooled"]
 
     def one(self, pooled: np.ndarray, k: int) -> dict[str, np.ndarray]:
         """Search + gather for one query (what a single request pays)."""
-        ids, _ = self.index.search(pooled, k)
-        return self.db.gather(self.db.rows_for_ids(ids))
+        return self.retriever.retrieve(pooled, k)
 
 
 def evaluate_all(config: ml_collections.ConfigDict, workdir: str, towers: Any, state: Mapping[str, Any],
@@ -183,7 +182,7 @@ def evaluate_all(config: ml_collections.ConfigDict, workdir: str, towers: Any, s
     hist = np.bincount(best, minlength=len(ws))
     return {
         "config": json.loads(config.to_json_best_effort()),
-        "machine": _machine(),
+        "machine": machine(),
         "num_prompts": len(prompts),
         "rows": rows,
         "retrieval": {"k": k, "precision_at_k": float(np.mean(retr_labels == labels[:, None])),
@@ -191,20 +190,20 @@ def evaluate_all(config: ml_collections.ConfigDict, workdir: str, towers: Any, s
                       "lambda_mean": float(lam.mean()), "lambda_min": float(lam.min()),
                       "lambda_max": float(lam.max())},
         "best_w_histogram": {f"{wi:.1f}": int(c) for wi, c in zip(ws, hist)},
-        "adapter_edit": _edit_size(params["adapter"]),
+        "adapter_edit": edit_size(params["adapter"]),
         "stages": towers.stats,
         "labels": {m: LABELS[m].format(steps=samp["steps"], guidance=samp["guidance"], w=w) for m in LABELS},
     }
 
 
-def _edit_size(adapter_params: Any) -> dict[str, float]:
+def edit_size(adapter_params: Any) -> dict[str, float]:
     """Norm of the adapter's output projection (0 at initialisation: training moved it or not)."""
     flat = jax.tree_util.tree_flatten_with_path(adapter_params)[0]
     out = [np.asarray(v) for p, v in flat if "to_out" in jax.tree_util.keystr(p) and v.ndim == 2]
     return {"out_proj_norm": float(sum(np.linalg.norm(o) for o in out))}
 
 
-def _machine() -> dict[str, Any]:
+def machine() -> dict[str, Any]:
     """The machine the numbers were measured on."""
     import platform  # pylint: disable=g-import-not-at-top
     cpu = platform.processor() or platform.machine()

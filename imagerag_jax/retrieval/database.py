@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -75,6 +74,60 @@ class DatabaseSpec:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class Encoders:
+    """The text encoder and VAE that wrote a database's rows (or that a job would read them with).
+
+    ``text_encoder`` and ``vae`` are ``label#archhash`` (``weights.towers.module_identity``): the
+    label is a path or ``random:preset:seed`` and is ignored by `check_encoders`, since paths change
+    when a workdir is moved or copied; the weights are told apart by their fingerprints
+    (``weights.towers.fingerprint``), None where unknown.
+    """
+
+    text_encoder: str
+    vae: str
+    text_encoder_fingerprint: str | None = None
+    vae_fingerprint: str | None = None
+
+    @classmethod
+    def of_manifest(cls, manifest: dict[str, Any]) -> Encoders:
+        """The encoders a database manifest records (identities at the top, fingerprints in extra)."""
+        extra = manifest.get("extra") or {}
+        return cls(manifest.get("text_encoder") or "", manifest.get("vae") or "",
+                   extra.get("text_encoder_fingerprint"), extra.get("vae_fingerprint"))
+
+
+def _arch_hash(identity: str) -> str:
+    """'label#archhash' -> 'archhash'; an identity without a hash is compared whole."""
+    return identity.rsplit("#", 1)[1] if "#" in identity else identity
+
+
+def check_encoders(path: str, manifest: dict[str, Any], want: Encoders) -> None:
+    """Refuses a database whose rows another text encoder or VAE wrote than `want`.
+
+    The one compatibility rule of build-db's resume, precompute's retrieval and generation: the
+    architecture hashes must be equal, and the weight fingerprints too where both are known. The
+    labels (paths) are not compared, so a moved or copied workdir keeps its database.
+
+    Raises:
+        DatabaseError: one sentence naming the database, the encoder and both identities.
+    """
+    have = Encoders.of_manifest(manifest)
+    for what in ("text_encoder", "vae"):
+        have_id, want_id = getattr(have, what), getattr(want, what)
+        have_fp, want_fp = getattr(have, f"{what}_fingerprint"), getattr(want, f"{what}_fingerprint")
+        if not have_id:
+            logging.warning("%s records no %s identity; cannot check it matches this job's", path, what)
+            continue
+        weights_differ = have_fp is not None and want_fp is not None and have_fp != want_fp
+        if _arch_hash(have_id) != _arch_hash(want_id) or weights_differ:
+            raise DatabaseError(
+                f"{path} was built with {what} {have_id}{f' (weights {have_fp})' if have_fp else ''}, "
+                f"but this job's is {want_id}{f' (weights {want_fp})' if want_fp else ''}: its rows "
+                "need the same text encoder and VAE weights; rebuild the database with these "
+                "(build-db with config.db.overwrite=True, or another config.db.dir)")
+
+
 def _row_bytes(name: str, shape: Sequence[int]) -> int:
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(ARRAYS[name][1]).itemsize
 
@@ -100,14 +153,13 @@ def _read_manifest(path: str) -> dict[str, Any]:
     return m
 
 
-def _write_manifest(path: str, manifest: dict[str, Any]) -> None:
-    """Atomically replaces the manifest (write to a temp file, fsync, rename)."""
-    tmp = os.path.join(path, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(path, MANIFEST))
+def write_manifest(path: str, manifest: dict[str, Any]) -> None:
+    """Atomically replaces the manifest of the database at `path` (fsynced): the commit point.
+
+    The writer commits through it; a builder also calls it to commit manifest-only changes (e.g.
+    final skip counts in ``extra``) to a writer's ``manifest`` without appending rows.
+    """
+    jsonfiles.write_atomic(os.path.join(path, MANIFEST), manifest)
 
 
 class DatabaseWriter:
@@ -119,8 +171,9 @@ class DatabaseWriter:
             for batch in batches_after(w.count):  # skip what an earlier, killed run committed
                 w.append(captions, latents, prompt_embeds, pooled, ids)
 
-    A fresh directory is created; an existing one is resumed when its manifest matches `spec` and the
-    identity strings (else `DatabaseError`), or wiped when `overwrite=True`.
+    A fresh directory is created; an existing one is resumed when its manifest matches `spec`, the
+    source and the encoders (`check_encoders`, with the fingerprints in `extra`; else
+    `DatabaseError`), or wiped when `overwrite=True`.
     """
 
     def __init__(self, path: str, spec: DatabaseSpec, *, source: str = "",
@@ -143,11 +196,13 @@ class DatabaseWriter:
             if m["shapes"] != shapes:
                 raise DatabaseError(
                     f"{path}: cannot resume, manifest shapes {m['shapes']} != requested {shapes}")
-            for key, value in identity.items():
-                if m.get(key) != value:
-                    raise DatabaseError(
-                        f"{path}: cannot resume, manifest {key} {m.get(key)!r} != requested {value!r} "
-                        "(pass overwrite=True to rebuild)")
+            if m.get("source") != source:
+                raise DatabaseError(
+                    f"{path}: cannot resume, manifest source {m.get('source')!r} != requested "
+                    f"{source!r} (pass overwrite=True to rebuild)")
+            given = extra or {}
+            check_encoders(path, m, Encoders(text_encoder, vae, given.get("text_encoder_fingerprint"),
+                                             given.get("vae_fingerprint")))
             self.manifest = m
             self._truncate_to(m["count"])
             if m["count"]:
@@ -164,7 +219,7 @@ class DatabaseWriter:
                 "extra": extra or {},
             }
             self._truncate_to(0)
-            _write_manifest(path, self.manifest)
+            write_manifest(path, self.manifest)
 
     @property
     def count(self) -> int:
@@ -236,7 +291,7 @@ class DatabaseWriter:
         if b:
             self._caption_end = int(ends[-1])
         self.manifest["count"] = self.count + b
-        _write_manifest(self.path, self.manifest)
+        write_manifest(self.path, self.manifest)
 
     def _append_bytes(self, fname: str, data: bytes) -> None:
         with open(self._file(fname), "ab") as f:
@@ -306,6 +361,11 @@ class Database:
         """Per-entry shapes as a `DatabaseSpec`."""
         return DatabaseSpec(self.shapes["latents"], self.shapes["prompt_embeds"],
                             self.shapes["pooled"][0])
+
+    @property
+    def caption_offsets(self) -> np.ndarray:
+        """[N + 1] int64: caption i is bytes [off[i], off[i + 1]) of captions.bin."""
+        return self._offsets
 
     def caption(self, row: int) -> str:
         """Caption of one row."""
@@ -401,8 +461,7 @@ def concatenate(path: str, parts: Sequence[Database], *, manifest_extra: dict[st
         copy_prefix(os.path.join(path, fname),
                     [(os.path.join(p.path, fname), p.count * _row_bytes(name, p.shapes[name]))
                      for p in parts], fsync)
-    # pylint: disable=protected-access  # the parts' caption offsets, this module's own format
-    ends = [np.asarray(p._offsets[1:], np.int64) for p in parts]
+    ends = [np.asarray(p.caption_offsets[1:], np.int64) for p in parts]
     text_ends = [int(e[-1]) if len(e) else 0 for e in ends]
     copy_prefix(os.path.join(path, CAPTIONS),
                 [(os.path.join(p.path, CAPTIONS), n) for p, n in zip(parts, text_ends)], fsync)
@@ -415,5 +474,5 @@ def concatenate(path: str, parts: Sequence[Database], *, manifest_extra: dict[st
             os.fsync(f.fileno())
     manifest = {**first, "count": int(sum(p.count for p in parts)), "extra": manifest_extra,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-    _write_manifest(path, manifest)
+    write_manifest(path, manifest)
     return Database(path)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from imagerag_jax import config_args, jsonfiles, sharding
+from imagerag_jax.retrieval import database as db_lib
 from imagerag_jax.errors import UserError
 
 PyTree = Any
@@ -237,6 +238,11 @@ class PipelineTowers:
     vae_id: str
     unet_id: str
 
+    def encoders(self) -> db_lib.Encoders:
+        """The text encoder and VAE as a retrieval database records them (identities, fingerprints)."""
+        return db_lib.Encoders(self.text_encoder_id, self.vae_id, fingerprint(self.pipe.text_params),
+                               fingerprint(self.pipe.vae_params))
+
 
 def module_identity(label: str, module: Any) -> str:
     """`label#hash` with the hash of the module's architecture fields (not dtype or kernels)."""
@@ -252,7 +258,7 @@ def random_pipeline_path(workdir: str, preset: str = "tiny", seed: int = 0) -> s
     path = os.path.join(workdir, f"{RANDOM_PIPELINE_DIR}_{preset}_{seed}")
     if not os.path.exists(os.path.join(path, "model_index.json")):
         # Write beside and rename: concurrent hosts never see a half-written folder.
-        tmp = f"{path}.tmp-{os.getpid()}"
+        tmp = jsonfiles.temp_name(path)
         random_pipeline.write_random_pipeline(tmp, preset=preset, seed=seed)
         try:
             os.rename(tmp, path)

@@ -1,4 +1,4 @@
-r"""Every field of an ImageRAGTurbo training config (``training/trainer.py``), at the paper's values.
+r"""Every field of an ImageRAGTurbo training config (``training/trainer.py``) at the paper's values.
 
 The training configs start from this one and set only what differs: ``configs/tiny.py`` (tiny
 random towers on CPU), ``configs/imageragturbo_sd21.py`` (the paper's run) and, through
@@ -29,9 +29,11 @@ def get_config(arg=None):
     config.vae_weights = config_dict.placeholder(str)  # sample grids; None: student folder's vae/
     config.latent_lpips_weights = config_dict.placeholder(str)  # sd21_latest_vgg16_tuned.pth
     # Where a path is None: random towers of this preset, 'tiny' | 'sd21' (SD 2.1-sized) | 'none'
-    # (refuses to start: the paper needs the real towers), seeded by `seed` (student, VAE) and
-    # `seed + 1` (teacher).
+    # (refuses to start: the paper needs the real towers), seeded by `random_seed` (student, VAE,
+    # text encoder) and `random_seed + 1` (teacher): the offline jobs' random pipeline of the same
+    # `random_seed` encodes the data these towers train on.
     config.random_preset = "none"
+    config.random_seed = 0
     config.random_prediction_type = "epsilon"  # loaded weights carry their own
     config.student_steps = 1  # T_n: 1 -> [999]; n -> schedule.student_timesteps(n)
 

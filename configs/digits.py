@@ -28,7 +28,7 @@ def rag_jobs(k, sampling, total_steps):
     pre = load_sibling(__file__, "precompute_digits").get_config(
         f"image_size=16,k={k},num_shards=2,teacher")
     pre.unlock()
-    pre.db.limit, pre.limit, pre.batch_size = 0, 0, 128
+    pre.db.limit, pre.max_source_items, pre.batch_size = 0, 0, 128
     pre.teacher.update(dict(sampler="ddim", steps=sampling["steps"], guidance=sampling["guidance"]))
     # tiny's modules and lr (the paper's 1e-5 is for batch 2048) on the miniature's own towers.
     train = load_sibling(__file__, "tiny").get_config(f"total_steps={total_steps},batch=32")
@@ -79,7 +79,7 @@ def get_config(arg=None):
         config.student = {**config.student, "pairs": 16, "teacher_steps": 2}
         config.sampling = dict(steps=2, guidance=3.0)
         config.precompute.teacher.steps = 2
-        config.precompute.limit, config.precompute.db.limit = 24, 40
+        config.precompute.max_source_items, config.precompute.db.limit = 24, 40
         config.train.total_steps, config.train.global_batch_size = 2, 4
         config.train.checkpoint_every = 2
         config.eval = dict(num_prompts=20, injection_w=0.8, grid_per_digit=2, latency_repeats=1)

@@ -2,8 +2,8 @@ r"""Offline jobs on scikit-learn's bundled digits: retrieval DB + index, then tr
 
 With no weights configured, the tiny random pipeline (``weights/random_pipeline.py``) encodes
 16 px digits to 8x8x4 latents with 77x32 prompt embeddings: the shapes of ``configs/tiny.py``'s
-synthetic data, so the output can be trained on (the numbers mean nothing). Set ``weights`` (a
-diffusers SD 2.x folder or single file) for real encodings.
+synthetic data, so the output can be trained on (the numbers mean nothing). Set
+``encoder_weights`` (a diffusers SD 2.x folder or single file) for real encodings.
 
   python -m imagerag_jax.main build-db   --config configs/precompute_digits.py --workdir /tmp/digits
   python -m imagerag_jax.main precompute --config configs/precompute_digits.py --workdir /tmp/digits
@@ -24,12 +24,13 @@ def get_config(arg=None):
     """The digits precompute config; see the module docstring for `arg`."""
     arg = parse_arg(arg, quick=False, teacher=False, image_size=16, k=2, num_shards=4)
     config = ml_collections.ConfigDict()
-    config.seed = 0
+    config.seed = 0  # the teacher's noise per example
 
-    # Models. weights: VAE + text encoder for the DB and the examples (None: tiny random pipeline,
-    # written to workdir/random_pipeline_{preset}_{seed}). teacher_weights: the multi-step teacher
-    # for latents='teacher' (None: `weights`).
-    config.weights = config_dict.placeholder(str)
+    # Towers, each `<tower>_weights` as in a training config. encoder_weights: the VAE + text
+    # encoder of the DB and the examples (None: the tiny random pipeline of `random_preset` and
+    # `random_seed`, written to workdir/random_pipeline_{preset}_{seed}). teacher_weights: the
+    # multi-step teacher for latents='teacher' (None: `encoder_weights`).
+    config.encoder_weights = config_dict.placeholder(str)
     config.tokenizer = config_dict.placeholder(str)  # tokenizer folder for single-file weights
     config.teacher_weights = config_dict.placeholder(str)
     config.random_preset = "tiny"
@@ -63,7 +64,7 @@ def get_config(arg=None):
     # Training examples (precompute): the digits' 'train' split -> TFRecords in workdir/data.
     config.source = ml_collections.ConfigDict(dict(kind="digits", split="train",
                                                    size=arg.image_size))
-    config.limit = 64 if arg.quick else 0  # raw source items (0: all)
+    config.max_source_items = 64 if arg.quick else 0  # raw source items read (0: all)
     config.data_dir = config_dict.placeholder(str)  # None: workdir/data
     config.split = "train"
     config.num_shards = arg.num_shards

@@ -2,10 +2,10 @@ r"""Offline jobs on local img2dataset webdataset shards: the retrieval DB, then 
 
   python -m imagerag_jax.main build-db --workdir W \
       --config 'configs/precompute_webdataset.py:paths=/data/openimages/*.tar' \
-      --config.weights=/ckpt/sd-turbo
+      --config.encoder_weights=/ckpt/sd-turbo
   python -m imagerag_jax.main precompute --workdir W \
       --config 'configs/precompute_webdataset.py:paths=/data/openimages/*.tar,train_paths=/data/laion/*.tar,teacher' \
-      --config.weights=/ckpt/sd-turbo --config.teacher_weights=/ckpt/stable-diffusion-2-1-base
+      --config.encoder_weights=/ckpt/sd-turbo --config.teacher_weights=/ckpt/stable-diffusion-2-1-base
 
 Arg string (comma-separated): ``paths=GLOB`` (the database's shards; required), ``train_paths=GLOB``
 (the training examples' shards; default ``paths``), ``image_size=N`` (512), ``k=N`` (4),

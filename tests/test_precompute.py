@@ -129,7 +129,7 @@ def test_build_db_refuses_to_resume_over_other_weights_at_the_same_path(tmp_path
     """The towers' label is their path: new weights there must not append to the old rows."""
     weights, path = str(tmp_path / "pipe"), str(tmp_path / "db")
     random_pipeline.write_random_pipeline(weights, preset="tiny", seed=0)
-    config = lambda limit: make_config(**{"db.dir": path, "db.limit": limit, "weights": weights})
+    config = lambda limit: make_config(**{"db.dir": path, "db.limit": limit, "encoder_weights": weights})
     assert build_db.build_db(config(10), str(tmp_path))["count"] == 10
     shutil.rmtree(weights)
     random_pipeline.write_random_pipeline(weights, preset="tiny", seed=1)
@@ -192,7 +192,7 @@ def pairs(workdir, built, tmp_path_factory):
 
 def _pairs_config(workdir, pairs, name, **overrides):
     return make_config(**{"source": pairs[0], "data_dir": os.path.join(workdir, name),
-                          "num_shards": 3, "limit": 0, "k": 2, **overrides})
+                          "num_shards": 3, "max_source_items": 0, "k": 2, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +294,7 @@ def test_two_processes_write_disjoint_covering_shards(workdir, pairs, precompute
 
 def test_teacher_mode_stores_noise(workdir, built):
     cfg = make_config("quick,teacher", **{"data_dir": os.path.join(workdir, "data_teacher"),
-                                          "num_shards": 2, "limit": 6, "teacher.steps": 2})
+                                          "num_shards": 2, "max_source_items": 6, "teacher.steps": 2})
     manifest = precompute.precompute(cfg, workdir)
     assert manifest["schema"]["has_noise"] and manifest["latents"] == "teacher"
     assert manifest["precompute"]["teacher"]["guidance"] == 7.5

@@ -97,7 +97,7 @@ def test_build_db_and_precompute_from_shards(tmp_path):
     pattern = write_shards(str(tmp_path / "shards"))
     source = {"kind": "webdataset", "paths": pattern, "image_size": SIZE, "min_side": 16,
               "max_pwatermark": 0.8}
-    cfg = make_config(**{"db.source": source, "db.limit": 0, "source": source, "limit": 0,
+    cfg = make_config(**{"db.source": source, "db.limit": 0, "source": source, "max_source_items": 0,
                          "num_shards": 2, "db.dir": os.path.join(work, "db")})
     summary = build_db.build_db(cfg, work)
     assert summary["count"] == 12
@@ -167,7 +167,7 @@ def test_prompt_lists_precompute_teacher_pairs(tmp_path):
     work = str(tmp_path / "work")
     source = {"kind": "prompts", "path": paths["parquet"], "id_key": "id"}
     build_db.build_db(make_config(**{"db.dir": os.path.join(work, "db")}), work)  # the digits DB
-    cfg = make_config("quick,teacher", source=source, limit=0, num_shards=1,
+    cfg = make_config("quick,teacher", source=source, max_source_items=0, num_shards=1,
                       **{"db.dir": os.path.join(work, "db")})
     precompute.precompute(cfg, work)
     data = os.path.join(work, "data")

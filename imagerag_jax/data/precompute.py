@@ -8,8 +8,8 @@ neighbours from the database and index that `build_db` wrote.
 
 Every host runs it; each writes only its own shards:
   * Shard i of n holds the source's raw items [floor(i N / n), floor((i + 1) N / n)),
-    N = len(source) (or `config.limit`). The raw position counts every item the source yields *or*
-    skips (each raw item does exactly one), so the split does not depend on which images are
+    N = len(source) (or `config.max_source_items`). The raw position counts every item the source
+    yields *or* skips (each raw item does exactly one), so the split does not depend on which images are
     unreadable, and the skips of each range are recorded by the shard that owns it (manifest sums
     are exact over hosts).
   * Host p of P owns shards p, p + P, ... (the input pipeline reads `files[p::P]`). It iterates the
@@ -21,8 +21,8 @@ Every host runs it; each writes only its own shards:
   * `precompute_{split}.json` pins the job's configuration (source, N, shards, models, DB, index,
     k, latents mode, teacher settings): resuming with another configuration is refused.
   * Latents: 'vae' encodes the example's image; 'teacher' samples from the teacher
-    (`config.teacher_weights`, default `config.weights`; DDIM or Euler, `config.teacher.steps`,
-    CFG `config.teacher.guidance` = 7.5 against `negative_prompt`) starting from
+    (`config.teacher_weights`, default `config.encoder_weights`; DDIM or Euler,
+    `config.teacher.steps`, CFG `config.teacher.guidance` = 7.5 against `negative_prompt`) starting from
     `noise = default_rng([seed, id_lo32, id_hi32]).standard_normal(latent_shape)` rounded to f16,
     which is stored as `noise` (deterministic per example id, whichever host draws it).
   * Retrieval: top-k by the L2-normalised pooled embedding (or the caption for bm25), excluding
@@ -140,7 +140,7 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
     negative = get(tcfg, "negative_prompt", "")
     if mode == "teacher":
         tw = get(config, "teacher_weights")
-        teacher = models if tw is None or tw == get(config, "weights") else (
+        teacher = models if tw is None or tw == get(config, "encoder_weights") else (
             towers.load_pipeline_towers(config, workdir, tw))
         teacher_enc = encoders.Encoder(teacher, batch_size)
         spec = encoders.TeacherSpec(get(tcfg, "sampler", "ddim"), int(get(tcfg, "steps", 25)),
@@ -155,10 +155,10 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
     if not source.has_images and mode != "teacher":
         raise UserError(f"{source.skipped.name} holds prompts only: it needs config.latents='teacher' "
                          "(the teacher synthesizes the images), not 'vae'")
-    limit = int(get(config, "limit", 0)) or None
+    limit = int(get(config, "max_source_items", 0)) or None
     if not hasattr(source, "__len__"):
         if limit is None:
-            raise UserError("this source has no length: set config.limit (raw items to read)")
+            raise UserError("this source has no length: set config.max_source_items (raw items to read)")
         num_items = limit
     else:
         num_items = len(source) if limit is None else min(len(source), limit)

@@ -8,7 +8,7 @@ or ``python -m imagerag_jax.main export --workdir W --out_dir DIR [--step N] [--
 The run's trainable params (adapter, decoder LoRA) come from its orbax checkpoint
 (``checkpoints.restore_trained``); the frozen towers are rebuilt by ``towers.frozen_towers``
 exactly as the trainer built them (the config's weight paths, or the random towers of
-``random_preset`` and ``seed``) and checked against the fingerprint the checkpoint recorded.
+``random_preset`` and ``random_seed``) and checked against the fingerprint the checkpoint recorded.
 Written to ``out_dir``:
 
   model_index.json, scheduler/   a ``StableDiffusionPipeline`` folder (diffusers ``from_pretrained``)

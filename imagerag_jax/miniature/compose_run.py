@@ -72,7 +72,7 @@ def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     from imagerag_jax.data import precompute as precompute_lib  # pylint: disable=g-import-not-at-top
 
     rag = os.path.join(workdir, "rag")
-    models = dict(weights=run_lib._models_dir(workdir, "turbo"),  # pylint: disable=protected-access
+    models = dict(encoder_weights=run_lib._models_dir(workdir, "turbo"),  # pylint: disable=protected-access
                   teacher_weights=run_lib._models_dir(workdir, "teacher"),  # pylint: disable=protected-access
                   seed=int(config.seed))
     pre = run_lib._job_config(config.precompute, **models)  # pylint: disable=protected-access
@@ -84,8 +84,8 @@ def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
         job = run_lib._job_config(config.precompute, **models, data_dir=sets[name],  # pylint: disable=protected-access
                                   latents="teacher" if name == "teacher" else "vae")
         precompute_lib.precompute(job, rag)
-    train_fields = dict(student_weights=models["weights"], teacher_weights=models["teacher_weights"],
-                        seed=int(config.seed))
+    train_fields = dict(student_weights=models["encoder_weights"],
+                        teacher_weights=models["teacher_weights"], seed=int(config.seed))
     mixture = tuple((sets[n], w) for n, w in weights.items() if w != 0.0)
     states, seconds = {}, {}
     variants = [("imageragturbo", dict(data_mixture=mixture), "train")]

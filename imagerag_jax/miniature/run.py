@@ -119,7 +119,7 @@ def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any
     from imagerag_jax.data import precompute as precompute_lib  # pylint: disable=g-import-not-at-top
 
     rag = os.path.join(workdir, "rag")
-    pre = _job_config(config.precompute, weights=_models_dir(workdir, "turbo"),
+    pre = _job_config(config.precompute, encoder_weights=_models_dir(workdir, "turbo"),
                       teacher_weights=_models_dir(workdir, "teacher"), seed=int(config.seed))
     build_db_lib.build_db(pre, rag)
     precompute_lib.precompute(pre, rag)

@@ -1,19 +1,23 @@
 """The frozen towers: loaded from weights or rebuilt as random presets, fingerprinted, resolved.
 
-Two config families name their towers:
+Both config families name a tower's weights ``<tower>_weights`` (a path; unset: random towers
+of ``random_preset``, seeded by ``random_seed``); ``seed`` is the job's own randomness, never the
+towers':
 
-* a training config (``configs/tiny.py``, ``configs/imageragturbo_sd21.py``): ``student_weights``,
-  ``teacher_weights``, ``vae_weights`` (unset: the student's pipeline folder's ``vae/``), or random
-  towers of ``random_preset`` ('tiny' | 'sd21') seeded by ``seed`` (student, VAE) and ``seed + 1``
-  (teacher). `frozen_towers` resolves all of them; the trainer, export and the inference paths
-  call it, so a run's towers are rebuilt the same way everywhere and checked by `fingerprint`.
-* an offline-job config (``configs/precompute_*.py``): one pipeline ``weights`` (unset: the tiny
-  random pipeline of ``random_seed``, written under the workdir) and an optional
-  ``teacher_weights``. `load_pipeline_towers` loads it with the identity strings that the
-  database and TFRecord manifests record.
+* a training config (``configs/base.py``): ``student_weights``, ``teacher_weights``,
+  ``vae_weights`` (unset: the student's pipeline folder's ``vae/``), or random towers of
+  ``random_preset`` ('tiny' | 'sd21') seeded by ``random_seed`` (student, VAE) and
+  ``random_seed + 1`` (teacher). `frozen_towers` resolves all of them; the trainer, export and
+  the inference paths call it, so a run's towers are rebuilt the same way everywhere and checked
+  by `fingerprint`.
+* an offline-job config (``configs/precompute_*.py``): ``encoder_weights``, the pipeline whose
+  VAE and text encoder encode the database and the examples (unset: the tiny random pipeline of
+  ``random_seed``, written under the workdir), and an optional ``teacher_weights``.
+  `load_pipeline_towers` loads them with the identity strings that the database and TFRecord
+  manifests record.
 
 The 'tiny' random pipeline of seed s is the same towers in both families: a training run with
-``random_preset='tiny'`` and ``seed=s`` trains on data encoded by ``random_seed=s``.
+``random_preset='tiny'`` and ``random_seed=s`` trains on data encoded by ``random_seed=s``.
 """
 
 from __future__ import annotations
@@ -174,7 +178,7 @@ def frozen_towers(config: Mapping[str, Any], *, compute_dtype: Any = None, teach
     common = dict(preset=config["random_preset"], compute_dtype=compute,
                   param_dtype=DTYPES[config["frozen_param_dtype"]],
                   prediction_type=config["random_prediction_type"])
-    seed = int(config["seed"])
+    seed = int(config["random_seed"])
     student = Tower(*load_tower("unet", config["student_weights"], seed=seed, **common))
     teacher_tower = None
     if teacher:
@@ -201,8 +205,8 @@ def text_tower(config: Mapping[str, Any], text_encoder: str | None = None,
     """(module, params, tokenizer folder, source) of the text encoder a training run's data used.
 
     ``text_encoder`` overrides; else the student's pipeline folder (or single file); else, for
-    random 'tiny' towers, the tiny random pipeline of the run's seed (what the offline jobs encode
-    with). (None, None, tokenizer, None) when there is none.
+    random 'tiny' towers, the tiny random pipeline of the run's random_seed (what the offline jobs
+    encode with). (None, None, tokenizer, None) when there is none.
     """
     from imagerag_jax import weights
 
@@ -217,7 +221,7 @@ def text_tower(config: Mapping[str, Any], text_encoder: str | None = None,
             tokenizer = os.path.join(source, "tokenizer")
         return module, params, tokenizer, os.path.abspath(source)
     if student is None and config["random_preset"] == "tiny":
-        seed = int(config["seed"])
+        seed = int(config["random_seed"])
         module, params = random_tower("text_encoder", "tiny", seed)
         return module, params, tokenizer, f"random:tiny:{seed}"
     return None, None, tokenizer, None
@@ -268,11 +272,11 @@ def random_pipeline_path(workdir: str, preset: str = "tiny", seed: int = 0) -> s
 
 
 def load_pipeline_towers(config: Any, workdir: str, weights: str | None = None) -> PipelineTowers:
-    """Loads `weights` (default `config.weights`; unset: the random pipeline) with identities."""
+    """Loads `weights` (default `config.encoder_weights`; unset: the random pipeline) with identities."""
     from imagerag_jax import weights as weights_lib
 
     get = config_args.get
-    path = weights or get(config, "weights")
+    path = weights or get(config, "encoder_weights")
     if path is None:
         preset, seed = get(config, "random_preset", "tiny"), int(get(config, "random_seed", 0))
         logging.warning("No weights configured: using a tiny random-weight pipeline (%s, seed %d); "

@@ -28,7 +28,7 @@ def test_every_caption_of_every_composition_parses_back():
 
 
 def test_canvas_halves_hold_the_tinted_digits():
-    digits, _ = sources._load_digits()
+    digits, _ = sources.load_digits()
     comp = compose.Composition(4, 1, 9, 3)
     img = compose.canvas(digits[0], digits[5], comp, size=16)
     assert img.shape == (16, 16, 3) and img.dtype == np.uint8
@@ -65,7 +65,7 @@ def test_splits_are_deterministic_disjoint_and_long_tailed(splits):
     assert not used["train"] & used["database"] and not used["train"] & used["eval"]
     assert not used["database"] & used["eval"]
     # Captions name each canvas's composition; sides hold digit images of the named digits.
-    _, labels = sources._load_digits()
+    _, labels = sources.load_digits()
     for s in splits.values():
         for index, text, left, right in zip(s.compositions, s.captions, s.left_ids, s.right_ids):
             comp = compose.Composition.from_index(int(index))

@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent("""
     from imagerag_jax.data import encoders
 
     assert jax.local_device_count() == 8
-    models = towers.load_pipeline_towers({}, sys.argv[1])
+    models = towers.load_job_towers({}, sys.argv[1])
     every = encoders.Encoder(models, batch_size=5)  # rounded up to 8: one row per device
     one = encoders.Encoder(models, batch_size=5, devices=jax.local_devices()[:1])
     assert every.batch_size == 8 and one.batch_size == 5
@@ -40,9 +40,9 @@ SCRIPT = textwrap.dedent("""
     np.testing.assert_allclose(np.asarray(z)[:5], one.teacher(spec, captions, "", noise),
                                atol=1e-4, rtol=1e-4)
     # The towers' params were placed once on every device, not re-sent per batch.
-    placed = every._params("vae_params")
+    placed = every.placed_params("vae_params")
     every.images(images)
-    assert every._params("vae_params") is placed
+    assert every.placed_params("vae_params") is placed
     assert len(jax.tree.leaves(placed)[0].sharding.device_set) == 8
     print("ok")
 """)

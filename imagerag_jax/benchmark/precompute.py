@@ -92,11 +92,11 @@ def build_encoder(preset: str, per_device_batch: int, *, compute_dtype: Any = jn
     unet, vae, text = (m.clone(dtype=compute_dtype) for m in (unet, vae, text))
     with tempfile.TemporaryDirectory(prefix="imagerag-bench-precompute-") as root:
         tokenizer = Tokenizer.from_pretrained(random_pipeline.write_byte_tokenizer(root))
-    pipe = weights.Pipeline(unet=unet, unet_params=unet_p, vae=vae, vae_params=vae_p,
+    pipe = weights.SDTowers(unet=unet, unet_params=unet_p, vae=vae, vae_params=vae_p,
                             text_encoder=text, text_params=text_p, tokenizer=tokenizer,
                             prediction_type=unet.prediction_type, source=f"benchmark:{preset}")
     label = f"random:{preset}:{seed}"
-    models = towers.PipelineTowers(pipe, label, towers.module_identity(label, text),
+    models = towers.JobTowers(pipe, label, towers.module_identity(label, text),
                                    towers.module_identity(label, vae),
                                    towers.module_identity(label, unet))
     devices = list(devices) if devices is not None else jax.local_devices()
@@ -184,8 +184,7 @@ def jitted_calls(enc: encoders.Encoder, images: np.ndarray, captions: Sequence[s
 
     Compiling these first, the methods' calls reuse the compilations (same shapes and shardings).
     """
-    pipe, params = enc.pipe, enc._params  # pylint: disable=protected-access
-    rows = enc._rows  # pylint: disable=protected-access
+    pipe, params, rows = enc.pipe, enc.placed_params, enc.sharded_rows
     ids = rows(pipe.tokenizer(list(captions)))
     uncond = jax.device_put(pipe.tokenizer([negative]), enc.replicated)
     return {

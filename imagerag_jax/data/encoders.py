@@ -89,7 +89,7 @@ class Encoder:
     number of devices (up to float reassociation inside a device's kernels).
     """
 
-    def __init__(self, models: towers.PipelineTowers, batch_size: int,
+    def __init__(self, models: towers.JobTowers, batch_size: int,
                  devices: Sequence[jax.Device] | None = None):
         self.models, self.pipe = models, models.pipe
         self.devices = list(devices) if devices is not None else jax.local_devices()
@@ -100,13 +100,13 @@ class Encoder:
         self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self._placed: dict[str, Any] = {}
 
-    def _params(self, name: str) -> Any:
+    def placed_params(self, name: str) -> Any:
         """The pipeline's `name` params (vae_params, text_params, unet_params) on every device."""
         if name not in self._placed:
             self._placed[name] = jax.device_put(getattr(self.pipe, name), self.replicated)
         return self._placed[name]
 
-    def _rows(self, x: np.ndarray) -> jax.Array:
+    def sharded_rows(self, x: np.ndarray) -> jax.Array:
         """A host batch padded to `batch_size` and split over the devices."""
         return jax.device_put(pad_rows(x, self.batch_size), self.batch_sharding)
 
@@ -122,7 +122,7 @@ class Encoder:
 
     def image_latents(self, images: np.ndarray) -> jax.Array:
         """uint8 [b, H, W, 3] -> latents [batch_size, h, w, C] float32, sharded over the devices."""
-        return encode_images(self.pipe.vae, self._params("vae_params"), self._rows(images))
+        return encode_images(self.pipe.vae, self.placed_params("vae_params"), self.sharded_rows(images))
 
     def images(self, images: np.ndarray) -> np.ndarray:
         """uint8 [b, H, W, 3] -> latents [b, h, w, C] float32."""
@@ -131,18 +131,18 @@ class Encoder:
     def texts(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Captions -> (prompt embeds [b, L, D], normalised pooled [b, D]) float32."""
         b = len(captions)
-        ids = self._rows(self.pipe.tokenizer(list(captions)))
-        hidden, pooled = encode_text(self.pipe.text_encoder, self._params("text_params"), ids)
+        ids = self.sharded_rows(self.pipe.tokenizer(list(captions)))
+        hidden, pooled = encode_text(self.pipe.text_encoder, self.placed_params("text_params"), ids)
         return np.asarray(hidden)[:b], np.asarray(pooled)[:b]
 
     def teacher_sample(self, spec: TeacherSpec, captions: Sequence[str], negative_prompt: str,
                        noise: np.ndarray) -> jax.Array:
         """Teacher latents [batch_size, h, w, C] from `noise`, sharded over the devices."""
-        ids = self._rows(self.pipe.tokenizer(list(captions)))
+        ids = self.sharded_rows(self.pipe.tokenizer(list(captions)))
         uncond = jax.device_put(self.pipe.tokenizer([negative_prompt]), self.replicated)
         return teacher_latents(spec, self.pipe.unet, self.pipe.text_encoder,
-                               self._params("unet_params"), self._params("text_params"), ids, uncond,
-                               self._rows(noise.astype(np.float32)))
+                               self.placed_params("unet_params"), self.placed_params("text_params"), ids, uncond,
+                               self.sharded_rows(noise.astype(np.float32)))
 
     def teacher(self, spec: TeacherSpec, captions: Sequence[str], negative_prompt: str,
                 noise: np.ndarray) -> np.ndarray:

@@ -350,10 +350,10 @@ DIGITS_SPLITS = {"train": 0.5, "eval": 0.1, "database": 0.4}
 
 
 @functools.lru_cache(maxsize=1)
-def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
     """(images [1797, 8, 8] in 0..16, labels [1797]) from scikit-learn's bundled copy."""
-    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-    digits = load_digits()
+    from sklearn import datasets  # pylint: disable=g-import-not-at-top
+    digits = datasets.load_digits()
     return digits.images, digits.target.astype(np.int64)
 
 
@@ -374,7 +374,7 @@ def caption_digit(caption: str) -> int | None:
 def digits_split_indices(seed: int = 0,
                          fractions: Mapping[str, float] = DIGITS_SPLITS) -> dict[str, np.ndarray]:
     """Deterministic, disjoint, covering, per-class stratified splits of the 1797 digits."""
-    labels = _load_digits()[1]
+    labels = load_digits()[1]
     total = sum(fractions.values())
     names = list(fractions)
     out: dict[str, list[int]] = {n: [] for n in names}
@@ -398,7 +398,7 @@ class DigitsSource(Source):
                  fractions: Mapping[str, float] = DIGITS_SPLITS):
         super().__init__(f"DigitsSource({split})", None)
         self.split, self.size, self.seed = split, size, seed
-        self._images8, self.all_labels = _load_digits()
+        self._images8, self.all_labels = load_digits()
         if split == "all":
             self.ids = np.arange(len(self.all_labels), dtype=np.int64)
         else:

@@ -174,7 +174,7 @@ def as_float(images: np.ndarray) -> np.ndarray:
 
 def digit_halves(ids: np.ndarray, size: int = 16) -> np.ndarray:
     """uint8 [N, size, size/2, 3]: digit images as white canvas halves (the judge's training input)."""
-    digits, _ = sources._load_digits()  # pylint: disable=protected-access
+    digits, _ = sources.load_digits()
     return np.stack([np.round(np.repeat(tint(digits[int(i)], 0, size)[..., :1], 3, -1) * 255.0)
                      for i in ids]).astype(np.uint8)
 
@@ -208,7 +208,7 @@ class ComposeSplit:
 
 def _pools(seed: int) -> dict[str, dict[int, np.ndarray]]:
     """Digit-image ids of each split, per digit."""
-    _, labels = sources._load_digits()  # pylint: disable=protected-access
+    _, labels = sources.load_digits()
     return {name: {d: idx[labels[idx] == d] for d in range(10)}
             for name, idx in sources.digits_split_indices(seed).items()}
 
@@ -216,7 +216,7 @@ def _pools(seed: int) -> dict[str, dict[int, np.ndarray]]:
 def _make(comps: np.ndarray, pool: dict[int, np.ndarray], rng: np.random.Generator, size: int,
           classes: np.ndarray) -> ComposeSplit:
     """Canvases of the given compositions, each side a random digit image of the pool."""
-    digits, _ = sources._load_digits()  # pylint: disable=protected-access
+    digits, _ = sources.load_digits()
     images, lefts, rights, caps = [], [], [], []
     for index in comps:
         comp = Composition.from_index(int(index))
@@ -301,7 +301,7 @@ def train_judge(size: int = 16, *, split_seed: int = 0, seed: int = 0, epochs: i
     """
     from imagerag_jax.miniature import judge as judge_lib  # pylint: disable=g-import-not-at-top
 
-    _, labels = sources._load_digits()  # pylint: disable=protected-access
+    _, labels = sources.load_digits()
     ids = sources.digits_split_indices(split_seed)["train"]
     kw = {"epochs": epochs} if epochs else {}
     return judge_lib.DigitClassifier(**kw).fit(digit_halves(ids, size), labels[ids], seed=seed)

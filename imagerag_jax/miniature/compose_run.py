@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from imagerag_jax import jsonfiles
 from imagerag_jax.miniature import compose
 from imagerag_jax.miniature import compose_report
 from imagerag_jax.miniature import run as run_lib
@@ -40,9 +41,7 @@ def check_splits(config: ml_collections.ConfigDict, workdir: str) -> None:
             raise ValueError(f"{workdir} holds stages trained on other splits ({have} != {want}); "
                              "use a fresh --workdir")
         return
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(want, f, indent=1)
-    os.replace(f"{path}.tmp", path)
+    jsonfiles.write_atomic(path, want, sort_keys=False, indent=1)
 
 
 def train_towers(config: ml_collections.ConfigDict, workdir: str) -> run_lib.Towers:
@@ -72,16 +71,16 @@ def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     from imagerag_jax.data import precompute as precompute_lib  # pylint: disable=g-import-not-at-top
 
     rag = os.path.join(workdir, "rag")
-    models = dict(encoder_weights=run_lib._models_dir(workdir, "turbo"),  # pylint: disable=protected-access
-                  teacher_weights=run_lib._models_dir(workdir, "teacher"),  # pylint: disable=protected-access
+    models = dict(encoder_weights=run_lib.models_dir(workdir, "turbo"),
+                  teacher_weights=run_lib.models_dir(workdir, "teacher"),
                   seed=int(config.seed))
-    pre = run_lib._job_config(config.precompute, **models)  # pylint: disable=protected-access
+    pre = run_lib.job_config(config.precompute, **models)
     build_db_lib.build_db(pre, rag)
     weights, needed = compose.mixture_sets(config)
     sets = {}
     for name in needed:
         sets[name] = os.path.join(rag, f"data_{name}")
-        job = run_lib._job_config(config.precompute, **models, data_dir=sets[name],  # pylint: disable=protected-access
+        job = run_lib.job_config(config.precompute, **models, data_dir=sets[name],
                                   latents="teacher" if name == "teacher" else "vae")
         precompute_lib.precompute(job, rag)
     train_fields = dict(student_weights=models["encoder_weights"],
@@ -93,7 +92,7 @@ def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
         variants.append(("imageragturbo_teacher_only", dict(data_dir=sets["teacher"]), "train_teacher_only"))
     for name, data, folder in variants:
         t0 = time.perf_counter()
-        tcfg = run_lib._job_config(config.train, **train_fields, **data)  # pylint: disable=protected-access
+        tcfg = run_lib.job_config(config.train, **train_fields, **data)
         states[name] = train_lib.train_and_evaluate(tcfg, os.path.join(rag, folder))
         seconds[name] = round(time.perf_counter() - t0, 1)
     return {"states": states, "seconds": seconds, "db": build_db_lib.db_dir(pre, rag),

@@ -15,26 +15,28 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from imagerag_jax import jsonfiles
 from imagerag_jax.miniature import data as data_lib
 from imagerag_jax.miniature import stages
 from imagerag_jax.models.clip_text import Tokenizer
 from imagerag_jax.weights import random_pipeline, to_torch
 
 
-def _models_dir(workdir: str, name: str) -> str:
+def models_dir(workdir: str, name: str) -> str:
+    """The pipeline folder the miniature writes for `name` ('teacher', 'turbo') under workdir."""
     return os.path.join(workdir, "models", name)
 
 
 def _write_pipeline(path: str, unet, unet_p, vae, vae_p, text, text_p, tokenizer_dir: str) -> str:
     """A diffusers pipeline folder (what build-db/precompute/train load), written once."""
     if not os.path.exists(os.path.join(path, "model_index.json")):
-        tmp = f"{path}.tmp-{os.getpid()}"
+        tmp = jsonfiles.temp_name(path)  # a folder: written beside, then renamed into place
         to_torch.save_pipeline(tmp, unet, unet_p, vae, vae_p, text, text_p, tokenizer_dir=tokenizer_dir)
         os.replace(tmp, path)
     return path
 
 
-def _job_config(template: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+def job_config(template: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
     """An unlocked copy of a sub-config with fields set (paths known only at run time)."""
     cfg = copy.deepcopy(template)
     cfg.unlock()
@@ -106,8 +108,8 @@ def train_towers(config: ml_collections.ConfigDict, workdir: str, images: np.nda
                                                        progress=progress)
     logging.info("turbo student ready (%.0f s): %s", time.perf_counter() - t0, stats["student"].get("final"))
 
-    _write_pipeline(_models_dir(workdir, "teacher"), unet, teacher_p, vae, vae_p, text, text_p, tok_dir)
-    _write_pipeline(_models_dir(workdir, "turbo"), unet, student_p, vae, vae_p, text, text_p, tok_dir)
+    _write_pipeline(models_dir(workdir, "teacher"), unet, teacher_p, vae, vae_p, text, text_p, tok_dir)
+    _write_pipeline(models_dir(workdir, "turbo"), unet, student_p, vae, vae_p, text, text_p, tok_dir)
     return Towers(vae=vae, vae_p=vae_p, text=text, text_p=text_p, tokenizer=tokenizer, unet=unet,
                   teacher_p=teacher_p, student_p=student_p, stats=stats)
 
@@ -119,12 +121,12 @@ def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any
     from imagerag_jax.data import precompute as precompute_lib  # pylint: disable=g-import-not-at-top
 
     rag = os.path.join(workdir, "rag")
-    pre = _job_config(config.precompute, encoder_weights=_models_dir(workdir, "turbo"),
-                      teacher_weights=_models_dir(workdir, "teacher"), seed=int(config.seed))
+    pre = job_config(config.precompute, encoder_weights=models_dir(workdir, "turbo"),
+                      teacher_weights=models_dir(workdir, "teacher"), seed=int(config.seed))
     build_db_lib.build_db(pre, rag)
     precompute_lib.precompute(pre, rag)
-    tcfg = _job_config(config.train, student_weights=_models_dir(workdir, "turbo"),
-                       teacher_weights=_models_dir(workdir, "teacher"),
+    tcfg = job_config(config.train, student_weights=models_dir(workdir, "turbo"),
+                       teacher_weights=models_dir(workdir, "teacher"),
                        data_dir=os.path.join(rag, "data"), seed=int(config.seed))
     state = train_lib.train_and_evaluate(tcfg, os.path.join(rag, "train"))
     return state, build_db_lib.db_dir(pre, rag), build_db_lib.index_dir(pre, rag)

@@ -1,31 +1,83 @@
-"""Test configuration: keep JAX on the CPU and quiet TensorFlow's start-up chatter."""
+"""Test configuration: keep JAX on the CPU, quiet TensorFlow's start-up chatter, share one
+persistent XLA compilation cache across the session, and schedule the xdist groups longest first."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# One persistent compilation cache for the whole session: the controller makes it before the
+# xdist workers start, they and every subprocess they launch (the CLI end-to-end runs) inherit it
+# through the environment, so a function compiled once (same HLO, same flags) is loaded, not
+# recompiled, by the next process or the next jax.jit of a fresh closure. A cached executable is
+# the one XLA compiled, so results are unchanged. A JAX_COMPILATION_CACHE_DIR already set is kept.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="imagerag-test-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real-size configurations (still run in CI)")
+    # Run the groups in the order pytest_collection_modifyitems leaves them (longest first), not
+    # xdist's default of most tests first.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None and not os.environ.get("PYTEST_XDIST_WORKER"):
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 import pytest  # noqa: E402
 
 # Under `pytest -n 2 --dist loadgroup` (the README's command) a group runs on one worker: each
 # file is a group (module fixtures are built once), the files sharing the session's trained run
-# are one, and the real-size SD 2.1 tests are one, so that two of them never hold memory at once.
+# are one, the compositional smoke run's tests are one (it is computed once), and the real-size
+# SD 2.1 tests are one, so that two of them never hold memory at once.
 SHARED_RUN_FIXTURES = {"rag_run", "rag_pipe"}
+COMPOSE_FIXTURES = {"compose_smoke"}
 REAL_SIZE_FILES = {"test_unet", "test_vae", "test_clip_text", "test_latent_lpips", "test_load_memory"}
 
+# Rough seconds per group on a 2-core CI machine (measured with --durations, both workers busy);
+# groups start longest first so that the two workers finish together. Unlisted groups count 0 and
+# keep their collection order after the listed ones.
+GROUP_SECONDS = {
+    "compose_run": 600, "test_miniature": 200, "real_size": 150, "shared_run": 150,
+    "test_multihost": 140, "test_train": 120, "test_export_runtime": 100, "test_pipeline": 90,
+    "test_build_db_multihost": 80, "test_hspace_cache": 70, "test_evaluate_prompts": 60,
+    "test_sharding": 60, "test_weight_errors": 50, "test_judge": 50, "test_cli": 40,
+    "test_errors": 40,
+}
 
+
+def _group(item) -> str:
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if COMPOSE_FIXTURES & fixtures:
+        return "compose_run"
+    if SHARED_RUN_FIXTURES & fixtures:
+        return "shared_run"
+    return "real_size" if item.path.stem in REAL_SIZE_FILES else item.path.stem
+
+
+# tryfirst: xdist's worker adds the `@group` suffix that --dist loadgroup schedules by in its own
+# pytest_collection_modifyitems; the marks must be on the items before that hook runs.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    shared = {item.path for item in items if SHARED_RUN_FIXTURES & set(getattr(item, "fixturenames", ()))}
+    by_path = {}
+    for item in items:  # a file goes wholly to the group of a run that any of its tests share
+        g = _group(item)
+        if by_path.get(item.path) not in ("compose_run", "shared_run"):
+            by_path[item.path] = g
+    groups = {item: by_path[item.path] for item in items}
     for item in items:
-        stem = item.path.stem
-        group = ("shared_run" if item.path in shared else "real_size" if stem in REAL_SIZE_FILES
-                 else stem)
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    # A stable sort: longest groups first, tests keep their order within a group.
+    items.sort(key=lambda item: -GROUP_SECONDS.get(groups[item], 0))
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +94,12 @@ def rag_pipe(rag_run):
     from imagerag_jax.inference import rag
 
     return rag.RagPipeline.from_run(rag_run["workdir"], database=rag_run["db"], index=rag_run["index"])
+
+
+@pytest.fixture(scope="session")
+def compose_smoke(tmp_path_factory):
+    """One `main run --config configs/compose.py:smoke,novel=9` for the session (its tests are
+    one xdist group): (workdir, results.json, stdout). A test that changes the run copies it."""
+    from tests import helpers
+
+    return helpers.compose_smoke_run(tmp_path_factory.mktemp("compose_smoke"))

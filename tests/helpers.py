@@ -1,9 +1,19 @@
-"""Shared test helpers: layout conversion and the fp32 parity tolerance (docs/design.md, "Numerics")."""
+"""Shared test helpers: layout conversion, the fp32 parity tolerance (docs/design.md, "Numerics"),
+and the compositional miniature's smoke run (the session fixture `compose_smoke`)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from typing import NamedTuple
+
 import jax.numpy as jnp
 import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMPOSE_ARG = "smoke,novel=9"
 
 
 def nhwc(x: np.ndarray) -> jnp.ndarray:
@@ -28,3 +38,45 @@ def assert_parity(out, ref) -> None:
     """Fail unless max |out - ref| <= 1e-4 * max(1, max |ref|) (fp32 parity bar)."""
     err, allowed = parity_error(out, ref)
     assert err <= allowed, f"max |diff| {err:.3g} exceeds {allowed:.3g}"
+
+
+def compose_run(workdir, arg: str = COMPOSE_ARG) -> tuple[dict, str]:
+    """`python -m imagerag_jax.main run --config configs/compose.py:ARG --workdir W` in a
+    subprocess: (results.json, stdout); fails with the end of stderr unless it exits 0."""
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "imagerag_jax.main", "run", "--config",
+           os.path.join(REPO, "configs", "compose.py") + f":{arg}", "--workdir", str(workdir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((workdir / "results.json").read_text()), proc.stdout
+
+
+def compose_smoke_run(workdir) -> tuple:
+    """The session's one compositional smoke run in `workdir`: (workdir, results.json, stdout)."""
+    results, stdout = compose_run(workdir)
+    (workdir / "stdout.txt").write_text(stdout)
+    return workdir, results, stdout
+
+
+class CliResult(NamedTuple):
+    """What a command line left: as subprocess.CompletedProcess's fields of the same names."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_in_process(capfd, *args: str, cwd: str) -> CliResult:
+    """`python -m imagerag_jax.main ARGS` run in this process (`main.run_cli`, in `cwd`), its
+    stdout and stderr read from pytest's `capfd`: no interpreter, JAX or TensorFlow start-up."""
+    from imagerag_jax import main  # pylint: disable=g-import-not-at-top
+
+    capfd.readouterr()  # only this command's output
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        code = main.run_cli(["imagerag_jax.main", *args])
+    finally:
+        os.chdir(old)
+    out, err = capfd.readouterr()
+    return CliResult(code, out, err)

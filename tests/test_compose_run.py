@@ -6,45 +6,29 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from imagerag_jax.miniature import compose_report
+from tests import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = helpers.REPO
 ROWS = ("teacher", "turbo", "injection", "injection_best_w", "imageragturbo",
         "imageragturbo_random_neighbours", "imageragturbo_lambda0", "imageragturbo_teacher_only")
 
 
-ARG = "smoke,novel=9"
-
-
-def _run(workdir, arg=ARG):
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "imagerag_jax.main", "run", "--config",
-           os.path.join(REPO, "configs", "compose.py") + f":{arg}", "--workdir", str(workdir)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((workdir / "results.json").read_text()), proc.stdout
+ARG = helpers.COMPOSE_ARG
 
 
 def _without_timings(results):
     return [{k: v for k, v in r.items() if k != "latency_ms"} for r in results["rows"]]
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    # One run per session: xdist may interleave other files' tests with these, which tears a
-    # module fixture down and sets it up again.
-    workdir = tmp_path_factory.getbasetemp() / "compose_smoke"
-    if not (workdir / "stdout.txt").exists():
-        workdir.mkdir(exist_ok=True)
-        _, stdout = _run(workdir)
-        (workdir / "stdout.txt").write_text(stdout)
-    return workdir, json.loads((workdir / "results.json").read_text()), (workdir / "stdout.txt").read_text()
+@pytest.fixture
+def smoke(compose_smoke):
+    # The session's one run (tests/conftest.py; these tests are one xdist group).
+    return compose_smoke
 
 
 def test_compose_smoke_writes_every_row(smoke):
@@ -82,9 +66,11 @@ def test_compose_smoke_writes_every_row(smoke):
 
 
 def test_compose_rerun_resumes_and_reproduces_the_table(smoke):
+    # In the shared workdir (its precompute manifests record the database's absolute path, so a
+    # copy would not resume): only results.json is rewritten, which no other test reads from disk.
     workdir, results, _ = smoke
     os.remove(workdir / "results.json")
-    rerun, _ = _run(workdir)  # every stage loads its finished checkpoint; the evaluation reruns
+    rerun, _ = helpers.compose_run(workdir)  # every stage loads its finished checkpoint; the evaluation reruns
     assert _without_timings(rerun) == _without_timings(results)
     assert rerun["differences"] == results["differences"]
 

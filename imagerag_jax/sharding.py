@@ -26,6 +26,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from imagerag_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 # Elements: 2**18 fp32 values = 1 MiB. Below that, gathering costs more than replication saves.
@@ -47,19 +49,19 @@ def mesh_shape(spec: MeshSpec, num_devices: int) -> dict[str, int]:
     items = list(spec.items()) if isinstance(spec, Mapping) else [tuple(a) for a in spec]
     names = [n for n, _ in items]
     if len(set(names)) != len(names):
-        raise ValueError(f"duplicate mesh axis names in {items}")
+        raise UserError(f"duplicate mesh axis names in {items}")
     unknown = [n for n, s in items if s == -1]
     if len(unknown) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {unknown}")
+        raise UserError(f"at most one mesh axis may be -1, got {unknown}")
     fixed = math.prod(s for _, s in items if s != -1)
     if any(s == 0 or s < -1 for _, s in items):
-        raise ValueError(f"mesh axis sizes must be positive or -1, got {items}")
+        raise UserError(f"mesh axis sizes must be positive or -1, got {items}")
     if num_devices % fixed:
-        raise ValueError(f"mesh {items} does not divide {num_devices} devices")
+        raise UserError(f"mesh {items} does not divide {num_devices} devices")
     rest = num_devices // fixed
     sizes = {n: (rest if s == -1 else s) for n, s in items}
     if math.prod(sizes.values()) != num_devices:
-        raise ValueError(f"mesh {sizes} uses {math.prod(sizes.values())} of {num_devices} devices; "
+        raise UserError(f"mesh {sizes} uses {math.prod(sizes.values())} of {num_devices} devices; "
                          "make one axis -1 or make the sizes multiply to the device count")
     return sizes
 
@@ -114,7 +116,7 @@ def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_LOGICA
 
 
 def batch_axes(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_LOGICAL_RULES) -> tuple[str, ...]:
-    """The mesh axes the batch is split over (for InputPipeline's `batch_axes`)."""
+    """The mesh axes the batch is split over (for InputStream's `batch_axes`)."""
     spec = batch_spec(mesh, rules)[0]
     return () if spec is None else ((spec,) if isinstance(spec, str) else tuple(spec))
 

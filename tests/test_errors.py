@@ -140,3 +140,13 @@ def test_library_raise_sites_are_user_errors():
     with pytest.raises(UserError, match="not both"):
         mixture.config_sets(ml_collections.ConfigDict(dict(data_dir="/a", data_mixture=(("/b", 1.0),))))
     assert issubclass(mixture.MixtureError, UserError)
+
+
+
+def test_a_mesh_that_does_not_fit_the_devices(tmp_path, capsys):
+    # A mesh of a fixed size larger than the devices (this process has fewer than 1024).
+    workdir = tmp_path / "w"
+    line = one_error_line(capsys, "train", "--config", TINY, "--config.mesh=(('data',-1),('fsdp',1024))",
+                          f"--workdir={workdir}")
+    assert "does not divide" in line
+    assert not workdir.exists()

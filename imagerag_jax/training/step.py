@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from imagerag_jax import sharding
+from imagerag_jax.errors import UserError
 from imagerag_jax.models import lora
 from imagerag_jax.training import losses
 from imagerag_jax.diffusion import sampling
@@ -93,7 +94,7 @@ def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
     clip = float(cfg["grad_clip_norm"])
     multiplier = float(cfg.get("adapter_lr_multiplier", 1.0))
     if multiplier <= 0:
-        raise ValueError(f"optimizer.adapter_lr_multiplier must be > 0, got {multiplier}")
+        raise UserError(f"optimizer.adapter_lr_multiplier must be > 0, got {multiplier}")
 
     def adamw(learning_rate):
         tx = optax.adamw(learning_rate, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"],
@@ -154,7 +155,7 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
     neighbours; lambda, the discriminator and the targets still see the prompt.
     """
     if not 0.0 <= prompt_dropout <= 1.0:
-        raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
+        raise UserError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
     policy = REMAT_POLICIES[remat]
     maybe_remat = (lambda f: f) if policy is None else (lambda f: jax.checkpoint(f, policy=policy))
     ts = np.asarray(s.student_timesteps, np.int32)

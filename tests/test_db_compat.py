@@ -17,7 +17,7 @@ from imagerag_jax.weights import random_pipeline, towers
 from tests.test_precompute import make_config
 
 
-WEIGHTS = "weights"  # the offline jobs' field naming the VAE + text-encoder weights
+WEIGHTS = "encoder_weights"  # the offline jobs' field naming the VAE + text-encoder weights
 
 
 def _config(root, limit, weights_root=None):
@@ -40,7 +40,7 @@ def roots(tmp_path_factory):
 
 
 def _precompute_opens(db_root, weights_root):
-    models = towers.load_pipeline_towers(_config(weights_root, 10), weights_root)
+    models = towers.load_job_towers(_config(weights_root, 10), weights_root)
     return precompute._open_retriever(os.path.join(db_root, "db"), os.path.join(db_root, "index"),
                                       models, exclude_duplicates=True)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from imagerag_jax.data import mixture, pipeline, tfrecords
+from imagerag_jax.data import mixture, input_stream, tfrecords
 
 SYNTH = tfrecords.Schema(latent_shape=(4, 4, 2), embed_shape=(3, 8), pooled_dim=8, k=2, has_noise=True)
 REAL = dataclasses.replace(SYNTH, has_noise=False)
@@ -97,9 +97,9 @@ def _ids(it, n):
 def test_mixed_stream_follows_the_weights_and_fills_noise(sets):
     synth, real = sets
     data = [(synth, 3.0), (real, 1.0)]
-    it = pipeline.InputPipeline(data, "train", 8, seed=2, shuffle_buffer=16)
+    it = input_stream.InputStream(data, "train", 8, seed=2, shuffle_buffer=16)
     assert it.schema == SYNTH and it.is_mixture and len(it.files) == 6
-    assert pipeline.data_schema(data, "train") == SYNTH
+    assert input_stream.data_schema(data, "train") == SYNTH
     batches = [next(it) for _ in range(20)]
     ids = np.concatenate([b["example_id"] for b in batches])
     from_real = ids >= 1000
@@ -117,38 +117,38 @@ def test_mixed_stream_follows_the_weights_and_fills_noise(sets):
     last = {int(i): x for i, x in zip(ids[from_real], real_noise)}
     assert all(not np.array_equal(first[i], last[i]) for i in first)
     # The whole stream, noise included, is a function of the seed.
-    again = pipeline.InputPipeline(data, "train", 8, seed=2, shuffle_buffer=16)
+    again = input_stream.InputStream(data, "train", 8, seed=2, shuffle_buffer=16)
     b0 = next(again)
     np.testing.assert_array_equal(b0["noise"], batches[0]["noise"])
     assert _ids(again, 3) == [b["example_id"].tolist() for b in batches[1:4]]
-    other = pipeline.InputPipeline(data, "train", 8, seed=3, shuffle_buffer=16)
+    other = input_stream.InputStream(data, "train", 8, seed=3, shuffle_buffer=16)
     assert _ids(other, 4) != [b["example_id"].tolist() for b in batches[:4]]
 
 
 def test_mixture_resumes_exactly_and_checks_its_state(sets):
     synth, real = sets
     data = [(synth, 1.0), (real, 1.0)]
-    it = pipeline.InputPipeline(data, "train", 6, seed=0, shuffle_buffer=8)
+    it = input_stream.InputStream(data, "train", 6, seed=0, shuffle_buffer=8)
     _ids(it, 7)
     state = json.loads(json.dumps(it.get_state()))
     assert state["weights"] == [1.0, 1.0] and len(state["files"]) == 2
     expected = [next(it) for _ in range(5)]
-    fresh = pipeline.InputPipeline(data, "train", 6, seed=0, shuffle_buffer=8)
+    fresh = input_stream.InputStream(data, "train", 6, seed=0, shuffle_buffer=8)
     fresh.set_state(state)
     for want in expected:
         got = next(fresh)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-    reweighted = pipeline.InputPipeline([(synth, 2.0), (real, 1.0)], "train", 6, seed=0, shuffle_buffer=8)
+    reweighted = input_stream.InputStream([(synth, 2.0), (real, 1.0)], "train", 6, seed=0, shuffle_buffer=8)
     with pytest.raises(ValueError, match="weights"):
         reweighted.set_state(state)
-    single = pipeline.InputPipeline(synth, "train", 6, seed=0, shuffle_buffer=8)
+    single = input_stream.InputStream(synth, "train", 6, seed=0, shuffle_buffer=8)
     with pytest.raises(ValueError, match="files"):
         single.set_state(state)
     # A single set's own state (no weights) still restores.
     _ids(single, 2)
     own, want = single.get_state(), _ids(single, 2)
-    again = pipeline.InputPipeline(synth, "train", 6, seed=0, shuffle_buffer=8)
+    again = input_stream.InputStream(synth, "train", 6, seed=0, shuffle_buffer=8)
     again.set_state(own)
     assert "weights" not in own and _ids(again, 2) == want
 
@@ -157,14 +157,14 @@ def test_sets_that_do_not_fit_are_refused_by_name(sets, tmp_path):
     synth, real = sets
     other_k = _write(str(tmp_path / "k3"), dataclasses.replace(REAL, k=3), range(6), INDEX)
     with pytest.raises(mixture.MixtureError, match=r"differ in k: .*synth has 2, .*k3 has 3"):
-        pipeline.InputPipeline([(synth, 1.0), (other_k, 1.0)], "train", 4)
+        input_stream.InputStream([(synth, 1.0), (other_k, 1.0)], "train", 4)
     other_db = _write(str(tmp_path / "db2"), REAL, range(6), {"path": "/idx2", "database": {"path": "/db2"}})
     with pytest.raises(mixture.MixtureError, match="different databases"):
-        pipeline.data_schema([(synth, 1.0), (other_db, 1.0)], "train")
+        input_stream.data_schema([(synth, 1.0), (other_db, 1.0)], "train")
     with pytest.raises(mixture.MixtureError, match="num_epochs"):
-        pipeline.InputPipeline([(synth, 1.0), (real, 1.0)], "train", 4, num_epochs=1)
+        input_stream.InputStream([(synth, 1.0), (real, 1.0)], "train", 4, num_epochs=1)
     with pytest.raises(mixture.MixtureError, match="empty mixture"):
-        pipeline.InputPipeline([], "train", 4)
+        input_stream.InputStream([], "train", 4)
     # Each set's manifest is validated: a truncated shard of the second set is named.
     broken = str(tmp_path / "broken")
     shutil.copytree(real, broken)
@@ -172,4 +172,4 @@ def test_sets_that_do_not_fit_are_refused_by_name(sets, tmp_path):
     with open(os.path.join(broken, shard), "r+b") as f:
         f.truncate(10)
     with pytest.raises(tfrecords.ManifestError, match=rf"{shard}: 10 bytes"):
-        pipeline.InputPipeline([(synth, 1.0), (broken, 1.0)], "train", 4)
+        input_stream.InputStream([(synth, 1.0), (broken, 1.0)], "train", 4)

@@ -2,7 +2,7 @@
 
 Each of the two processes calls `jax.distributed.initialize(coordinator_address="127.0.0.1:PORT",
 num_processes=2, process_id=i)` and runs `trainer_lib.train_and_evaluate` for 3 steps on a (2, 4)
-('data', 'fsdp') mesh, its `InputPipeline` reading only its own TFRecord shard (2 shards written
+('data', 'fsdp') mesh, its `InputStream` reading only its own TFRecord shard (2 shards written
 once beforehand by a single process). The reference is one process with 8 fake devices running the
 same `train_and_evaluate` on the same mesh shape and data.
 
@@ -11,7 +11,7 @@ files and shuffle the mixed stream, so its global batches would hold other examp
 per-row noise makes the loss order-dependent). In the two-process run global batch i is
 [process 0's local batch i, process 1's local batch i] (rows follow the mesh's device order, whose
 first 4 devices belong to process 0; the driver checks this). The reference therefore replaces
-`InputPipeline` with one that builds, in one process, exactly those rows: the pipelines of
+`InputStream` with one that builds, in one process, exactly those rows: the streams of
 process_index 0 and 1 (process_count=2, same seed and shuffle buffer), concatenated and put on the
 mesh. Everything else (model, step, mesh shape, loop) is the same code.
 
@@ -46,7 +46,7 @@ if mode == "multi":
 import numpy as np
 from jax.experimental import multihost_utils
 from imagerag_jax.training import trainer as trainer_lib
-from imagerag_jax.data import pipeline, synthetic
+from imagerag_jax.data import input_stream, synthetic
 
 spec = importlib.util.spec_from_file_location("tiny", os.path.join("configs", "tiny.py"))
 tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)
@@ -66,10 +66,10 @@ assert len(jax.devices()) == 8 and jax.process_count() == (2 if mode == "multi" 
 if mode == "ref":
     synthetic.write_synthetic_data(data_dir, cfg)  # once, by this single process
 
-    OneHost = pipeline.InputPipeline
+    OneHost = input_stream.InputStream
 
-    class TwoHostPipeline:
-        # The two hosts' pipelines in one process: global batch = [host 0 rows, host 1 rows].
+    class TwoHostStream:
+        # The two hosts' streams in one process: global batch = [host 0 rows, host 1 rows].
         def __init__(self, data_dir, split, gb, *, mesh, batch_axes, **kw):
             self.parts = [OneHost(data_dir, split, gb, process_index=p,
                                    process_count=2, **kw) for p in range(2)]
@@ -85,7 +85,7 @@ if mode == "ref":
         def get_state(self):
             return self.parts[0].get_state()
 
-    pipeline.InputPipeline = TwoHostPipeline
+    input_stream.InputStream = TwoHostStream
 
 losses = []
 mean_metrics = trainer_lib._mean_metrics
@@ -103,7 +103,7 @@ np.savez(os.path.join(workdir, f"params_{mode}_{pid}.npz"), **flat)
 with open(os.path.join(workdir, f"losses_{mode}_{pid}.json"), "w") as f:
     json.dump({"losses": losses, "owners": owners, "step": int(np.asarray(state["step"].addressable_data(0))),
                "files": [] if mode == "ref" else [os.path.basename(x) for x in
-                         pipeline.InputPipeline(data_dir, "train", 8).files]}, f)
+                         input_stream.InputStream(data_dir, "train", 8).files]}, f)
 print("DRIVER_DONE", mode, pid)
 """
 

@@ -1,4 +1,4 @@
-"""Input pipeline: per-process file split, determinism, resume, errors, sharding on a mesh."""
+"""The input stream (data/input_stream.py): per-process file split, determinism, resume, errors, sharding on a mesh."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from imagerag_jax.data import pipeline
+from imagerag_jax.data import input_stream
 from imagerag_jax.data import tfrecords
 
 SCHEMA = tfrecords.Schema(latent_shape=(4, 4, 2), embed_shape=(3, 8), pooled_dim=8, k=2,
@@ -40,14 +40,14 @@ def _ids(it, n=None):
 
 def test_files_split_by_process(data_dir):
     files = [f"f{i}" for i in range(SHARDS)]
-    parts = [pipeline.host_files(files, p, 2) for p in range(2)]
+    parts = [input_stream.host_files(files, p, 2) for p in range(2)]
     assert sorted(parts[0] + parts[1]) == files and not set(parts[0]) & set(parts[1])
     with pytest.raises(ValueError, match="at least one shard per host"):
-        pipeline.host_files(files[:1], 0, 2)
+        input_stream.host_files(files[:1], 0, 2)
 
     seen = []
     for p in range(2):
-        it = pipeline.InputPipeline(data_dir, "train", 8, seed=3, num_epochs=1,
+        it = input_stream.InputStream(data_dir, "train", 8, seed=3, num_epochs=1,
                                     process_index=p, process_count=2)
         assert it.per_host_batch == 4 and len(it.files) == 3
         ids = sum(_ids(it), [])
@@ -60,7 +60,7 @@ def test_files_split_by_process(data_dir):
 
 
 def test_batch_contents_and_dtypes(data_dir):
-    it = pipeline.InputPipeline(data_dir, "train", 5, seed=0, include_prompt=True)
+    it = input_stream.InputStream(data_dir, "train", 5, seed=0, include_prompt=True)
     b = next(it)
     assert set(b) == set(SCHEMA.fields)
     assert b["latent"].shape == (5, 4, 4, 2) and b["latent"].dtype == np.float32
@@ -72,36 +72,36 @@ def test_batch_contents_and_dtypes(data_dir):
         for name in SCHEMA.fields:
             if name != "prompt":
                 np.testing.assert_array_equal(b[name][j], np.asarray(ex[name], b[name].dtype))
-    b16 = next(pipeline.InputPipeline(data_dir, "train", 5, dtype=np.float16,
+    b16 = next(input_stream.InputStream(data_dir, "train", 5, dtype=np.float16,
                                       fields=["latent", "pooled"]))
     assert set(b16) == {"latent", "pooled"} and b16["pooled"].dtype == np.float16
 
 
 def test_determinism_and_seed(data_dir):
-    a = _ids(pipeline.InputPipeline(data_dir, "train", 8, seed=0), 8)
-    b = _ids(pipeline.InputPipeline(data_dir, "train", 8, seed=0), 8)
-    c = _ids(pipeline.InputPipeline(data_dir, "train", 8, seed=1), 8)
+    a = _ids(input_stream.InputStream(data_dir, "train", 8, seed=0), 8)
+    b = _ids(input_stream.InputStream(data_dir, "train", 8, seed=0), 8)
+    c = _ids(input_stream.InputStream(data_dir, "train", 8, seed=1), 8)
     assert a == b and a != c
     assert sorted(sum(a[:6], [])) == list(range(N))  # the first epoch is a permutation
     assert a[6] != a[0]  # the second epoch is shuffled differently
 
 
 def test_resume_from_state(data_dir):
-    it = pipeline.InputPipeline(data_dir, "train", 10, seed=5, shuffle_buffer=16)
+    it = input_stream.InputStream(data_dir, "train", 10, seed=5, shuffle_buffer=16)
     _ids(it, 7)  # crosses the epoch boundary (48 examples per epoch)
     state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
     assert state["batches_consumed"] == 7
     expected = _ids(it, 6)
-    fresh = pipeline.InputPipeline(data_dir, "train", 10, seed=5, shuffle_buffer=16)
+    fresh = input_stream.InputStream(data_dir, "train", 10, seed=5, shuffle_buffer=16)
     fresh.set_state(state)
     assert _ids(fresh, 6) == expected
-    other = pipeline.InputPipeline(data_dir, "train", 10, seed=6, shuffle_buffer=16)
+    other = input_stream.InputStream(data_dir, "train", 10, seed=6, shuffle_buffer=16)
     with pytest.raises(ValueError, match="seed"):
         other.set_state(state)
 
 
 def test_num_epochs_stop(data_dir):
-    it = pipeline.InputPipeline(data_dir, "train", 8, num_epochs=2)
+    it = input_stream.InputStream(data_dir, "train", 8, num_epochs=2)
     ids = sum(_ids(it), [])
     assert len(ids) == 2 * N and np.all(np.bincount(ids) == 2)
     with pytest.raises(StopIteration):
@@ -124,7 +124,7 @@ def test_corrupt_record_names_file_and_index(data_dir, tmp_path):
     raw = bytearray(open(shard, "rb").read())
     raw[_record_offsets(shard)[3] + 40] ^= 0xFF  # flip a payload byte of record 3: CRC fails
     open(shard, "wb").write(bytes(raw))  # same size: the manifest check cannot see it
-    it = pipeline.InputPipeline(bad_dir, "train", 4, shuffle_buffer=1)
+    it = input_stream.InputStream(bad_dir, "train", 4, shuffle_buffer=1)
     with pytest.raises(tfrecords.RecordError, match=r"train-00002-of-00006.tfrecord: record 3"):
         for _ in range(N):
             next(it)
@@ -139,7 +139,7 @@ def test_unparsable_record(tmp_path):
             tfrecords.random_example(other, np.random.default_rng(0), 1), other))
         w.write(_example(2))
     tfrecords.write_manifest(out, SCHEMA)
-    it = pipeline.InputPipeline(out, "train", 3, shuffle_buffer=1)
+    it = input_stream.InputStream(out, "train", 3, shuffle_buffer=1)
     with pytest.raises(tfrecords.RecordError, match=r"train-00000-of-00001.tfrecord: record 1: "
                                                     r"cannot parse \(latent: 32 bytes"):
         next(it)
@@ -147,20 +147,20 @@ def test_unparsable_record(tmp_path):
 
 def test_manifest_checked_before_reading(data_dir, tmp_path):
     with pytest.raises(tfrecords.ManifestError, match="k is 2 but 4 was expected"):
-        pipeline.InputPipeline(data_dir, "train", 4, expected={"k": 4})
+        input_stream.InputStream(data_dir, "train", 4, expected={"k": 4})
     bad_dir = str(tmp_path / "v0")
     shutil.copytree(data_dir, bad_dir)
     m = json.load(open(os.path.join(bad_dir, "manifest.json")))
     json.dump({**m, "schema_version": 0}, open(os.path.join(bad_dir, "manifest.json"), "w"))
     with pytest.raises(tfrecords.ManifestError, match="schema version 0"):
-        pipeline.InputPipeline(bad_dir, "train", 4)
+        input_stream.InputStream(bad_dir, "train", 4)
     json.dump(m, open(os.path.join(bad_dir, "manifest.json"), "w"))
     shard = os.path.join(bad_dir, tfrecords.shard_name("train", 4, SHARDS))
     open(shard, "r+b").truncate(100)
     with pytest.raises(tfrecords.ManifestError, match="train-00004-of-00006.tfrecord.*truncated"):
-        pipeline.InputPipeline(bad_dir, "train", 4)
+        input_stream.InputStream(bad_dir, "train", 4)
     with pytest.raises(ValueError, match="not divisible"):
-        pipeline.InputPipeline(data_dir, "train", 5, process_count=2, process_index=0)
+        input_stream.InputStream(data_dir, "train", 5, process_count=2, process_index=0)
 
 
 def _run(script, env_extra, timeout=120):
@@ -173,12 +173,12 @@ def _run(script, env_extra, timeout=120):
 MESH_SCRIPT = """
     import sys
     import jax, numpy as np
-    from imagerag_jax.data import pipeline
+    from imagerag_jax.data import input_stream
     data_dir = sys.argv[1] if len(sys.argv) > 1 else {data_dir!r}
     assert jax.device_count() == 8, jax.devices()
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
-    it = pipeline.InputPipeline(data_dir, "train", 16, mesh=mesh, seed=2)
-    ref = next(pipeline.InputPipeline(data_dir, "train", 16, seed=2))
+    it = input_stream.InputStream(data_dir, "train", 16, mesh=mesh, seed=2)
+    ref = next(input_stream.InputStream(data_dir, "train", 16, seed=2))
     b = next(it)
     for name, x in b.items():
         assert isinstance(x, jax.Array), name
@@ -187,10 +187,10 @@ MESH_SCRIPT = """
         assert {{s.data.shape[0] for s in x.addressable_shards}} == {{2}}
         np.testing.assert_array_equal(np.asarray(x), ref[name].astype(np.asarray(x).dtype))
     assert b["latent"].dtype == np.float32 and b["example_id"].dtype == np.int32
-    b = next(pipeline.InputPipeline(data_dir, "train", 16, mesh=mesh, batch_axes=("data",)))
+    b = next(input_stream.InputStream(data_dir, "train", 16, mesh=mesh, batch_axes=("data",)))
     assert {{s.data.shape[0] for s in b["latent"].addressable_shards}} == {{8}}
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
-    b = next(pipeline.InputPipeline(data_dir, "train", 16, sharding=sharding, dtype=jax.numpy.bfloat16))
+    b = next(input_stream.InputStream(data_dir, "train", 16, sharding=sharding, dtype=jax.numpy.bfloat16))
     assert b["latent"].sharding == sharding and b["latent"].dtype == jax.numpy.bfloat16
     assert {{s.data.shape[0] for s in b["latent"].addressable_shards}} == {{4}}
     print("MESH OK")
@@ -210,9 +210,9 @@ TWO_PROCESS_SCRIPT = """
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2,
                                process_id=int(sys.argv[1]))
-    from imagerag_jax.data import pipeline
+    from imagerag_jax.data import input_stream
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
-    it = pipeline.InputPipeline({data_dir!r}, "train", 16, mesh=mesh, seed=1)
+    it = input_stream.InputStream({data_dir!r}, "train", 16, mesh=mesh, seed=1)
     assert it.per_host_batch == 8 and len(it.files) == 3
     b = next(it)
     assert b["latent"].shape == (16, 4, 4, 2)

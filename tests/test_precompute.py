@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from imagerag_jax.weights import towers
-from imagerag_jax.data import build_db, encoders, pipeline, precompute, sources, tfrecords
+from imagerag_jax.data import build_db, encoders, input_stream, precompute, sources, tfrecords
 from imagerag_jax.retrieval import database, index as index_lib
 from imagerag_jax.weights import random_pipeline
 
@@ -84,7 +84,7 @@ def test_build_db_and_reload(workdir, built):
     assert '"kind": "digits"' in m["source"] and m["extra"]["skipped"] == {}
 
     # Latents are the VAE's scaled mean (checked against an unjitted encode of two images).
-    pipe = towers.load_pipeline_towers(make_config(), workdir).pipe
+    pipe = towers.load_job_towers(make_config(), workdir).pipe
     images = np.stack([src.image(i) for i in src.ids[:2]])
     mean, _ = pipe.vae.apply({"params": pipe.vae_params}, jnp.asarray(images, jnp.float32) / 127.5 - 1,
                              method=pipe.vae.encode)
@@ -203,8 +203,8 @@ def precomputed(workdir, pairs):
 
 
 def _read_split(data_dir):
-    """Every example of the split through the training input pipeline (host-local numpy)."""
-    it = pipeline.InputPipeline(data_dir, "train", 1, num_epochs=1, shuffle_buffer=0,
+    """Every example of the split through the training input stream (host-local numpy)."""
+    it = input_stream.InputStream(data_dir, "train", 1, num_epochs=1, shuffle_buffer=0,
                                 include_prompt=True, process_index=0, process_count=1)
     return {int(b["example_id"][0]): {k: v[0] for k, v in b.items()} for b in it}
 

@@ -173,9 +173,9 @@ def test_prompt_lists_precompute_teacher_pairs(tmp_path):
     data = os.path.join(work, "data")
     m = tfrecords.validate_manifest(data, split="train")
     assert m["schema"]["has_noise"] and m["splits"]["train"]["files"][0]["num_examples"] == 4
-    from imagerag_jax.data import pipeline
+    from imagerag_jax.data import input_stream
 
-    batch = next(pipeline.InputPipeline(data, "train", 4, shuffle_buffer=1, include_prompt=True))
+    batch = next(input_stream.InputStream(data, "train", 4, shuffle_buffer=1, include_prompt=True))
     assert sorted(batch["prompt"].tolist()) == sorted(kept)
     assert sorted(batch["example_id"].tolist()) == [50, 51, 53, 54]
     # Real-image latents and a retrieval database need images.

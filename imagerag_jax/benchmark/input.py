@@ -1,9 +1,9 @@
-"""Input pipeline throughput and host memory at SD shapes (TFRecords -> global jax.Arrays).
+"""Input stream (data/input_stream.py) throughput and host memory at SD shapes (TFRecords -> global jax.Arrays).
 
     python -m imagerag_jax.benchmark input [--k 1,4] [--batch 64]
 
 Writes a temporary TFRecord set per k (64x64x4 latents, 77x1024 prompt embeddings, f16), then
-times `InputPipeline` with shuffling and batching, output float32 `jax.Array`s on a mesh of the
+times `InputStream` with shuffling and batching, output float32 `jax.Array`s on a mesh of the
 local devices. The files were just written, so they sit in the page cache: this measures the
 pipeline's CPU cost (parse, cast, batch, transfer), not the disk. Bar: >= 1000 examples/s per
 CPU core with k = 1.
@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from imagerag_jax.benchmark import common
-from imagerag_jax.data import pipeline
+from imagerag_jax.data import input_stream
 from imagerag_jax.data import tfrecords
 
 # What machine_info reports versions and threads of.
@@ -49,7 +49,7 @@ def write_set(out_dir: str, schema: tfrecords.Schema, n: int, shards: int) -> in
 
 
 def run_one(k: int, args: argparse.Namespace, root: str) -> dict[str, Any]:
-    """Benchmarks the pipeline for one k."""
+    """Benchmarks the stream for one k."""
     import jax  # pylint: disable=g-import-not-at-top
     schema = tfrecords.Schema(tuple(args.latent), tuple(args.embed), args.embed[-1], k)
     out = os.path.join(root, f"k{k}")
@@ -64,7 +64,7 @@ def run_one(k: int, args: argparse.Namespace, root: str) -> dict[str, Any]:
                            "output": "numpy" if mesh is None else f"jax.Array on {mesh.shape}"}
     base = common.rss_bytes()
     with common.PeakRSS() as mem:
-        it = pipeline.InputPipeline(out, "train", args.batch, mesh=mesh, seed=0,
+        it = input_stream.InputStream(out, "train", args.batch, mesh=mesh, seed=0,
                                     shuffle_buffer=args.shuffle_buffer, dtype=args.dtype)
         for _ in range(args.warmup):
             jax.block_until_ready(next(it))

@@ -159,7 +159,7 @@ class _Job:
     fsync: bool
     overwrite: bool
     wait_timeout_s: float
-    models: towers.PipelineTowers
+    models: towers.JobTowers
     enc: encoders.Encoder
     source_config: Any
     source: sources_lib.Source
@@ -179,7 +179,7 @@ def _job(config: Any, workdir: str) -> _Job:
         raise UserError("build_db needs config.db.source (e.g. {'kind': 'digits', ...})")
     image_size = get(config, "image_size")
     batch_size = int(get(config, "batch_size", 32))
-    models = towers.load_pipeline_towers(config, workdir)
+    models = towers.load_job_towers(config, workdir)
     source = sources_lib.source_from_config(get(dbc, "source"))
     if not source.has_images:
         raise UserError(f"{source.skipped.name} holds prompts only; a retrieval database needs "

@@ -78,7 +78,7 @@ def shard_done(out_dir: str, split: str, index: int, num_shards: int) -> bool:
             and files[0]["num_bytes"] == os.path.getsize(shard))
 
 
-def _open_retriever(db_path: str, idx_path: str, models: towers.PipelineTowers,
+def _open_retriever(db_path: str, idx_path: str, models: towers.JobTowers,
                     exclude_duplicates: bool) -> retriever_lib.Retriever:
     """The database and index build_db wrote, checked against precompute's encoders."""
     db = db_lib.Database(db_path)
@@ -87,8 +87,8 @@ def _open_retriever(db_path: str, idx_path: str, models: towers.PipelineTowers,
     return retriever_lib.Retriever.open(db, idx_path, image_hashes=hashes)
 
 
-def _job_description(config: Any, models: towers.PipelineTowers,
-                     teacher: towers.PipelineTowers | None, num_items: int,
+def _job_description(config: Any, models: towers.JobTowers,
+                     teacher: towers.JobTowers | None, num_items: int,
                      retriever: retriever_lib.Retriever | None, index_meta: dict[str, Any],
                      image_size: int | None) -> dict[str, Any]:
     """What determines the shards' content; a resumed job must match it exactly."""
@@ -133,7 +133,7 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
     seed = int(get(config, "seed", 0))
     exclude_dups = bool(get(config, "exclude_duplicate_images", True))
 
-    models = towers.load_pipeline_towers(config, workdir)
+    models = towers.load_job_towers(config, workdir)
     enc = encoders.Encoder(models, batch_size)
     teacher_enc, teacher, spec = None, None, None
     tcfg = get(config, "teacher")
@@ -141,7 +141,7 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
     if mode == "teacher":
         tw = get(config, "teacher_weights")
         teacher = models if tw is None or tw == get(config, "encoder_weights") else (
-            towers.load_pipeline_towers(config, workdir, tw))
+            towers.load_job_towers(config, workdir, tw))
         teacher_enc = encoders.Encoder(teacher, batch_size)
         spec = encoders.TeacherSpec(get(tcfg, "sampler", "ddim"), int(get(tcfg, "steps", 25)),
                                     float(get(tcfg, "guidance", 7.5)), teacher.pipe.prediction_type)

@@ -295,7 +295,7 @@ def _expand(coef: jax.Array, ndim: int) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 
 
-def text_to_image(
+def ids_to_images(
     pipe,
     ids: jax.Array,
     uncond_ids: Optional[jax.Array],
@@ -308,7 +308,7 @@ def text_to_image(
 ) -> jax.Array:
     """Prompt ids -> images in [-1, 1] (B, H, W, 3): text encoder, sampler, VAE decode, one jit.
 
-    ``pipe`` is a ``weights.Pipeline`` (any object with unet/vae/text_encoder and their params).
+    ``pipe`` is a ``weights.SDTowers`` (any object with unet/vae/text_encoder and their params).
     One step without guidance is the SD-Turbo path (``one_step`` at t=999); otherwise the chosen
     multi-step sampler with classifier-free guidance when ``guidance > 1``.
     """

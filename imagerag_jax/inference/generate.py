@@ -5,7 +5,7 @@
     images = generate.text_to_images(pipe, ["a cat on a sofa"], seed=0)  # (B, 512, 512, 3), [-1, 1]
 
 One step without guidance is SD-Turbo (t = 999); more steps use the chosen sampler with
-classifier-free guidance when ``guidance > 1`` (``sampling.text_to_image``, one jit).
+classifier-free guidance when ``guidance > 1`` (``sampling.ids_to_images``, one jit).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ DEFAULT_SIZE = 512
 
 def load_pipeline(weights: str | None, *, tokenizer: str | None = None,
                   dtype: str = "float32") -> Any:
-    """A `weights.Pipeline` from a folder or single file; None: a tiny random one (images are noise)."""
+    """A `weights.SDTowers` from a folder or single file; None: a tiny random one (images are noise)."""
     from imagerag_jax import weights as weights_lib
     from imagerag_jax.weights import random_pipeline
 
@@ -74,7 +74,7 @@ def text_to_images(pipe: Any, prompts: Sequence[str], *, seed: int = 0, steps: i
     uncond_ids = jnp.asarray(pipe.tokenizer([negative_prompt] * len(prompts)))
     noise = jax.random.normal(jax.random.PRNGKey(seed), (len(prompts), h, w, pipe.unet.in_channels))
     t0 = time.perf_counter()
-    out = sampling.text_to_image(pipe, ids, uncond_ids, noise, steps=steps, guidance=guidance,
+    out = sampling.ids_to_images(pipe, ids, uncond_ids, noise, steps=steps, guidance=guidance,
                                  sampler=sampler)
     out = np.asarray(jax.device_get(out))
     logging.info("generated %d image(s) in %.1f s (incl. compile)", len(out), time.perf_counter() - t0)

@@ -386,7 +386,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     from clu import metric_writers
 
     from imagerag_jax.data import mixture, synthetic
-    from imagerag_jax.data.pipeline import InputPipeline, data_schema
+    from imagerag_jax.data.input_stream import InputStream, data_schema
 
     check_config(config)  # a bad value leaves no half-made workdir behind
     workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
@@ -416,7 +416,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     fields = step_lib.batch_fields(schema)
     pipeline_kw = dict(mesh=mesh, batch_axes=sharding.batch_axes(mesh, trainer.rules), fields=fields,
                        dtype=np.float32)
-    it = InputPipeline(data, config.split, gb, seed=config.seed,
+    it = InputStream(data, config.split, gb, seed=config.seed,
                        shuffle_buffer=config.shuffle_buffer, **pipeline_kw)
 
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.DIRECTORY),
@@ -443,7 +443,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     if sample_every > 0:
         sample = trainer.sample_fn()
         n = -(-max(int(config.num_samples), 1) // shards) * shards
-        sample_batch = next(InputPipeline(data, config.split, n, seed=config.seed + 1,
+        sample_batch = next(InputStream(data, config.split, n, seed=config.seed + 1,
                                           shuffle_buffer=1, **pipeline_kw))
 
     def save(at: int) -> None:

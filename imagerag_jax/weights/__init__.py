@@ -2,7 +2,7 @@
 
 from imagerag_jax.weights.convert import WeightLoadError
 from imagerag_jax.weights.from_torch import (
-    Pipeline,
+    SDTowers,
     load_pipeline,
     load_text_encoder,
     load_unet,
@@ -10,7 +10,7 @@ from imagerag_jax.weights.from_torch import (
 )
 
 __all__ = [
-    "Pipeline",
+    "SDTowers",
     "WeightLoadError",
     "load_pipeline",
     "load_text_encoder",

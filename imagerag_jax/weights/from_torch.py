@@ -256,7 +256,7 @@ def load_text_encoder(
 
 
 @dataclasses.dataclass
-class Pipeline:
+class SDTowers:
     """The three SD towers, their params, the tokenizer and the prediction type."""
 
     unet: UNet
@@ -288,7 +288,7 @@ def load_pipeline(
     tokenizer_path: str | None = None,
     prediction_type: str | None = None,
     head_channels: int = 64,
-) -> Pipeline:
+) -> SDTowers:
     """Load every tower of a diffusers pipeline folder or a single-file SD checkpoint.
 
     A single file carries no tokenizer: pass ``tokenizer_path`` (a folder with the CLIP
@@ -312,5 +312,5 @@ def load_pipeline(
     text, text_params = load_text_encoder(path, dtype=dtype, param_dtype=param_dtype)
     tok_dir = tokenizer_path or (None if _is_single_file(path) else os.path.join(path, "tokenizer"))
     tokenizer = _tokenizer(tok_dir) if tok_dir and (tokenizer_path or os.path.isdir(tok_dir)) else None
-    return Pipeline(unet, unet_params, vae, vae_params, text, text_params, tokenizer,
+    return SDTowers(unet, unet_params, vae, vae_params, text, text_params, tokenizer,
                     unet.prediction_type, os.path.abspath(path))

@@ -13,7 +13,7 @@ towers':
 * an offline-job config (``configs/precompute_*.py``): ``encoder_weights``, the pipeline whose
   VAE and text encoder encode the database and the examples (unset: the tiny random pipeline of
   ``random_seed``, written under the workdir), and an optional ``teacher_weights``.
-  `load_pipeline_towers` loads them with the identity strings that the database and TFRecord
+  `load_job_towers` loads them with the identity strings that the database and TFRecord
   manifests record.
 
 The 'tiny' random pipeline of seed s is the same towers in both families: a training run with
@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from imagerag_jax import config_args, jsonfiles, sharding
-from imagerag_jax.retrieval import database as db_lib
 from imagerag_jax.errors import UserError
+from imagerag_jax.retrieval import database as db_lib
 
 PyTree = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -228,15 +228,15 @@ def text_tower(config: Mapping[str, Any], text_encoder: str | None = None,
 
 
 # ---------------------------------------------------------------------------------------------
-# The pipeline of an offline-job config.
+# The towers of an offline-job config.
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
-class PipelineTowers:
-    """A loaded pipeline plus the identity strings recorded in manifests."""
+class JobTowers:
+    """An offline job's loaded towers (`weights.SDTowers`) plus the identities its manifests record."""
 
-    pipe: Any  # weights.Pipeline
+    pipe: Any  # weights.SDTowers
     label: str  # weights path, or random:preset:seed
     text_encoder_id: str
     vae_id: str
@@ -271,7 +271,7 @@ def random_pipeline_path(workdir: str, preset: str = "tiny", seed: int = 0) -> s
     return path
 
 
-def load_pipeline_towers(config: Any, workdir: str, weights: str | None = None) -> PipelineTowers:
+def load_job_towers(config: Any, workdir: str, weights: str | None = None) -> JobTowers:
     """Loads `weights` (default `config.encoder_weights`; unset: the random pipeline) with identities."""
     from imagerag_jax import weights as weights_lib
 
@@ -289,5 +289,5 @@ def load_pipeline_towers(config: Any, workdir: str, weights: str | None = None) 
     pipe = weights_lib.load_pipeline(path, dtype=dtype, tokenizer_path=get(config, "tokenizer"))
     if pipe.tokenizer is None:
         raise ValueError(f"{path} has no tokenizer/ folder: set config.tokenizer to a CLIP tokenizer")
-    return PipelineTowers(pipe, label, module_identity(label, pipe.text_encoder),
+    return JobTowers(pipe, label, module_identity(label, pipe.text_encoder),
                           module_identity(label, pipe.vae), module_identity(label, pipe.unet))

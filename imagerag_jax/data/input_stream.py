@@ -1,6 +1,6 @@
-"""tf.data input pipeline: this host's TFRecord files -> batches -> global `jax.Array`s on a mesh.
+"""tf.data input stream: this host's TFRecord files -> batches -> global `jax.Array`s on a mesh.
 
-    it = InputPipeline(data_dir, "train", global_batch_size=256, mesh=mesh, seed=0)
+    it = InputStream(data_dir, "train", global_batch_size=256, mesh=mesh, seed=0)
     batch = next(it)                 # {"latent": [B, H, W, C] jax.Array sharded on the batch axes}
     state = it.get_state()           # JSON-able; store it in the checkpoint
     it.set_state(state)              # after a restart: the same next batches
@@ -20,7 +20,7 @@ teacher's noise and others do not, the others get fresh Gaussian noise seeded by
 host, record), which is what the train step would draw for them.
 
 Iterator state = number of batches consumed. The stream is a deterministic function of the seed,
-so restoring rebuilds the pipeline at epoch `consumed // examples_per_epoch` and skips the rest of
+so restoring rebuilds the stream at epoch `consumed // examples_per_epoch` and skips the rest of
 that epoch's position as *serialised* records (no parsing, at most one epoch of reading); in a
 mixture each set does so at its own count of consumed records (`Choice.counts`). No shuffle
 buffer is stored in the checkpoint. The cost: the stream must not depend on anything else
@@ -100,7 +100,7 @@ def _named_sets(data_dir: str | Sequence[tuple[str, float]]) -> list[tuple[str, 
 
 
 def data_schema(data_dir: str | Sequence[tuple[str, float]], split: str) -> tfrecords.Schema:
-    """The schema `InputPipeline(data_dir, split, ...)` yields (manifests validated, not the files)."""
+    """The schema `InputStream(data_dir, split, ...)` yields (manifests validated, not the files)."""
     named = _named_sets(data_dir)
     return mixture_schema([(d, tfrecords.validate_manifest(d, split=split, check_files=False))
                            for d, _ in named])
@@ -114,7 +114,7 @@ def host_files(files: Sequence[Any], process_index: int, process_count: int) -> 
     return list(files[process_index::process_count])
 
 
-class InputPipeline:
+class InputStream:
     """Iterator of batches (global jax.Arrays with `mesh`, else host-local numpy dicts).
 
     Args:
@@ -282,7 +282,7 @@ class InputPipeline:
 
     # --- iteration ------------------------------------------------------------------------------
 
-    def __iter__(self) -> InputPipeline:
+    def __iter__(self) -> InputStream:
         return self
 
     def __next__(self) -> dict[str, Any]:
@@ -328,7 +328,7 @@ class InputPipeline:
         return state
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        """Restores a position from `get_state` (rebuilds the pipeline and skips to it)."""
+        """Restores a position from `get_state` (rebuilds the stream and skips to it)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"iterator state version {state.get('version')!r} != {STATE_VERSION}")
         mine = self.get_state()
@@ -336,7 +336,7 @@ class InputPipeline:
                     "shuffle_buffer", "files", "weights"):
             if state.get(key) != mine.get(key):  # "weights" exists for mixtures only
                 raise ValueError(f"iterator state was saved with {key}={state.get(key)!r}, but this "
-                                 f"pipeline has {mine.get(key)!r}; the saved position does not apply")
+                                 f"stream has {mine.get(key)!r}; the saved position does not apply")
         self._consumed = int(state["batches_consumed"])
         self._build()
 

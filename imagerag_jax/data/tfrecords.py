@@ -337,7 +337,8 @@ def write_manifest(out_dir: str, schema: Schema, *, source: Any = None,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         **dict(extra or {}),
     }
-    tmp = os.path.join(out_dir, MANIFEST + ".tmp")
+    # Every host that finds all parts present writes it: each through its own temporary name.
+    tmp = jsonfiles.temp_name(os.path.join(out_dir, MANIFEST))
     with tf.io.gfile.GFile(tmp, "w") as f:
         json.dump(manifest, f, indent=2)
     tf.io.gfile.rename(tmp, os.path.join(out_dir, MANIFEST), overwrite=True)

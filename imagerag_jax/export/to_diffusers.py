@@ -41,6 +41,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from imagerag_jax import jsonfiles
 from imagerag_jax.training import checkpoints
 from imagerag_jax.models import lora
 from imagerag_jax.weights import towers
@@ -166,8 +167,7 @@ def export_run(workdir: str, out_dir: str, step: int | None = None, *, overwrite
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-export-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = jsonfiles.temp_name(out_dir)
     try:
         written = _write_export(run, tmp, text, text_p, tok_dir, text_source, base_unet)
         _swap_into_place(tmp, out_dir, overwrite)

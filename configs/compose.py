@@ -20,7 +20,7 @@ Arg string: ``quick`` (fewer steps: 10 min on a 2-core Zen 5 VM, 16 on a Zen 4 o
 seeds), ``k=N`` neighbours, ``positional=none|sincos`` (the adapter's position code,
 models/adapter.py; the paper's adapter has none), ``self_neighbour`` (diagnostic: ImageRAGTurbo
 trains with neighbour 0 replaced by the example itself, an upper bound on what the adapter can
-take from a neighbour; train_step.py), ``prediction=epsilon|v_prediction`` (what the teacher and
+take from a neighbour; training/step.py), ``prediction=epsilon|v_prediction`` (what the teacher and
 so the student UNet predict; eps, the default, is SD 2.1-base's and SD-Turbo's, v is SD 2.1-768's:
 with v the one-step student matches its teacher and the task saturates, docs/compose_findings.md),
 ``novel=D`` (digits, e.g. ``novel=9``, that the teacher and student UNets never see: the

@@ -271,6 +271,18 @@ def test_rerun_skips_finished_shards(workdir, pairs, precomputed):
     assert [after[s] != mtimes[s] for s in shards] == [False, True, False]
     assert _shard_ids(cfg.data_dir, schema) == before
 
+
+def test_a_moved_workdir_resumes(workdir, pairs, precomputed, tmp_path):
+    """The job description pins the database by identity, not by where it lies."""
+    cfg, _ = precomputed
+    moved = str(tmp_path / "moved")
+    shutil.copytree(workdir, moved)
+    mcfg = _pairs_config(moved, pairs, "data")
+    shards = sorted(f for f in os.listdir(mcfg.data_dir) if f.endswith(".tfrecord"))
+    mtimes = {s: os.stat(os.path.join(mcfg.data_dir, s)).st_mtime_ns for s in shards}
+    assert precompute.precompute(mcfg, moved) is not None
+    assert {s: os.stat(os.path.join(mcfg.data_dir, s)).st_mtime_ns for s in shards} == mtimes
+
     # A different job configuration in the same directory is refused.
     with pytest.raises(ValueError, match="another configuration"):
         precompute.precompute(_pairs_config(workdir, pairs, "data", k=1), workdir)

@@ -112,6 +112,13 @@ def _job_description(config: Any, models: towers.JobTowers,
     return jsonfiles.normalized(desc)
 
 
+def _without_paths(desc: dict[str, Any]) -> dict[str, Any]:
+    """A job description less where its database lies: a moved or copied workdir still resumes."""
+    if "database" not in desc:
+        return desc
+    return {**desc, "database": {k: v for k, v in desc["database"].items() if k != "path"}}
+
+
 def precompute(config: Any, workdir: str, process_index: int | None = None,
                process_count: int | None = None) -> dict[str, Any] | None:
     """Writes this process's TFRecord shards; returns the manifest once every shard exists."""
@@ -169,8 +176,9 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
     if os.path.exists(desc_path):
         with open(desc_path) as f:
             old = json.load(f)
-        if old != desc:
-            diff = sorted(key for key in set(old) | set(desc) if old.get(key) != desc.get(key))
+        old, pinned = _without_paths(old), _without_paths(desc)
+        if old != pinned:
+            diff = sorted(key for key in set(old) | set(pinned) if old.get(key) != pinned.get(key))
             raise UserError(f"{out_dir} holds split {split!r} of a precompute job with another "
                              f"configuration (differs in {diff}); use a new data_dir or delete it")
     else:

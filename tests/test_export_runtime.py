@@ -397,7 +397,7 @@ def test_e_trained_lora_with_diffusers_load_lora_weights(run):
     check("e_lora_load_lora_weights", torch_out(sd.unet, x, t, ctx), torch_out(merged, x, t, ctx))
 
 
-def test_f_bad_workdir_and_out_dir_fail_clearly_and_keep_everything(run, tmp_path):
+def test_f_bad_workdir_and_out_dir_fail_clearly_and_keep_everything(run, tmp_path, capfd):
     with pytest.raises(to_diffusers.ExportError, match="does not exist"):
         to_diffusers.export_run(str(tmp_path / "nope"), str(tmp_path / "o1"))
     (tmp_path / "empty").mkdir()
@@ -426,8 +426,9 @@ def test_f_bad_workdir_and_out_dir_fail_clearly_and_keep_everything(run, tmp_pat
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
     assert (target / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "taken"]
-    res = subprocess.run(cmd + ["--overwrite"], cwd=str(ROOT), env=env, capture_output=True, text=True,
-                         timeout=300)
+    # The same command line again in this process (main.run_cli: no interpreter start-up).
+    from tests.helpers import cli_in_process  # pylint: disable=g-import-not-at-top
+    res = cli_in_process(capfd, *cmd[3:], "--overwrite", cwd=str(ROOT))
     assert res.returncode == 0, res.stderr[-2000:]
     assert not (target / "keep.txt").exists() and (target / "unet" / "config.json").exists()
     assert json.loads((target / to_diffusers.MANIFEST).read_text())["step"] == 4

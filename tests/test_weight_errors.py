@@ -10,8 +10,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,8 +17,8 @@ import pytest
 from imagerag_jax import weights
 from imagerag_jax.weights import WeightLoadError, random_pipeline, safetensors_io
 from imagerag_jax.weights import single_file as sf
+from tests import helpers
 
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
 UNET = os.path.join("unet", "diffusion_pytorch_model.safetensors")
 UNET_BIN = os.path.join("unet", "diffusion_pytorch_model.bin")
 RAN = "payload-ran"  # the file a pickle's payload writes if it is ever unpickled
@@ -64,14 +62,12 @@ def _error(call) -> str:
     return message
 
 
-def run_cli(*args: str, cwd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "imagerag_jax.main", *args], cwd=cwd, env=ENV,
-        capture_output=True, text=True, timeout=300,
-    )
+def run_cli(capfd, *args: str, cwd: str) -> helpers.CliResult:
+    """The command line in this process (`main.run_cli`; tests/test_cli.py runs it as a user would)."""
+    return helpers.cli_in_process(capfd, *args, cwd=cwd)
 
 
-def _assert_one_error_line(res: subprocess.CompletedProcess, path: str, *needles: str) -> str:
+def _assert_one_error_line(res: helpers.CliResult, path: str, *needles: str) -> str:
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and path in errors[0], res.stderr[-3000:]
@@ -288,21 +284,21 @@ def test_single_files_go_through_the_same_checks(torch, tmp_path):
 # ---------------------------------------------------------------------------- the CLI
 
 
-def test_cli_truncated_safetensors_is_one_error_line(pipe, tmp_path):
+def test_cli_truncated_safetensors_is_one_error_line(pipe, tmp_path, capfd):
     path = os.path.join(pipe, UNET)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
     out = tmp_path / "out.png"
-    res = run_cli("generate", f"--weights={pipe}", "--height=32", f"--out={out}", cwd=str(tmp_path))
+    res = run_cli(capfd, "generate", f"--weights={pipe}", "--height=32", f"--out={out}", cwd=str(tmp_path))
     _assert_one_error_line(res, path, "truncated (header says", "the file has")
     assert not out.exists()
 
 
-def test_cli_pickle_with_code_is_one_error_line_and_never_runs(torch, pipe, tmp_path):
+def test_cli_pickle_with_code_is_one_error_line_and_never_runs(torch, pipe, tmp_path, capfd):
     path = _bin_pipe(pipe)
     marker = str(tmp_path / RAN)
     torch.save({"conv_in.weight": torch.zeros(1), "hook": Payload(marker)}, path)
     out = tmp_path / "out.png"
-    res = run_cli("generate", f"--weights={pipe}", "--height=32", f"--out={out}", cwd=str(tmp_path))
+    res = run_cli(capfd, "generate", f"--weights={pipe}", "--height=32", f"--out={out}", cwd=str(tmp_path))
     _assert_one_error_line(res, path, "never unpickles code", "weights-only load")
     assert not out.exists() and not os.path.exists(marker)

@@ -22,6 +22,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real-size configurations (still run in CI)")
+    config.addinivalue_line("markers", "xdist_group(name): the xdist group (also without xdist)")
     # Run the groups in the order pytest_collection_modifyitems leaves them (longest first), not
     # xdist's default of most tests first.
     if hasattr(config.option, "loadscopereorder"):

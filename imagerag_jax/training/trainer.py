@@ -370,6 +370,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.remat not in step_lib.REMAT_POLICIES:
         raise UserError(f"unknown remat {config.remat!r}; expected one of "
                         f"{sorted(step_lib.REMAT_POLICIES)}")
+    mesh = sharding.make_mesh(config.mesh)  # a mesh that does not fit the devices is a UserError
+    shards = sharding.batch_shards(mesh, tuple(tuple(r) for r in config.logical_rules))
+    if int(config.global_batch_size) % shards:
+        raise UserError(f"global_batch_size {config.global_batch_size} is not a multiple of the "
+                        f"{shards} batch shards of mesh {dict(mesh.shape)}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State:
@@ -410,9 +415,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     schema = data_schema(data, config.split)
     trainer.check_schema(schema)
     gb = int(config.global_batch_size)
-    shards = sharding.batch_shards(mesh, trainer.rules)
-    if gb % shards:
-        raise UserError(f"global_batch_size {gb} is not a multiple of the {shards} batch shards")
+    shards = sharding.batch_shards(mesh, trainer.rules)  # check_config has checked that gb splits
     fields = step_lib.batch_fields(schema)
     pipeline_kw = dict(mesh=mesh, batch_axes=sharding.batch_axes(mesh, trainer.rules), fields=fields,
                        dtype=np.float32)

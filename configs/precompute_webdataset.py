@@ -11,13 +11,17 @@ Arg string (comma-separated): ``paths=GLOB`` (the database's shards; required), 
 (the training examples' shards; default ``paths``), ``image_size=N`` (512), ``k=N`` (4),
 ``num_shards=N`` (TFRecord shards, 64), ``teacher`` (synthetic latents from the teacher at CFG
 7.5 instead of VAE latents of the images), and the metadata filters of
-`data/img2dataset.py`, unset unless given: ``min_side=N``, ``max_pwatermark=X``,
-``max_punsafe=X``, ``min_aesthetic=X``. Everything else is `configs/precompute_digits.py`'s.
+`data/img2dataset.py`: ``min_side=N``, ``max_pwatermark=X``, ``max_punsafe=X``,
+``min_aesthetic=X``, also config fields of both sources (``--config.db.source.min_side=64``;
+None, the default, is no filter). Everything else is `configs/precompute_digits.py`'s.
 """
 
 import ml_collections
 
 from imagerag_jax.config_args import load_sibling, parse_arg
+
+# The metadata filters of data/img2dataset.py and their types.
+FILTERS = {"min_side": int, "max_pwatermark": float, "max_punsafe": float, "min_aesthetic": float}
 
 
 def get_config(arg=None):
@@ -29,12 +33,14 @@ def get_config(arg=None):
     config = load_sibling(__file__, "precompute_digits").get_config(
         f"image_size={arg.image_size},k={arg.k},num_shards={arg.num_shards}"
         + (",teacher" if arg.teacher else ""))
-    filters = {"min_side": arg.min_side or None,
-               **{name: (arg[name] if arg[name] >= 0 else None)
-                  for name in ("max_pwatermark", "max_punsafe", "min_aesthetic")}}
+    # Every filter is a config field (None: no filter), so `--config.db.source.min_side=64` works too.
+    given = {"min_side": arg.min_side or None,
+             **{name: (arg[name] if arg[name] >= 0 else None)
+                for name in ("max_pwatermark", "max_punsafe", "min_aesthetic")}}
     source = lambda paths: ml_collections.ConfigDict(
         {"kind": "webdataset", "paths": paths, "image_size": arg.image_size,
-         **{k: v for k, v in filters.items() if v is not None}})
+         **{name: ml_collections.FieldReference(given[name], field_type=kind)
+            for name, kind in FILTERS.items()}})
     with config.unlocked():
         config.db.source = source(arg.paths)
         config.source = source(arg.train_paths or arg.paths)

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from imagerag_jax.data import build_db, img2dataset, precompute, sources, tfrecords
+from tests.helpers import cli_in_process
 from tests.test_precompute import SIZE, make_config
 
 
@@ -119,11 +120,24 @@ def test_precompute_webdataset_config(tmp_path):
                                       "precompute_webdataset.py"))
     cfg = module.get_config(f"paths={pattern},image_size=16,min_side=16,max_pwatermark=0.8,teacher")
     assert cfg.latents == "teacher" and cfg.source.paths == cfg.db.source.paths == pattern
-    assert "max_punsafe" not in cfg.db.source  # unset filters are absent, not 0
+    assert cfg.db.source.max_punsafe is None  # an unset filter is None (no filter), not 0
     src = sources.source_from_config(cfg.db.source)
     assert len(list(src)) == 12 and src.skipped.total == 5
     with pytest.raises(ValueError, match="needs paths=GLOB"):
         module.get_config("")
+
+
+def test_build_db_filter_as_a_config_override(tmp_path, capfd):
+    """`--config.db.source.min_side=16` on the command line filters as `min_side=16` in the arg."""
+    pattern = write_shards(str(tmp_path / "shards"))
+    work = tmp_path / "work"
+    config = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "precompute_webdataset.py")
+    res = cli_in_process(capfd, "build-db", "--config", f"{config}:paths={pattern},image_size={SIZE}",
+                         "--config.db.source.min_side=16", f"--workdir={work}", cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "'min_side': 1" in res.stdout + res.stderr  # the undersized image is skipped
+    manifest = json.loads((work / "db" / "manifest.json").read_text())
+    assert manifest["count"] == 13  # 17 items less 4 skips (no watermark filter given)
 
 
 def _prompt_files(root):

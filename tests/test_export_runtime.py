@@ -433,3 +433,23 @@ def test_f_bad_workdir_and_out_dir_fail_clearly_and_keep_everything(run, tmp_pat
     assert not (target / "keep.txt").exists() and (target / "unet" / "config.json").exists()
     assert json.loads((target / to_diffusers.MANIFEST).read_text())["step"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "taken"], "temporary folders left"
+
+
+def test_a_run_saved_before_random_seed_still_loads(run, tmp_path):
+    """Runs saved before `random_seed` existed seeded their random towers with `seed`."""
+    import shutil
+
+    from imagerag_jax.training import checkpoints
+
+    assert checkpoints.current_config({"seed": 3})["random_seed"] == 3
+    assert checkpoints.current_config({"seed": 3, "random_seed": 0})["random_seed"] == 0
+    old = tmp_path / "old"
+    shutil.copytree(run["workdir"], old)
+    saved = [p for p in old.rglob("*") if p.is_file() and '"random_seed"' in p.read_text(errors="ignore")]
+    assert saved, "no saved config holds random_seed"
+    for path in saved:  # the run as an earlier version wrote it
+        config = json.loads(path.read_text())
+        del config["random_seed"]
+        path.write_text(json.dumps(config))
+    loaded = to_diffusers.load_run(str(old))  # rebuilds the towers and checks their fingerprints
+    assert loaded.config.random_seed == loaded.config.seed

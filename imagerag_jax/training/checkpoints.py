@@ -169,7 +169,18 @@ def restore_trained(workdir: str, step: int | None = None, *,
     finally:
         manager.close()
     params = jax.tree.map(np.asarray, params)
-    return step, params, {"config": dict(json_items["config"]), "frozen": dict(json_items["frozen"])}
+    return step, params, {"config": current_config(dict(json_items["config"])),
+                          "frozen": dict(json_items["frozen"])}
+
+
+def current_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's saved config in today's field names, so runs saved by earlier versions still load.
+
+    Runs saved before ``random_seed`` existed seeded their random towers with ``seed``.
+    """
+    if "random_seed" not in config:
+        config = {**config, "random_seed": config.get("seed", 0)}
+    return config
 
 
 def read_scalars(workdir: str) -> dict[str, dict[int, float]]:

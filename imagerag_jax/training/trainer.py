@@ -94,7 +94,7 @@ class Trainer:
         self.vae, vae_p = frozen_towers.vae.module, frozen_towers.vae.params
         lp = latent_lpips_or_none(config.latent_lpips_weights, config.beta)
         beta = float(config.beta) if lp is not None else 0.0
-        check_config(config)
+        check_config(config, self.mesh)
         n = int(config.student_steps)
         self.setup = step_lib.StepSetup(
             student=student,
@@ -365,16 +365,26 @@ def _check_finite(step: int, metrics: Mapping[str, jax.Array], ckpt: checkpoints
         f"Last good checkpoint: {where}.")
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Refuses config values the step cannot take, before anything is loaded or written."""
+def check_config(config: ml_collections.ConfigDict,
+                 mesh: jax.sharding.Mesh | None = None) -> jax.sharding.Mesh:
+    """Refuses config values the step cannot take, before anything is loaded or written.
+
+    Args:
+        config: the training config.
+        mesh: the mesh the run uses (default: `config.mesh` over every device).
+
+    Returns:
+        The mesh, whose batch shards the global batch splits over.
+    """
     if config.remat not in step_lib.REMAT_POLICIES:
         raise UserError(f"unknown remat {config.remat!r}; expected one of "
                         f"{sorted(step_lib.REMAT_POLICIES)}")
-    mesh = sharding.make_mesh(config.mesh)  # a mesh that does not fit the devices is a UserError
+    mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)  # a misfit is a UserError
     shards = sharding.batch_shards(mesh, tuple(tuple(r) for r in config.logical_rules))
     if int(config.global_batch_size) % shards:
         raise UserError(f"global_batch_size {config.global_batch_size} is not a multiple of the "
                         f"{shards} batch shards of mesh {dict(mesh.shape)}")
+    return mesh
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State:
@@ -393,7 +403,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     from imagerag_jax.data import mixture, synthetic
     from imagerag_jax.data.input_stream import InputStream, data_schema
 
-    check_config(config)  # a bad value leaves no half-made workdir behind
+    mesh = check_config(config)  # a bad value leaves no half-made workdir behind
     workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
     os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
     is_main = jax.process_index() == 0
@@ -402,7 +412,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     if is_main:
         writer.write_hparams({k: v for k, v in _flat_config(config_json).items()})
 
-    mesh = sharding.make_mesh(config.mesh)
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
     trainer = Trainer(config, mesh)
     sets = mixture.config_sets(config, workdir)

@@ -203,9 +203,13 @@ def put(tree: Any, shardings: Any) -> Any:
     """Places host or device arrays as global arrays with the given shardings (multi-host safe).
 
     Every process must hold the same values (frozen weights loaded from the same files).
+    A `jax.ShapeDtypeStruct` leaf stays abstract and gets the sharding (ahead-of-time compilation
+    for devices this process cannot address, `benchmark/aot.py`).
     """
 
     def one(x, sharding):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
         if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() == 1:
             return jax.device_put(x, sharding)
         host = np.asarray(x)

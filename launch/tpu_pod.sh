@@ -26,7 +26,7 @@ ZONE="${ZONE:?set ZONE, e.g. us-central2-b}"
 PROJECT="${PROJECT:-}"                                   # empty: gcloud's default project
 REPO_URL="${REPO_URL:-}"                                 # git URL to clone; empty: copy this checkout with scp
 REPO_DIR="${REPO_DIR:-\$HOME/imagerag-jax}"              # where the repo lives on each host
-JAX_EXTRA="${JAX_EXTRA:-tpu}"                            # pip extra: jax[tpu]
+JAX_EXTRA="${JAX_EXTRA:-tpu}"                            # setup.py extra: tpu = jax[tpu] with its libtpu
 CONFIG="${CONFIG:-configs/imageragturbo_sd21.py}"
 WORKDIR="${WORKDIR:?set WORKDIR, e.g. gs://bucket/runs/name}"
 
@@ -47,7 +47,7 @@ fi
 EXTRA=""
 for a in "$@"; do EXTRA+=" $(printf '%q' "$a")"; done
 
-SETUP="set -euo pipefail; $FETCH; cd $REPO_DIR && python3 -m pip install -q -U 'jax[$JAX_EXTRA]' && python3 -m pip install -q -e ."
+SETUP="set -euo pipefail; $FETCH; cd $REPO_DIR && python3 -m pip install -q -e '.[$JAX_EXTRA]'"
 TRAIN="cd $REPO_DIR && python3 -m imagerag_jax.main train --config $(printf '%q' "$CONFIG") --workdir $(printf '%q' "$WORKDIR")$EXTRA"
 
 "${GCLOUD[@]}" ssh "$TPU_NAME" --worker=all "${FLAGS[@]}" --command "$SETUP"

@@ -15,6 +15,7 @@ OTHER_BENCHMARKS = {
     "train": "imagerag_jax.benchmark.train",
     "rag": "imagerag_jax.benchmark.rag",
     "precompute": "imagerag_jax.benchmark.precompute",
+    "aot": "imagerag_jax.benchmark.aot",  # the train step compiled for a TPU topology (libtpu)
 }
 
 

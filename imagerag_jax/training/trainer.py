@@ -82,13 +82,16 @@ class Trainer:
     with `frozen_shardings` / `vae_shardings`; `setup` (modules and static numbers of the step).
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
+                 frozen_towers: towers.FrozenTowers | None = None):
+        # frozen_towers: given instead of loaded; with ShapeDtypeStruct params the Trainer is
+        # abstract (compile_step only: ahead-of-time compilation for a TPU topology, benchmark/aot.py).
         self.config = config
         self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
         self.rules = tuple(tuple(r) for r in config.logical_rules)
         self.schedule = schedule_lib.scaled_linear_schedule()
         compute = towers.DTYPES[config.compute_dtype]
-        frozen_towers = towers.frozen_towers(config)
+        frozen_towers = frozen_towers if frozen_towers is not None else towers.frozen_towers(config)
         student, student_p = frozen_towers.student.module, frozen_towers.student.params
         teacher, teacher_p = frozen_towers.teacher.module, frozen_towers.teacher.params
         self.vae, vae_p = frozen_towers.vae.module, frozen_towers.vae.params
@@ -195,7 +198,9 @@ class Trainer:
         if not with_lr:  # the step reads the learning rates from the optimiser state
             cfg["optimizer"].pop("lr")
             cfg["disc_optimizer"].pop("lr")
-        mesh = (tuple(self.mesh.shape.items()), tuple(d.id for d in self.mesh.devices.flat))
+        # Device ids repeat across platforms (a CPU and a described TPU topology, benchmark/aot.py).
+        mesh = (tuple(self.mesh.shape.items()),
+                tuple((d.platform, d.device_kind, d.id) for d in self.mesh.devices.flat))
         shapes = (repr(sorted(schema.shapes().items())), schema.k, schema.pooled_dim)
         return (kind, json.dumps(cfg, sort_keys=True), mesh, shapes) + extra
 

@@ -35,8 +35,9 @@ from ml_collections import config_flags
 from imagerag_jax.errors import UserError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("weights", None, "generate: diffusers pipeline folder or single-file "
-                    ".safetensors/.ckpt; unset: a tiny random-weight pipeline (images are noise)")
+flags.DEFINE_string("weights", None, "generate: diffusers pipeline folder, single-file "
+                    ".safetensors/.ckpt or hub id org/name[@revision]; unset: a tiny random-weight "
+                    "pipeline (images are noise)")
 flags.DEFINE_multi_string("prompt", ["a photograph of an astronaut riding a horse"], "generate: prompt(s)")
 flags.DEFINE_string("negative_prompt", "", "generate: the unconditional prompt of CFG")
 flags.DEFINE_integer("steps", 1, "generate: denoising steps (1 = SD-Turbo one step at t=999)")
@@ -47,7 +48,8 @@ flags.DEFINE_integer("batch", 1, "generate: images to generate (prompts are cycl
 flags.DEFINE_integer("height", None, "generate: image height (default 512; 64 for the random pipeline)")
 flags.DEFINE_integer("width", None, "generate: image width (default: height)")
 flags.DEFINE_string("out", "out.png", "generate: the PNG to write (a grid when --batch > 1)")
-flags.DEFINE_string("tokenizer", None, "generate, export: tokenizer folder (single-file checkpoints)")
+flags.DEFINE_string("tokenizer", None, "generate, export: tokenizer folder or hub id (single-file "
+                    "checkpoints)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "generate: compute dtype")
 config_flags.DEFINE_config_file("config", None, "build-db, precompute, train, run: ml_collections "
                                 "config file (configs/*.py[:arg])", lock_config=True)
@@ -71,8 +73,9 @@ flags.DEFINE_string("neighbours", None, "generate: also write a PNG grid of each
 flags.DEFINE_string("prompts", None, "evaluate: prompt file (.txt lines, .jsonl or .csv with a "
                     "prompt/caption/text field)")
 flags.DEFINE_string("reference", None, "evaluate: a folder of reference images for FID")
-flags.DEFINE_string("inception", None, "evaluate: a TorchScript Inception feature network for FID")
-flags.DEFINE_string("clip", None, "evaluate: a local CLIP model folder for the CLIP score")
+flags.DEFINE_string("inception", None, "evaluate: a TorchScript Inception feature network for FID "
+                    "(a file, or a hub id whose repo holds one)")
+flags.DEFINE_string("clip", None, "evaluate: a CLIP model folder or hub id for the CLIP score")
 flags.DEFINE_string("host", "127.0.0.1", "serve: the address to listen on")
 flags.DEFINE_integer("port", 7860, "serve: the port")
 
@@ -87,6 +90,7 @@ def _job_args(command: str) -> tuple:
 def _rag_pipeline(command: str):
     """The RagPipeline of --run, --export or --weights (+ --database/--index)."""
     from imagerag_jax.inference import rag
+    from imagerag_jax.weights import hub
 
     given = [n for n in ("run", "export") if FLAGS[n].value is not None]
     if len(given) > 1 or (given and FLAGS.weights is not None):
@@ -101,7 +105,8 @@ def _rag_pipeline(command: str):
     if FLAGS.weights is None or FLAGS.database is None:
         raise UserError(f"{command} needs --run W, --export DIR, or --weights P --database DB "
                              "--index IDX")
-    return rag.RagPipeline.from_weights(FLAGS.weights, tokenizer=FLAGS.tokenizer,
+    # A hub id becomes its snapshot folder here, once (the folder names the repo and commit).
+    return rag.RagPipeline.from_weights(hub.local_path(FLAGS.weights), tokenizer=FLAGS.tokenizer,
                                         **{**kw, "k": FLAGS.k or 1})
 
 

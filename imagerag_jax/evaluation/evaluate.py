@@ -48,6 +48,7 @@ from imagerag_jax import jsonfiles
 from imagerag_jax.evaluation import metrics as metrics_lib
 from imagerag_jax import images as image_utils
 from imagerag_jax.errors import UserError
+from imagerag_jax.weights import hub
 
 RUN_FORMAT, BATCH_FORMAT, METRICS_FORMAT, VERSION = (
     "imagerag-evaluate-run", "imagerag-evaluate-batch", "imagerag-evaluate-metrics", 1)
@@ -251,6 +252,9 @@ class _Metrics:
     def __init__(self, reference: str | None, inception: str | None, clip: str | None,
                  image_size: Sequence[int]):
         self.notes: list[str] = []
+        # Hub ids become local paths here, once; the metrics record them as hub.label gives them.
+        inception = None if inception is None else hub.torchscript_file(inception).path
+        clip = None if clip is None else hub.local_path(clip, ("clip",))
         self.inception_path, self.reference, self.clip_path = inception, reference, clip
         self.features = self.ref_feats = self.scorer = None
         if reference is not None and inception is not None:
@@ -288,14 +292,14 @@ class _Metrics:
                 out.update(fid=metrics_lib.frechet_distance(self.ref_feats, feats),
                            fid_reference=os.path.abspath(self.reference),
                            fid_reference_count=len(self.ref_feats),
-                           inception=os.path.abspath(self.inception_path))
+                           inception=hub.label(self.inception_path))
         if self.scorer is not None:
             scores = np.concatenate([
                 self.scorer.scores(np.stack([_read_png(files[i]) for i in c]),
                                    [prompts[i] for i in c])
                 for c in _chunks(range(len(files)), FEATURE_CHUNK)])
             out.update(clip_score=float(np.maximum(scores, 0.0).mean()),
-                       clip=os.path.abspath(self.clip_path))
+                       clip=hub.label(self.clip_path))
         return out
 
 

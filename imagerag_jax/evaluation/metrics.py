@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from imagerag_jax import images as image_utils
+from imagerag_jax.weights import hub
 
 PIXEL_RANGES = ("[-1,1]", "[0,1]", "[0,255]")
 
@@ -161,10 +162,12 @@ class CLIPScorer:
     """A transformers CLIPModel + CLIPProcessor from a local folder; scores images vs prompts.
 
     The folder is what `save_pretrained` writes for the model and the processor (e.g. a download
-    of openai/clip-vit-large-patch14, torchmetrics' default). Nothing is fetched from the network.
+    of openai/clip-vit-large-patch14, torchmetrics' default), or that hub id itself, which
+    `hub.resolve` takes from the hub cache (or fetches, unless HF_HUB_OFFLINE is set).
     """
 
     def __init__(self, model_dir: str, *, device: str = "cpu", batch_size: int = 32):
+        model_dir = hub.local_path(model_dir, ("clip",))  # a folder, or a hub id (fetched once)
         _require_file(os.path.join(model_dir, "config.json"), "CLIP model folder (config.json)")
         import torch  # pylint: disable=g-import-not-at-top
         from transformers import CLIPModel, CLIPProcessor  # pylint: disable=g-import-not-at-top
@@ -234,7 +237,8 @@ class TorchFeatures:
 
     @classmethod
     def from_torchscript(cls, path: str, **kwargs: Any) -> "TorchFeatures":
-        """Loads a TorchScript file (torch.jit.save) as the feature network."""
+        """Loads a TorchScript file (torch.jit.save), or a hub repo's one, as the feature network."""
+        path = hub.torchscript_file(path).path
         _require_file(path, "TorchScript feature network")
         import torch  # pylint: disable=g-import-not-at-top
         return cls(torch.jit.load(path, map_location=kwargs.get("device", "cpu")), **kwargs)
@@ -274,6 +278,7 @@ class InceptionFeatures(TorchFeatures):
     def __init__(self, path: str, *, pixel_range: str = "[0,255]", size: int | None = None,
                  call_kwargs: Mapping[str, Any] | None = None, device: str = "cpu",
                  batch_size: int = 50):
+        path = hub.torchscript_file(path).path  # a local file, or a hub repo holding one
         _require_file(path, "Inception TorchScript file")
         import torch  # pylint: disable=g-import-not-at-top
         kwargs = {"return_features": True} if call_kwargs is None else call_kwargs

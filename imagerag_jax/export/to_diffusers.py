@@ -22,7 +22,10 @@ Written to ``out_dir``:
   lora/                          pytorch_lora_weights.safetensors: the LoRA unmerged, PEFT format,
                                  for the *base* student (``pipe.load_lora_weights``), lora_config.json;
                                  base_unet/ (the unmerged student) when the run had no student path
-  imagerag_export.json           workdir, step, config, frozen-tower references, what was written
+  imagerag_export.json           workdir, step, config, what was written, and the frozen towers'
+                                 references as the run recorded them (path or hub id with its
+                                 commit, ``org/name@<commit>``; fingerprints) and the text
+                                 encoder's (path, ``org/name@<commit>`` or ``random:tiny:seed``)
 
 The folder is written beside ``out_dir`` and renamed into place, so a failed export leaves
 nothing half-written; an existing non-empty ``out_dir`` is replaced only with ``overwrite``.
@@ -44,7 +47,7 @@ import ml_collections
 from imagerag_jax import jsonfiles
 from imagerag_jax.training import checkpoints
 from imagerag_jax.models import lora
-from imagerag_jax.weights import towers
+from imagerag_jax.weights import hub, towers
 from imagerag_jax.diffusion import schedule as schedule_lib
 from imagerag_jax.models import adapter as adapter_lib
 from imagerag_jax.weights import to_torch
@@ -125,8 +128,10 @@ def load_run(workdir: str, step: int | None = None, *, check_frozen: bool = True
 
 
 def _scheduler(run: RunWeights) -> dict[str, Any]:
-    """The student folder's scheduler config when it has one, else SD-Turbo's (Euler trailing)."""
+    """The student folder's (or hub id's) scheduler config when it has one, else SD-Turbo's."""
     sw = run.config.student_weights
+    if sw is not None:
+        sw = hub.local_path(sw, ("scheduler",))
     base = None
     if sw is not None and os.path.isdir(sw):
         for cand in (os.path.join(sw, "scheduler"), os.path.join(sw, "..", "scheduler")):

@@ -79,8 +79,10 @@ class Encoders:
     """The text encoder and VAE that wrote a database's rows (or that a job would read them with).
 
     ``text_encoder`` and ``vae`` are ``label#archhash`` (``weights.towers.module_identity``): the
-    label is a path or ``random:preset:seed`` and is ignored by `check_encoders`, since paths change
-    when a workdir is moved or copied; the weights are told apart by their fingerprints
+    label is an absolute path, a hub id with its commit (``org/name@<commit>``, `weights.hub`) or
+    ``random:preset:seed``: the provenance of the rows, ignored by `check_encoders`, since paths
+    change when a workdir is moved or copied and a local folder may hold the same weights as a hub
+    id; the weights are told apart by their fingerprints
     (``weights.towers.fingerprint``), None where unknown.
     """
 

@@ -1,7 +1,9 @@
 """Load Stable Diffusion 2.x weights (diffusers folders or single-file checkpoints) into Flax.
 
 Public API: ``load_unet``, ``load_vae``, ``load_text_encoder``,
-``load_pipeline``. Each returns the Flax module and its parameter tree.
+``load_pipeline``. Each returns the Flax module and its parameter tree. Every ``path`` may also
+be a Hugging Face hub id (``org/name[@revision]``): `hub.resolve` turns it into the local
+snapshot folder first, fetching only the files the tower reads.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import numpy as np
 from imagerag_jax.models.clip_text import CLIPTextTransformer, Tokenizer
 from imagerag_jax.models.unet import UNet
 from imagerag_jax.models.vae import AutoencoderKL
-from imagerag_jax.weights import convert, single_file
+from imagerag_jax.weights import convert, hub, single_file
 from imagerag_jax.weights.convert import WeightLoadError
 
+# What each loader reads of a hub snapshot (the UNet's prediction type is in the scheduler config).
+HUB_PARTS = {"unet": ("unet", "scheduler"), "vae": ("vae",), "text_encoder": ("text_encoder",)}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # Old diffusers VAE checkpoints name attention projections query/key/value/proj_attn.
 VAE_RENAMES = (
@@ -226,6 +230,7 @@ def load_unet(
     ``head_channels`` is used for single files only, whose weights do not record the attention
     head width (64 for every SD 2.x model).
     """
+    path = hub.local_path(path, HUB_PARTS["unet"])
     single = _is_single_file(path)
     cfg, tensors, where = _source(path, "unet", **({"head_channels": head_channels} if single else {}))
     if upcast_attention is not None:
@@ -241,7 +246,7 @@ def load_vae(
     path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
 ) -> tuple[AutoencoderKL, dict[str, Any]]:
     """Load an AutoencoderKL from a diffusers folder (pipeline or ``vae/``) or a single file."""
-    cfg, tensors, where = _source(path, "vae")
+    cfg, tensors, where = _source(hub.local_path(path, HUB_PARTS["vae"]), "vae")
     vae = _build("vae", cfg, where, dtype=dtype)
     return vae, params_from_tensors("vae", vae, tensors, param_dtype, source=where)
 
@@ -250,7 +255,7 @@ def load_text_encoder(
     path: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
 ) -> tuple[CLIPTextTransformer, dict[str, Any]]:
     """Load a CLIP text encoder from a transformers folder (or ``text_encoder/``) or a single file."""
-    cfg, tensors, where = _source(path, "text_encoder")
+    cfg, tensors, where = _source(hub.local_path(path, HUB_PARTS["text_encoder"]), "text_encoder")
     text = _build("text_encoder", cfg, where, dtype=dtype)
     return text, params_from_tensors("text_encoder", text, tensors, param_dtype, source=where)
 
@@ -267,11 +272,15 @@ class SDTowers:
     text_params: dict[str, Any]
     tokenizer: Tokenizer | None
     prediction_type: str
-    source: str
+    source: str  # the absolute path, or org/name@<commit> for hub weights (`hub.label`)
 
 
 def _tokenizer(folder: str) -> Tokenizer:
-    """The CLIP tokenizer of a folder; WeightLoadError naming it if the folder holds none."""
+    """The CLIP tokenizer of a folder (or hub id); WeightLoadError naming it if it holds none.
+
+    A pipeline folder (a hub snapshot of one, say) stands for its ``tokenizer/``.
+    """
+    folder = hub.tokenizer_dir(folder)
     try:
         return Tokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:  # missing files; or transformers failing on damaged ones
@@ -292,8 +301,10 @@ def load_pipeline(
     """Load every tower of a diffusers pipeline folder or a single-file SD checkpoint.
 
     A single file carries no tokenizer: pass ``tokenizer_path`` (a folder with the CLIP
-    tokenizer files), or the pipeline's tokenizer is ``None``.
+    tokenizer files), or the pipeline's tokenizer is ``None``. ``path`` and ``tokenizer_path``
+    may be hub ids (``org/name[@revision]``), resolved once here.
     """
+    path = hub.local_path(path, hub.PIPELINE)
     if not os.path.exists(path):
         raise WeightLoadError(f"{path} does not exist")
     if not _is_single_file(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
@@ -313,4 +324,4 @@ def load_pipeline(
     tok_dir = tokenizer_path or (None if _is_single_file(path) else os.path.join(path, "tokenizer"))
     tokenizer = _tokenizer(tok_dir) if tok_dir and (tokenizer_path or os.path.isdir(tok_dir)) else None
     return SDTowers(unet, unet_params, vae, vae_params, text, text_params, tokenizer,
-                    unet.prediction_type, os.path.abspath(path))
+                    unet.prediction_type, hub.label(path))

@@ -1,8 +1,10 @@
 """The frozen towers: loaded from weights or rebuilt as random presets, fingerprinted, resolved.
 
-Both config families name a tower's weights ``<tower>_weights`` (a path; unset: random towers
-of ``random_preset``, seeded by ``random_seed``); ``seed`` is the job's own randomness, never the
-towers':
+Both config families name a tower's weights ``<tower>_weights`` (a path or a Hugging Face hub id
+``org/name[@revision]``, `hub.resolve`; unset: random towers of ``random_preset``, seeded by
+``random_seed``); ``seed`` is the job's own randomness, never the towers'. What a run records of a
+tower names the weights exactly (the absolute path, or ``org/name@<commit>``), but every
+compatibility check compares fingerprints, so a local folder and the same weights by hub id agree:
 
 * a training config (``configs/base.py``): ``student_weights``, ``teacher_weights``,
   ``vae_weights`` (unset: the student's pipeline folder's ``vae/``), or random towers of
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 from imagerag_jax import config_args, jsonfiles, sharding
 from imagerag_jax.errors import UserError
 from imagerag_jax.retrieval import database as db_lib
+from imagerag_jax.weights import hub
 
 PyTree = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -84,15 +87,23 @@ def random_tower(name: str, preset: str, seed: int) -> tuple[Any, PyTree]:
 
 def load_tower(name: str, path: str | None, *, preset: str, seed: int, compute_dtype: Any,
                param_dtype: Any, prediction_type: str = "epsilon") -> tuple[Any, PyTree, dict[str, Any]]:
-    """(module, params, reference) of 'unet' | 'vae' from a weights path, or random when None."""
+    """(module, params, reference) of 'unet' | 'vae' from a weights path or hub id, or random when None.
+
+    The reference is `hub.Weights.reference`: the absolute path, and for hub weights the snapshot
+    folder, ``hub`` (``org/name@<commit>``) and the revision asked for.
+    """
     from imagerag_jax import weights
+    from imagerag_jax.weights import from_torch
 
     if path is not None:
+        resolved = hub.resolve(path, from_torch.HUB_PARTS[name])
         if name == "unet":
-            module, params = weights.load_unet(path, dtype=compute_dtype, param_dtype=param_dtype)
+            module, params = weights.load_unet(resolved.path, dtype=compute_dtype,
+                                               param_dtype=param_dtype)
         else:
-            module, params = weights.load_vae(path, dtype=compute_dtype, param_dtype=param_dtype)
-        ref = {"path": os.path.abspath(path) if "://" not in path else path}
+            module, params = weights.load_vae(resolved.path, dtype=compute_dtype,
+                                              param_dtype=param_dtype)
+        ref = resolved.reference()
     else:
         module, params = random_tower(name, preset, seed)
         changes = {"dtype": compute_dtype}
@@ -151,7 +162,7 @@ class FrozenTowers:
     vae: Tower
 
     def references(self) -> dict[str, Any]:
-        """Paths and fingerprints of the towers whose weights the objective depends on."""
+        """Provenance (`load_tower`'s references) and fingerprints of the towers the objective uses."""
         refs = {"student": {**self.student.ref, "fingerprint": fingerprint(self.student.params)},
                 "vae": dict(self.vae.ref)}
         if self.teacher is not None:
@@ -160,10 +171,12 @@ class FrozenTowers:
 
 
 def vae_path(config: Mapping[str, Any]) -> str | None:
-    """config.vae_weights, else the student's pipeline folder when it has a vae/ (SD-Turbo's has)."""
+    """config.vae_weights, else the student's pipeline folder (or hub id) when it has a vae/
+    (SD-Turbo's has)."""
     path, student = config["vae_weights"], config["student_weights"]
-    if path is None and student is not None and os.path.isdir(os.path.join(student, "vae")):
-        return student
+    if path is None and student is not None:
+        if os.path.isdir(os.path.join(hub.resolve(student, ("vae",)).path, "vae")):
+            return student
     return path
 
 
@@ -206,20 +219,25 @@ def text_tower(config: Mapping[str, Any], text_encoder: str | None = None,
 
     ``text_encoder`` overrides; else the student's pipeline folder (or single file); else, for
     random 'tiny' towers, the tiny random pipeline of the run's random_seed (what the offline jobs
-    encode with). (None, None, tokenizer, None) when there is none.
+    encode with). (None, None, tokenizer, None) when there is none. Each may be a hub id; the
+    tokenizer comes back as a local folder, the source as `hub.label` (``org/name@<commit>``).
     """
     from imagerag_jax import weights
 
-    source = text_encoder
+    parts = ("text_encoder", "tokenizer")
+    source = None if text_encoder is None else hub.local_path(text_encoder, parts)
     student = config["student_weights"]
     if source is None and student is not None:
-        if os.path.isfile(student) or os.path.isdir(os.path.join(student, "text_encoder")):
-            source = student
+        local = hub.local_path(student, parts)
+        if os.path.isfile(local) or os.path.isdir(os.path.join(local, "text_encoder")):
+            source = local
+    if tokenizer is not None:
+        tokenizer = hub.tokenizer_dir(tokenizer)
     if source is not None:
         module, params = weights.load_text_encoder(source)
         if tokenizer is None and os.path.isdir(os.path.join(source, "tokenizer")):
             tokenizer = os.path.join(source, "tokenizer")
-        return module, params, tokenizer, os.path.abspath(source)
+        return module, params, tokenizer, hub.label(source)
     if student is None and config["random_preset"] == "tiny":
         seed = int(config["random_seed"])
         module, params = random_tower("text_encoder", "tiny", seed)
@@ -237,7 +255,7 @@ class JobTowers:
     """An offline job's loaded towers (`weights.SDTowers`) plus the identities its manifests record."""
 
     pipe: Any  # weights.SDTowers
-    label: str  # weights path, or random:preset:seed
+    label: str  # absolute weights path, org/name@<commit> (hub), or random:preset:seed
     text_encoder_id: str
     vae_id: str
     unet_id: str
@@ -272,7 +290,10 @@ def random_pipeline_path(workdir: str, preset: str = "tiny", seed: int = 0) -> s
 
 
 def load_job_towers(config: Any, workdir: str, weights: str | None = None) -> JobTowers:
-    """Loads `weights` (default `config.encoder_weights`; unset: the random pipeline) with identities."""
+    """Loads `weights` (default `config.encoder_weights`; unset: the random pipeline) with identities.
+
+    Either may be a path or a hub id; the identities' label is then ``org/name@<commit>``.
+    """
     from imagerag_jax import weights as weights_lib
 
     get = config_args.get
@@ -284,7 +305,8 @@ def load_job_towers(config: Any, workdir: str, weights: str | None = None) -> Jo
         label = f"random:{preset}:{seed}"
         path = random_pipeline_path(workdir, preset, seed)
     else:
-        label = os.path.abspath(path)
+        resolved = hub.resolve(path, hub.PIPELINE)
+        path, label = resolved.path, resolved.label
     dtype = jnp.bfloat16 if get(config, "compute_dtype", "float32") == "bfloat16" else jnp.float32
     pipe = weights_lib.load_pipeline(path, dtype=dtype, tokenizer_path=get(config, "tokenizer"))
     if pipe.tokenizer is None:

@@ -138,7 +138,8 @@ def test_vae_text_adapter_heads_lpips_ops_are_their_param_trees():
     lp = LatentLPIPS()
     x = S((1, 64, 64, 4), jnp.float32)
     variables = jax.eval_shape(lp.init, jax.random.PRNGKey(0), x, x)
-    convs = {p: k for p, k in _weight_ops(flops.latent_lpips(lp, 1, (64, 64, 4))).items() if p.startswith("features")}
+    convs = {p: k for p, k in _weight_ops(flops.latent_lpips(lp, 1, (64, 64, 4))).items()
+             if p.startswith("features")}
     assert convs == _kernels(variables["params"])
 
 
@@ -234,7 +235,8 @@ def test_sd21_train_step_matches_xla_cost_analysis():
         h = jnp.zeros(jax.eval_shape(lambda: sampling.unet_encode(unet, student_p, z, t, ctx)[0]).shape)
         heads = disc_lib.init_heads(setup.heads, jax.random.PRNGKey(3), unet, student_p, z, ctx,
                                     jnp.zeros((1, pooled_dim)))
-        params = {"adapter": setup.adapter.init(jax.random.PRNGKey(1), h, jnp.zeros((1, k, *h.shape[1:])))["params"],
+        h_retr = jnp.zeros((1, k, *h.shape[1:]))
+        params = {"adapter": setup.adapter.init(jax.random.PRNGKey(1), h, h_retr)["params"],
                   "lora": lora.init_lora(jax.random.PRNGKey(2), student_p, pattern, setup.lora_rank),
                   "disc": heads["params"], "disc_stats": heads["batch_stats"]}
         return {"params": params, "gen_opt_state": gen_tx.init(step_lib.generator_params(params)),

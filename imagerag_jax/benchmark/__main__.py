@@ -15,6 +15,7 @@ OTHER_BENCHMARKS = {
     "train": "imagerag_jax.benchmark.train",
     "rag": "imagerag_jax.benchmark.rag",
     "precompute": "imagerag_jax.benchmark.precompute",
+    "gpu": "imagerag_jax.benchmark.gpu",  # the prepared GPU check (one JSON, <= 8 min on an H100)
     "aot": "imagerag_jax.benchmark.aot",  # the train step compiled for a TPU topology (libtpu)
 }
 

@@ -162,7 +162,7 @@ class Tally:
 
     def attention(self, path: str, batch: int, heads: int, nq: int, nk: int, dim: int, *,
                   q: bool, k: bool, v: bool, dim_v: int | None = None) -> bool:
-        """softmax(Q Kᵀ) V over `heads` heads; q, k, v: whether each varies. Returns whether the output varies."""
+        """softmax(Q Kᵀ) V over `heads` heads; q, k, v: whether each varies; returns whether the output does."""
         qk = 2 * batch * heads * nq * nk * dim
         av = 2 * batch * heads * nq * nk * (dim_v or dim)
         p = q or k
@@ -566,7 +566,7 @@ class StepFlops:
 
 
 def lora_trained(pattern: str | None) -> Callable[[str], bool]:
-    """Kernel path -> whether the LoRA pattern (`lora.select_paths`' regex; None: the decoder default) adapts it."""
+    """Kernel path -> whether the LoRA regex (`lora.select_paths`'; None: the decoder default) adapts it."""
     regex = re.compile(pattern or lora.DEFAULT_DECODER_PATTERN)
     return lambda path: bool(regex.search(f"{path}/kernel"))
 

@@ -51,6 +51,11 @@ def get_config(arg=None):
         num_examples=64, num_shards=4, latent_shape=(64, 64, 4), embed_shape=(77, 1024),
         pooled_dim=1024, k=4, has_noise=True))
     config.global_batch_size = 2048
+    # The global batch is computed as this many equal micro-batches (a scan inside the one jitted
+    # step, memory of one micro-batch) whose gradients are averaged before both optimisers step:
+    # the update of the whole batch. Each micro-batch splits over the mesh's batch shards, so
+    # global_batch_size must be a multiple of grad_accum_steps x batch shards.
+    config.grad_accum_steps = 1
     config.total_steps = 20_000
 
     # Objective (Eq. 10) and optimisers (AdamW, constant lr, one per player).

@@ -15,8 +15,8 @@ from imagerag_jax.config_args import load_sibling, parse_arg
 
 
 def get_config(arg=None):
-    """The tiny config; ``arg`` may set total_steps, batch and mesh_fsdp."""
-    arg = parse_arg(arg, total_steps=30, batch=4, mesh_fsdp=1)
+    """The tiny config; ``arg`` may set total_steps, batch, accum (grad_accum_steps) and mesh_fsdp."""
+    arg = parse_arg(arg, total_steps=30, batch=4, accum=1, mesh_fsdp=1)
     config = load_sibling(__file__, "base").get_config()
 
     config.random_preset = "tiny"
@@ -25,6 +25,7 @@ def get_config(arg=None):
     config.synthetic.update(dict(num_examples=32, num_shards=2, latent_shape=(8, 8, 4),
                                  embed_shape=(77, 32), pooled_dim=32, k=2))
     config.global_batch_size = arg.batch
+    config.grad_accum_steps = arg.accum
     config.total_steps = arg.total_steps
 
     # No latent LPIPS network exists for the tiny latent space; 1.0 with weights (see base).

@@ -50,7 +50,8 @@ flags.DEFINE_integer("width", None, "generate: image width (default: height)")
 flags.DEFINE_string("out", "out.png", "generate: the PNG to write (a grid when --batch > 1)")
 flags.DEFINE_string("tokenizer", None, "generate, export: tokenizer folder or hub id (single-file "
                     "checkpoints)")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "generate: compute dtype")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "generate, evaluate, serve: compute "
+                  "dtype (with retrieval: UNet, adapter and VAE; text encoder and search stay float32)")
 config_flags.DEFINE_config_file("config", None, "build-db, precompute, train, run: ml_collections "
                                 "config file (configs/*.py[:arg])", lock_config=True)
 flags.DEFINE_string("workdir", None, "the run's folder: jobs write and resume there; export reads it")
@@ -96,6 +97,8 @@ def _rag_pipeline(command: str):
     if len(given) > 1 or (given and FLAGS.weights is not None):
         raise UserError(f"{command}: pass one of --run, --export or --weights")
     kw = dict(database=FLAGS.database, index=FLAGS.index, k=FLAGS.k, cache=FLAGS.cache)
+    if FLAGS["dtype"].present:  # build-cache does not take it: the cache is always float32's
+        kw["dtype"] = FLAGS.dtype
     if FLAGS.w is not None:
         kw["w"] = FLAGS.w
     if FLAGS.run is not None:
@@ -117,8 +120,8 @@ def _uses_retrieval() -> bool:
 def generate_with_retrieval() -> None:
     from imagerag_jax import images
 
-    plain_only = [n for n in ("steps", "guidance", "sampler", "negative_prompt", "height", "width",
-                              "dtype") if FLAGS[n].present]
+    plain_only = [n for n in ("steps", "guidance", "sampler", "negative_prompt", "height", "width")
+                  if FLAGS[n].present]
     if plain_only:
         raise UserError(f"--{', --'.join(plain_only)}: plain generation only (without --run, "
                              "--export or --database)")
@@ -243,8 +246,8 @@ ACCEPTED_FLAGS = {
     "generate": _PIPELINE_FLAGS | {"prompt", "negative_prompt", "steps", "guidance", "sampler", "seed",
                                    "batch", "height", "width", "out", "dtype", "mode", "neighbours"},
     "evaluate": _PIPELINE_FLAGS | {"prompts", "out", "batch", "seed", "mode", "reference", "inception",
-                                   "clip"},
-    "serve": _PIPELINE_FLAGS | {"host", "port"},
+                                   "clip", "dtype"},
+    "serve": _PIPELINE_FLAGS | {"host", "port", "dtype"},
     "build-cache": _PIPELINE_FLAGS,
     "build-db": _JOB_FLAGS,
     "precompute": _JOB_FLAGS,

@@ -12,6 +12,11 @@ Modes: 'adapter' (the trained cross-attention adapter, h = h_tgt + λ·adapter(h
 (``retrieval/index.py``: ScaNN, exact or BM25 over the DB captions), and everything after it
 (neighbours' H-space or the H-space cache, adapter, UNet, VAE decode) in one more jit whose batch
 is padded to the local device count and sharded over them.
+
+``dtype='bfloat16'`` (CLI ``--dtype``) computes the UNet, the adapter and the VAE in bf16 from the
+same float32 params: the text encoder, the pooled-text cosine lambda and the search stay float32
+(so bf16 retrieves the same neighbours as float32), and the H-space cache, keyed by the float32
+params' fingerprint, is built in float32 and serves both.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from imagerag_jax.retrieval import index as index_lib
 from imagerag_jax.retrieval import retriever as retriever_lib
 
 MODES = ("adapter", "inject", "none")
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DEFAULT_INJECTION_WEIGHT = 0.8  # the paper's fixed-w row (Sec. 3.2)
 
 
@@ -146,10 +152,20 @@ class RagPipeline:
                  w: float = DEFAULT_INJECTION_WEIGHT, timestep: int = 999,
                  schedule: schedule_lib.NoiseSchedule | None = None,
                  latent_size: tuple[int, int] | None = None, cache: bool = True,
-                 devices: Sequence[jax.Device] | None = None):
+                 devices: Sequence[jax.Device] | None = None, dtype: str = "float32"):
+        if dtype not in COMPUTE_DTYPES:
+            raise UserError(f"unknown compute dtype {dtype!r}; choose one of {'|'.join(COMPUTE_DTYPES)}")
         if text is None:
             raise UserError(f"{source} has no text encoder: generation needs one (pass --weights of "
                             "a pipeline folder with text_encoder/ and tokenizer/)")
+        self.dtype = dtype
+        # The cache's H-space is the float32 encoder's whatever the compute dtype (one cache per
+        # fingerprint); bf16 changes only the modules' compute dtype, never the params.
+        self._cache_unet = unet
+        if dtype != "float32":
+            compute = COMPUTE_DTYPES[dtype]
+            unet, vae = unet.clone(dtype=compute), vae.clone(dtype=compute)
+            adapter = adapter.clone(dtype=compute) if adapter is not None else None
         self.unet, self.vae, self.text, self.tokenizer = unet, vae, text, tokenizer
         self.adapter, self.source = adapter, source
         self.schedule = schedule or schedule_lib.scaled_linear_schedule()
@@ -189,7 +205,8 @@ class RagPipeline:
                              "H-space on the fly (build one with `main build-cache`)", self.database.path)
         self._encode = jax.jit(self._encode_fn)
         self._denoise = jax.jit(self._denoise_fn, static_argnames=("mode", "cached", "decode"))
-        self._decode = jax.jit(lambda vae_p, z: vae.apply({"params": vae_p}, z, method=vae.decode_latents))
+        self._decode = jax.jit(lambda vae_p, z: vae.apply({"params": vae_p}, z,
+                                                          method=vae.decode_latents).astype(jnp.float32))
 
     # --- construction -------------------------------------------------------------------------
 
@@ -304,9 +321,10 @@ class RagPipeline:
                 x0 = sampling.direct_injection_one_step(unet, unet_p, noise, context, h_retr[:, 0], w,
                                                         self.schedule, unet.prediction_type,
                                                         timestep=self.timestep)
-        out["latents"] = x0
+        out["latents"] = x0.astype(jnp.float32)
         if decode:
-            out["images"] = self.vae.apply({"params": params["vae"]}, x0, method=self.vae.decode_latents)
+            out["images"] = self.vae.apply({"params": params["vae"]}, x0,
+                                           method=self.vae.decode_latents).astype(jnp.float32)
         return out
 
     # --- generation ---------------------------------------------------------------------------
@@ -412,13 +430,14 @@ class RagPipeline:
             "index": self.index_path, "index_kind": None if self.index is None else self.index.kind,
             "hspace_cache": None if self.cache is None else self.cache.path,
             "student_encoder_fingerprint": self.fingerprint, "devices": self.num_devices,
+            "dtype": self.dtype,
         }
 
     def build_cache(self, batch_size: int = 16) -> str:
         """Builds (or resumes) the H-space cache of the pipeline's DB for its student; uses it after."""
         if self.database is None:
             raise UserError("building an H-space cache needs a retrieval database (--database)")
-        path = hspace_cache.build_cache(self.database.path, self.unet, self._params["unet"],
+        path = hspace_cache.build_cache(self.database.path, self._cache_unet, self._params["unet"],
                                         batch_size=batch_size, mesh=self.mesh)
         self.cache = hspace_cache.open_cache(self.database.path, fingerprint=self.fingerprint)
         return path

@@ -106,9 +106,9 @@ def _private() -> dict[str, Any]:
 def _describe(pipe) -> str:
     """One Markdown line naming what the page serves (from RagPipeline.describe())."""
     info = pipe.describe()
-    keys = ("source", "database", "index_kind", "hspace_cache", "devices")
+    keys = ("source", "database", "index_kind", "hspace_cache", "devices", "dtype")
     return " · ".join(f"**{key}** `{info[key]}`" for key in keys
-                      if info.get(key) not in (None, ""))
+                      if info.get(key) not in (None, "", "float32"))  # bf16 is worth a mention
 
 
 def build_demo(pipe):

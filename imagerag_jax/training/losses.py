@@ -46,10 +46,26 @@ def latent_lpips_loss(
     augment: bool = True,
     **augment_kwargs: Any,
 ) -> jax.Array:
-    """Eq. 9: batch mean of d(T(pred), T(target)) with one shared random augmentation T per example."""
+    """Eq. 9: batch mean of d(T(pred), T(target)) with one shared random augmentation T per example.
+
+    ``rng``: one key for the batch, or one key per example (a leading axis of the batch's size),
+    each example's T then drawn from its own key alone, whatever batch it is computed in (the
+    train step's keying, so accumulated micro-batches draw what one big batch draws).
+    """
     if augment:
-        pred, target = random_augment(rng, pred, target, **augment_kwargs)
+        if _is_key_per_example(rng, pred.shape[0]):
+            one = lambda k, p, t: random_augment(k, p[None], t[None], **augment_kwargs)
+            pred, target = jax.vmap(one)(rng, pred, target)
+            pred, target = pred[:, 0], target[:, 0]
+        else:
+            pred, target = random_augment(rng, pred, target, **augment_kwargs)
     return jnp.mean(lpips_module.apply(lpips_variables, pred, target))
+
+
+def _is_key_per_example(rng: jax.Array, batch: int) -> bool:
+    """Whether `rng` holds one key per example (typed keys (B,) or raw uint32 keys (B, 2))."""
+    typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    return rng.ndim == (1 if typed else 2) and rng.shape[0] == batch
 
 
 class LossParts(NamedTuple):

@@ -13,6 +13,11 @@ Latent adversarial distillation with retrieval (paper Sec. 3.3-3.4), as one pure
   D: hinge_d(D(z_s), D(stop_grad(z_hat_s))), spectral-norm stats updated
   both optimisers step; a non-finite loss or gradient keeps the old state and is reported.
 
+Every random draw of an example (noise, t, s, eps, the LPIPS augmentation, prompt dropout) comes
+from its own key, fold_in(step key, its row in the global batch), so ``grad_accum_steps``
+micro-batches (a scan inside the step, gradients and metrics averaged, both players' gradients
+at the step's starting params) make the update of the whole batch.
+
 Trainable: the H-space adapter and the student decoder's LoRA (the generator, one AdamW) and the
 discriminator heads (another AdamW). Frozen (passed in ``frozen``): the student UNet, the teacher
 UNet's encoder (the discriminator backbone) and latent LPIPS.
@@ -139,12 +144,50 @@ def with_self_as_neighbour(batch: Mapping[str, jax.Array], latent: jax.Array) ->
     return out
 
 
+# Metrics that are means over the batch's examples (equal micro-batches average into the batch's);
+# edit_sq and h_sq are the mean squares the H-space edit ratio is made of.
+MEAN_METRICS = ("g_loss", "g_adv", "g_distill", "g_lpips", "d_loss", "d_acc_real", "d_acc_fake",
+                "d_logit_real", "d_logit_fake", "lambda_mean", "edit_sq", "h_sq")
+# Purposes of the per-example keys: each random draw of an example has a stream of its own.
+_NOISE, _STUDENT_T, _DISC_S, _EPS, _LPIPS, _DROP = range(6)
+
+
+def example_keys(step_key: jax.Array, index: jax.Array) -> jax.Array:
+    """One key per example: the step's key folded with the example's row in the global batch.
+
+    Every draw of an example comes from its key alone, so it does not depend on which
+    micro-batch (or device) the example is computed in: accumulating micro-batches reproduces
+    the draws of one big batch.
+    """
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, index)
+
+
+def _draw(keys: jax.Array, purpose: int, sample: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """`sample(key)` for every example's key folded with `purpose`, stacked on a leading axis."""
+    return jax.vmap(lambda k: sample(jax.random.fold_in(k, purpose)))(keys)
+
+
+def micro_batches(tree: PyTree, count: int) -> PyTree:
+    """Splits the leading (batch) axis of every leaf into `count` micro-batches, stacked first.
+
+    Micro-batch a holds rows a, a + count, a + 2 count, ...: with the batch split over devices in
+    contiguous blocks (of a multiple of `count` rows each), every device's block becomes `count`
+    equal pieces of its own rows, so no example moves between devices.
+    """
+    def split(x: jax.Array) -> jax.Array:
+        m = x.shape[0] // count
+        return jnp.moveaxis(x.reshape(m, count, *x.shape[1:]), 1, 0)
+
+    return jax.tree.map(split, tree)
+
+
 def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: jax.sharding.Mesh,
                     rules: Sequence[tuple[str, Any]], gen_tx: optax.GradientTransformation,
                     disc_tx: optax.GradientTransformation, *, remat: str = "none",
                     lpips_augment: bool = True,
                     self_neighbour: bool = False,
-                    prompt_dropout: float = 0.0) -> Callable[[State, PyTree, PyTree], tuple[State, dict]]:
+                    prompt_dropout: float = 0.0,
+                    grad_accum_steps: int = 1) -> Callable[[State, PyTree, PyTree], tuple[State, dict]]:
     """The pure train step `(state, frozen, batch) -> (state, metrics)` (see the module docstring).
 
     ``self_neighbour`` (a diagnostic, never the method): neighbour 0 of every example is replaced
@@ -153,9 +196,18 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
     ``prompt_dropout`` (not in the paper; 0 = the paper): each example's prompt embeddings are
     zeroed for the student with this probability, so the target can only come from the retrieved
     neighbours; lambda, the discriminator and the targets still see the prompt.
+    ``grad_accum_steps``: the batch is computed as this many equal micro-batches in a
+    `jax.lax.scan` (memory of one micro-batch) whose gradients and metrics are averaged; both
+    optimisers then step once. Every random draw is keyed by the example's row in the batch and
+    both players' gradients are taken at the step's starting params (the discriminator sees the
+    generator's output before its update, as in one big batch), so the update is the big batch's
+    up to float summation order.
     """
     if not 0.0 <= prompt_dropout <= 1.0:
         raise UserError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
+    accum = int(grad_accum_steps)
+    if accum < 1:
+        raise UserError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
     policy = REMAT_POLICIES[remat]
     maybe_remat = (lambda f: f) if policy is None else (lambda f: jax.checkpoint(f, policy=policy))
     ts = np.asarray(s.student_timesteps, np.int32)
@@ -170,10 +222,11 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
         edited = adapter_lib.inject(h, delta, lam)
         out = sampling.unet_decode(s.student, unet_p, edited, skips, temb, context)
         z_hat = schedule_lib.predict_x0(out.astype(jnp.float32), x_t, t, schedule, s.prediction_type)
-        # How far the adapter moves the H-space, relative to its size (0 at initialisation).
-        ratio = jnp.sqrt(jnp.mean(jnp.square((edited - h).astype(jnp.float32)))
-                         / (jnp.mean(jnp.square(h.astype(jnp.float32))) + 1e-12))
-        return batch_c(z_hat), ratio
+        # How far the adapter moves the H-space, relative to its size (0 at initialisation): the
+        # two mean squares, so that micro-batches combine into the batch's ratio.
+        edit_sq = jnp.mean(jnp.square((edited - h).astype(jnp.float32)))
+        h_sq = jnp.mean(jnp.square(h.astype(jnp.float32)))
+        return batch_c(z_hat), (edit_sq, h_sq)
 
     @maybe_remat
     def teacher_features(teacher_p, z_s, timesteps, context):
@@ -184,32 +237,34 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
     if s.lpips is not None and s.beta > 0:
 
         @maybe_remat
-        def lpips_term(lpips_vars, pred, target, rng):
-            return losses.latent_lpips_loss(s.lpips, lpips_vars, pred, target, rng, augment=lpips_augment)
+        def lpips_term(lpips_vars, pred, target, keys):
+            return losses.latent_lpips_loss(s.lpips, lpips_vars, pred, target, keys, augment=lpips_augment)
 
         lpips_fn = lpips_term
 
-    def train_step(state: State, frozen: PyTree, batch: PyTree) -> tuple[State, dict]:
-        step = state["step"]
-        rng = jax.random.fold_in(state["rng"], step)
-        k_noise, k_t, k_s, k_eps, k_lpips = jax.random.split(rng, 5)
+    def micro_step(params: PyTree, frozen: PyTree, batch: PyTree, keys: jax.Array):
+        """Both players' gradients and the metric terms of one (micro-)batch, at `params`.
+
+        Returns (generator grads, discriminator grads, new spectral-norm stats, batch means,
+        (lambda min, lambda max)); every mean is over this batch's examples.
+        """
+        keys = batch_c(keys)
         z0 = batch_c(batch["latent"].astype(jnp.float32))
         b = z0.shape[0]
         context, pooled = batch["prompt_embeds"], batch["pooled"]
         student_context = context
         if prompt_dropout > 0:
-            # A key of its own: the other draws stay those of a step without dropout.
-            drop = jax.random.bernoulli(jax.random.fold_in(rng, 0x0D20), prompt_dropout, (b,))
+            drop = _draw(keys, _DROP, lambda k: jax.random.bernoulli(k, prompt_dropout))
             student_context = jnp.where(drop[:, None, None], jnp.zeros_like(context), context)
         # Synthetic pairs carry the teacher's initial noise: the student maps the same noise.
         noise = batch["noise"].astype(jnp.float32) if "noise" in batch else \
-            jax.random.normal(k_noise, z0.shape, jnp.float32)
+            _draw(keys, _NOISE, lambda k: jax.random.normal(k, z0.shape[1:], jnp.float32))
         noise = batch_c(noise)
         if len(ts) == 1:
             t = jnp.full((b,), int(ts[0]), jnp.int32)
             x_t = noise
         else:
-            t = jnp.asarray(ts)[jax.random.randint(k_t, (b,), 0, len(ts))]
+            t = jnp.asarray(ts)[_draw(keys, _STUDENT_T, lambda k: jax.random.randint(k, (), 0, len(ts)))]
             # The first student step starts from pure noise (inference's convention); later
             # steps from the target noised to their timestep.
             x_t = jnp.where((t == n_train - 1)[:, None, None, None], noise,
@@ -224,30 +279,31 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
                                            batch["retrieved_prompt_embeds"])
         lam = adapter_lib.retrieval_lambda(pooled, batch["retrieved_pooled"])
 
-        s_t = disc_lib.sample_discriminator_timesteps(k_s, b, n_train)
-        eps = batch_c(jax.random.normal(k_eps, z0.shape, jnp.float32))
-        head_vars = {"params": state["params"]["disc"], "batch_stats": state["params"]["disc_stats"]}
+        # s ~ U{0..N-1} over all N training timesteps (paper Sec. 3.4), one per example.
+        s_t = _draw(keys, _DISC_S, lambda k: disc_lib.sample_discriminator_timesteps(k, 1, n_train)[0])
+        eps = batch_c(_draw(keys, _EPS, lambda k: jax.random.normal(k, z0.shape[1:], jnp.float32)))
+        lpips_keys = _draw(keys, _LPIPS, lambda k: k)
+        head_vars = {"params": params["disc"], "batch_stats": params["disc_stats"]}
 
         def g_loss_fn(gen_params):
-            z_hat, ratio = generate(gen_params, student_p, h, skips, temb, h_retr, lam, x_t, t,
-                                    student_context)
+            z_hat, sq = generate(gen_params, student_p, h, skips, temb, h_retr, lam, x_t, t,
+                                 student_context)
             fake_s = schedule_lib.add_noise(z_hat, eps, s_t, schedule)
             stages = teacher_features(teacher_p, fake_s, s_t, context)
             fake_logits = s.heads.apply(head_vars, stages, s_t, pooled, update_stats=False)
             adv = losses.hinge_g_loss(fake_logits)
             distill = losses.smooth_l1(z_hat, z0)
-            lp = lpips_fn(frozen["lpips"], z_hat, z0, k_lpips) if lpips_fn is not None else jnp.zeros(())
+            lp = lpips_fn(frozen["lpips"], z_hat, z0, lpips_keys) if lpips_fn is not None else jnp.zeros(())
             total = losses.generator_loss(adv, distill, lp, s.alpha, s.beta)
-            aux = dict(adv=adv, distill=distill, lpips=lp, ratio=ratio, z_hat=z_hat, stages=stages)
+            aux = dict(adv=adv, distill=distill, lpips=lp, sq=sq, stages=stages)
             return total, aux
 
-        gen_params = generator_params(state["params"])
-        (g_loss, g_aux), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(gen_params)
+        (g_loss, g_aux), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(generator_params(params))
 
         # Discriminator: real z_s through the teacher; the fake stages are reused from the
-        # generator's pass (same frozen teacher, same input), detached. Real and fake go through
-        # the heads in one call, interleaved per example, so both see the same spectral norms
-        # and the batch stays on its devices.
+        # generator's pass (same frozen teacher, same input, the generator before its update),
+        # detached. Real and fake go through the heads in one call, interleaved per example, so
+        # both see the same spectral norms and the batch stays on its devices.
         real_s = schedule_lib.add_noise(z0, eps, s_t, schedule)
         real_stages = disc_lib.teacher_stages(s.teacher, teacher_p, real_s, s_t, context)
         fake_stages = jax.lax.stop_gradient(g_aux["stages"])
@@ -256,6 +312,8 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
         s2, pooled2 = jnp.repeat(s_t, 2), jnp.repeat(pooled, 2, axis=0)
 
         def d_loss_fn(disc_params):
+            # The power iteration reads only the kernels and the stored vectors, never the
+            # batch: every micro-batch computes the same new stats.
             logits, mutated = s.heads.apply(
                 {"params": disc_params, "batch_stats": head_vars["batch_stats"]}, both, s2, pooled2,
                 update_stats=True, mutable=["batch_stats"])
@@ -264,12 +322,50 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
             return losses.hinge_d_loss(real, fake), (real, fake, mutated["batch_stats"])
 
         (d_loss, (real_logits, fake_logits, new_stats)), d_grads = jax.value_and_grad(
-            d_loss_fn, has_aux=True)(state["params"]["disc"])
+            d_loss_fn, has_aux=True)(params["disc"])
 
+        acc_real, acc_fake = losses.discriminator_accuracy(real_logits, fake_logits)
+        edit_sq, h_sq = g_aux["sq"]
+        values = (g_loss, g_aux["adv"], g_aux["distill"], g_aux["lpips"], d_loss, acc_real, acc_fake,
+                  jnp.mean(real_logits), jnp.mean(fake_logits), jnp.mean(lam), edit_sq, h_sq)
+        means = {k: jnp.asarray(v, jnp.float32) for k, v in zip(MEAN_METRICS, values, strict=True)}
+        return g_grads, d_grads, new_stats, means, (jnp.min(lam), jnp.max(lam))
+
+    def accumulated(params: PyTree, frozen: PyTree, batch: PyTree, step_key: jax.Array):
+        """`micro_step` of the whole batch, as `accum` micro-batches averaged in a scan."""
+        index = jnp.arange(batch["latent"].shape[0], dtype=jnp.int32)
+        if accum == 1:
+            return micro_step(params, frozen, batch, example_keys(step_key, index))
+        micro_c = lambda x: sharding.constrain(x, mesh, (None, "batch"), rules)
+        xs = jax.tree.map(micro_c, micro_batches((batch, index), accum))
+        zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+
+        def body(carry, x):
+            g_sum, d_sum, _, m_sum, (lo, hi) = carry
+            micro, idx = x
+            g, d, stats, means, (mlo, mhi) = micro_step(params, frozen, micro, example_keys(step_key, idx))
+            return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, d_sum, d), stats,
+                    jax.tree.map(jnp.add, m_sum, means), (jnp.minimum(lo, mlo), jnp.maximum(hi, mhi))), None
+
+        # Gradients have their params' structure and dtypes; the means are float32 scalars.
+        init = (zeros(generator_params(params)), zeros(params["disc"]), params["disc_stats"],
+                {k: jnp.zeros((), jnp.float32) for k in MEAN_METRICS},
+                (jnp.asarray(jnp.inf, jnp.float32), jnp.asarray(-jnp.inf, jnp.float32)))
+        (g_sum, d_sum, stats, m_sum, extremes), _ = jax.lax.scan(body, init, xs)
+        mean = lambda tree: jax.tree.map(lambda v: v / accum, tree)
+        return mean(g_sum), mean(d_sum), stats, mean(m_sum), extremes
+
+    def train_step(state: State, frozen: PyTree, batch: PyTree) -> tuple[State, dict]:
+        step = state["step"]
+        params = state["params"]
+        g_grads, d_grads, new_stats, means, (lam_min, lam_max) = accumulated(
+            params, frozen, batch, jax.random.fold_in(state["rng"], step))
+
+        gen_params = generator_params(params)
         g_updates, gen_opt = gen_tx.update(g_grads, state["gen_opt_state"], gen_params)
         new_gen = optax.apply_updates(gen_params, g_updates)
-        d_updates, disc_opt = disc_tx.update(d_grads, state["disc_opt_state"], state["params"]["disc"])
-        new_disc = optax.apply_updates(state["params"]["disc"], d_updates)
+        d_updates, disc_opt = disc_tx.update(d_grads, state["disc_opt_state"], params["disc"])
+        new_disc = optax.apply_updates(params["disc"], d_updates)
         new_state = {
             "params": {**new_gen, "disc": new_disc, "disc_stats": new_stats},
             "gen_opt_state": gen_opt,
@@ -278,17 +374,15 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
             "rng": state["rng"],
         }
         g_norm, d_norm = optax.tree.norm(g_grads), optax.tree.norm(d_grads)
+        g_loss, d_loss = means["g_loss"], means["d_loss"]
         ok = jnp.isfinite(g_loss) & jnp.isfinite(d_loss) & jnp.isfinite(g_norm) & jnp.isfinite(d_norm)
         # A bad step changes nothing: the state stays the last good one (the loop then stops).
         new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
-        acc_real, acc_fake = losses.discriminator_accuracy(real_logits, fake_logits)
+        edit_sq, h_sq = means.pop("edit_sq"), means.pop("h_sq")
         metrics = {
-            "g_loss": g_loss, "g_adv": g_aux["adv"], "g_distill": g_aux["distill"],
-            "g_lpips": g_aux["lpips"], "d_loss": d_loss, "d_acc_real": acc_real,
-            "d_acc_fake": acc_fake, "d_logit_real": jnp.mean(real_logits),
-            "d_logit_fake": jnp.mean(fake_logits), "lambda_mean": jnp.mean(lam),
-            "lambda_min": jnp.min(lam), "lambda_max": jnp.max(lam),
-            "hspace_edit_ratio": g_aux["ratio"], "g_grad_norm": g_norm, "d_grad_norm": d_norm,
+            **means, "lambda_min": lam_min, "lambda_max": lam_max,
+            "hspace_edit_ratio": jnp.sqrt(edit_sq / (h_sq + 1e-12)),
+            "g_grad_norm": g_norm, "d_grad_norm": d_norm,
             "g_lr": state["gen_opt_state"].hyperparams["learning_rate"],
             "d_lr": state["disc_opt_state"].hyperparams["learning_rate"],
             "ok": ok,

@@ -255,7 +255,8 @@ class Trainer:
                             self.disc_tx, remat=self.config.remat,
                             lpips_augment=bool(self.config.lpips_augment),
                             self_neighbour=bool(self.config.self_neighbour),
-                            prompt_dropout=float(self.config.prompt_dropout)),
+                            prompt_dropout=float(self.config.prompt_dropout),
+                            grad_accum_steps=int(self.config.grad_accum_steps)),
             in_shardings=(state_sh, self.frozen_shardings, self.batch_shardings(fields)),
             out_shardings=(state_sh, self.replicated),
             donate_argnums=(0,),
@@ -266,14 +267,17 @@ class Trainer:
 
         FLOPs come from the compiled executable's XLA cost analysis. Where that counts less than
         half of the unoptimised program's FLOPs (divided over the devices), the backend's cost
-        model missed library calls (cuDNN convolutions on GPU) and the latter is used.
+        model missed library calls (cuDNN convolutions on GPU) and the latter is used. The cost
+        analysis counts a loop body once, so with `grad_accum_steps` > 1 both counts are scaled by
+        it (the optimiser updates outside the micro-batch loop, small, are then overcounted).
         """
         fields = step_lib.batch_fields(schema)
         batch = abstract_batch(schema, global_batch, self.batch_shardings(fields))
         lowered = self.jitted_step(abstract, schema).lower(abstract, self.frozen, batch)
         compiled = lowered.compile()
-        flops = compiled_flops(compiled)
-        hlo_flops = compiled_flops(lowered) / self.mesh.size
+        accum = int(self.config.grad_accum_steps)
+        flops = compiled_flops(compiled) * accum
+        hlo_flops = compiled_flops(lowered) / self.mesh.size * accum
         self.flops_compiled, self.flops_hlo = flops, hlo_flops
         return compiled, (hlo_flops if flops < 0.5 * hlo_flops else flops)
 
@@ -379,16 +383,26 @@ def check_config(config: ml_collections.ConfigDict,
         mesh: the mesh the run uses (default: `config.mesh` over every device).
 
     Returns:
-        The mesh, whose batch shards the global batch splits over.
+        The mesh, whose batch shards each of the `grad_accum_steps` micro-batches of the global
+        batch splits over.
     """
     if config.remat not in step_lib.REMAT_POLICIES:
         raise UserError(f"unknown remat {config.remat!r}; expected one of "
                         f"{sorted(step_lib.REMAT_POLICIES)}")
+    accum = config.grad_accum_steps
+    if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
+        raise UserError(f"grad_accum_steps must be an integer >= 1, got {accum!r}")
     mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)  # a misfit is a UserError
     shards = sharding.batch_shards(mesh, tuple(tuple(r) for r in config.logical_rules))
-    if int(config.global_batch_size) % shards:
-        raise UserError(f"global_batch_size {config.global_batch_size} is not a multiple of the "
-                        f"{shards} batch shards of mesh {dict(mesh.shape)}")
+    batch = int(config.global_batch_size)
+    # Each of the `accum` micro-batches is split over the batch shards like a whole batch.
+    if batch % (accum * shards):
+        where = f"{shards} batch shards of mesh {dict(mesh.shape)}"
+        if accum == 1:
+            raise UserError(f"global_batch_size {batch} is not a multiple of the {where}")
+        raise UserError(f"global_batch_size {batch} does not split into grad_accum_steps={accum} "
+                        f"micro-batches over the {where}: it must be a multiple of "
+                        f"{accum} x {shards} = {accum * shards}")
     return mesh
 
 

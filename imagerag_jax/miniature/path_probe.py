@@ -91,16 +91,20 @@ def probe_data(config: Any, workdir: str, targets: str, limit: int, seed: int = 
 
 
 NOVEL_EXAMPLES = 256
+# Towers and data go in as arguments, never as closure constants: XLA then compiles each program
+# once for every probe of the same shapes (both targets, every novel scoring) instead of folding
+# the weights into each one.
+_encode = jax.jit(sampling.unet_encode, static_argnums=0)
+EXAMPLE_KEYS = ("noise", "latents", "context", "h", "skips", "temb", "own")
 
 
 def _examples(towers: Any, ids: np.ndarray, latents: np.ndarray, noise: np.ndarray) -> dict[str, Any]:
     """Noise, target latents, text states, h and skips at t = 999, the target's own H-space at t = 0."""
     context, _ = stages.embed_ids(towers.text, towers.text_p, ids)
     unet, params = towers.unet, towers.student_p
-    encode = jax.jit(lambda x, t, c: sampling.unet_encode(unet, params, x, t, c))
     full = lambda v: jnp.full((len(ids),), v, jnp.int32)
-    h, skips, temb = encode(jnp.asarray(noise), full(999), jnp.asarray(context))
-    own, _, _ = encode(jnp.asarray(latents), full(0), jnp.asarray(context))
+    h, skips, temb = _encode(unet, params, jnp.asarray(noise), full(999), jnp.asarray(context))
+    own, _, _ = _encode(unet, params, jnp.asarray(latents), full(0), jnp.asarray(context))
     return dict(noise=jnp.asarray(noise), latents=jnp.asarray(latents), context=jnp.asarray(context),
                 h=h, skips=skips, temb=temb, own=own)
 
@@ -127,39 +131,42 @@ def fit_variant(data: dict[str, Any], variant: str, lr: float, steps: int, *, ba
     params = {"edit": edit.init(key, data["h"][:1], data["own"][:1, None])["params"],
               "lora": lora.init_lora(key, student_p, train.lora.pattern or lora.DEFAULT_DECODER_PATTERN, rank)}
 
-    def x0_fn(p, d, idx, nbr, edited=True):
+    def x0_fn(p, frozen, d, idx, nbr, edited=True):
         h = d["h"][idx]
         if variant != "lora" and edited:
             h = h + edit.apply({"params": p["edit"]}, h, d["own"][nbr][:, None])
-        unet_p = lora.merge(student_p, p["lora"], alpha, rank)
+        unet_p = lora.merge(frozen, p["lora"], alpha, rank)
         out = sampling.unet_decode(unet, unet_p, h, [s[idx] for s in d["skips"]], d["temb"][idx],
                                    d["context"][idx])
         t = jnp.full((idx.shape[0],), 999, jnp.int32)
         return schedule_lib.predict_x0(out, d["noise"][idx], t, sched, unet.prediction_type)
 
-    loss_fn = lambda p, idx, nbr: losses.smooth_l1(x0_fn(p, data, idx, nbr), data["latents"][idx])
+    def loss_fn(p, frozen, d, idx, nbr):
+        return losses.smooth_l1(x0_fn(p, frozen, d, idx, nbr), d["latents"][idx])
 
     tx = optax.adam(lr)
 
     @jax.jit
-    def step(p, opt, idx):
-        loss, grads = jax.value_and_grad(loss_fn)(p, idx, idx)
+    def step(p, opt, frozen, d, idx):
+        loss, grads = jax.value_and_grad(loss_fn)(p, frozen, d, idx, idx)
         updates, opt = tx.update(grads, opt, p)
         return optax.apply_updates(p, updates), opt, loss
 
     evaluate = jax.jit(loss_fn)
-    plain = float(evaluate(params, eval_idx, eval_idx))  # the edit and the LoRA start at zero
+    examples = {k: data[k] for k in EXAMPLE_KEYS}
+    plain = float(evaluate(params, student_p, examples, eval_idx, eval_idx))  # edit, LoRA start at 0
     opt, rng = tx.init(params), np.random.default_rng([seed, 7])
     for _ in range(steps):
-        params, opt, _ = step(params, opt, jnp.asarray(rng.choice(train_idx, batch)))
-    out = {"plain": plain, "own": float(evaluate(params, eval_idx, eval_idx)),
-           "other": float(evaluate(params, eval_idx, jnp.roll(eval_idx, 1)))}
+        params, opt, _ = step(params, opt, student_p, examples, jnp.asarray(rng.choice(train_idx, batch)))
+    out = {"plain": plain, "own": float(evaluate(params, student_p, examples, eval_idx, eval_idx)),
+           "other": float(evaluate(params, student_p, examples, eval_idx, jnp.roll(eval_idx, 1)))}
     if "novel" in data:
         nov = data["novel"]
+        nov_examples = {k: nov[k] for k in EXAMPLE_KEYS}
         idx = jnp.arange(nov["noise"].shape[0])
-        novel_x0 = jax.jit(lambda p, nbr, edited: x0_fn(p, nov, idx, nbr, edited), static_argnums=2)
+        novel_x0 = jax.jit(x0_fn, static_argnums=5)
         for name, nbr, edited in (("own", idx, True), ("other", jnp.roll(idx, 1), True), ("no_edit", idx, False)):
-            x0 = novel_x0(params, nbr, edited)
+            x0 = novel_x0(params, student_p, nov_examples, idx, nbr, edited)
             pred = compose.judge(nov["judge"], stages.decode_latents(towers.vae, towers.vae_p, x0))
             scores = compose.score(pred, nov["compositions"], np.zeros(len(idx), np.int64), nov["digits"])
             out[f"novel_{name}"] = {"smooth_l1": float(losses.smooth_l1(x0, nov["latents"])),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -143,11 +143,17 @@ def _init(module: nn.Module, seed: int, *args: Any) -> PyTree:
     return jax.jit(module.init)(jax.random.PRNGKey(seed), *args)["params"]
 
 
-def _run(stage: Stage, init: PyTree, loss_fn, batch_fn, *, seed: int, progress: bool,
-         ema: float = 0.0) -> tuple[PyTree, dict[str, Any]]:
-    """Load a finished stage or train it (resumable) and mark it finished."""
+def _run(stage: Stage, init: PyTree | Callable[[], PyTree], loss_fn, batch_fn, *, seed: int,
+         progress: bool, ema: float = 0.0) -> tuple[PyTree, dict[str, Any]]:
+    """Load a finished stage or train it (resumable) and mark it finished.
+
+    `init` is the starting params, or a function making them: a finished stage then reads its
+    params into the shapes alone (`jax.eval_shape`), with no random init compiled or run.
+    """
     if stage.done:
-        return stage.load(init)
+        return stage.load(jax.eval_shape(init) if callable(init) else init)
+    if callable(init):
+        init = init()
     c = stage.cfg
     tx = fit_lib.adam(c["lr"], warmup=c.get("warmup", 0), weight_decay=c.get("weight_decay", 0.0))
     params, stats = fit_lib.fit(stage.dir, init, loss_fn, batch_fn, c["steps"], tx, seed=seed,
@@ -166,7 +172,7 @@ def train_vae(workdir: str, cfg: Mapping[str, Any], images: np.ndarray, *, seed:
     """L1 reconstruction + a small KL; the scaling factor is set to 1/std of the latents (as SD's)."""
     stage = Stage(workdir, "vae", cfg)
     vae = make_vae(cfg)
-    init = _init(vae, seed, jnp.zeros((1, *images.shape[1:])))
+    init = lambda: _init(vae, seed, jnp.zeros((1, *images.shape[1:])))
 
     def loss_fn(params, batch, rng):
         x = batch["images"]
@@ -270,9 +276,6 @@ def train_text(workdir: str, cfg: Mapping[str, Any], table: CaptionTable, images
     text = make_text(cfg)
     colour = bool(cfg.get("colour", False))
     tower = PixelTower(cfg["hidden"], colour=colour)
-    init = {"text": _init(text, seed, jnp.asarray(table.ids[:1])),
-            "image": _init(tower, seed + 1, jnp.zeros((1, *images.shape[1:]))),
-            "logit_scale": jnp.asarray(np.log(1 / 0.07), jnp.float32)}
     side_weight = float(cfg.get("sides", 0.0))
     if side_weight and side_labels is None:
         raise ValueError("text config 'sides' > 0 needs side_labels (what stands on each side)")
@@ -282,9 +285,18 @@ def train_text(workdir: str, cfg: Mapping[str, Any], table: CaptionTable, images
             raise ValueError(f"image width {images.shape[2]} does not split into {sides} sides")
         strip = images.shape[2] // sides
         side_tower, queries = PixelTower(cfg["hidden"], colour=colour), SideQueries(cfg["hidden"], sides)
-        hidden0, _ = text.apply({"params": init["text"]}, jnp.asarray(table.ids[:1]))
-        init["side_image"] = _init(side_tower, seed + 2, jnp.zeros((1, images.shape[1], strip, images.shape[3])))
-        init["side_text"] = _init(queries, seed + 3, hidden0, jnp.ones((1, hidden0.shape[1]), bool))
+
+    def init() -> PyTree:
+        params = {"text": _init(text, seed, jnp.asarray(table.ids[:1])),
+                  "image": _init(tower, seed + 1, jnp.zeros((1, *images.shape[1:]))),
+                  "logit_scale": jnp.asarray(np.log(1 / 0.07), jnp.float32)}
+        if sides:
+            hidden0, _ = text.apply({"params": params["text"]}, jnp.asarray(table.ids[:1]))
+            params["side_image"] = _init(side_tower, seed + 2,
+                                         jnp.zeros((1, images.shape[1], strip, images.shape[3])))
+            params["side_text"] = _init(queries, seed + 3, hidden0, jnp.ones((1, hidden0.shape[1]), bool))
+        return params
+
     ids_table = jnp.asarray(table.ids)
     scale = lambda params: jnp.exp(jnp.minimum(params["logit_scale"], np.log(100.0)))
 
@@ -370,7 +382,7 @@ def train_teacher(workdir: str, cfg: Mapping[str, Any], unet: UNet, latents: np.
     sched = schedule_lib.scaled_linear_schedule()
     encode = _contexts(text, text_params)
     empty = encode(jnp.asarray(table.empty_ids))[0]
-    init = _init(unet, seed, jnp.zeros((1, *latents.shape[1:])), jnp.zeros((1,), jnp.int32), empty[None])
+    init = lambda: _init(unet, seed, jnp.zeros((1, *latents.shape[1:])), jnp.zeros((1,), jnp.int32), empty[None])
 
     def loss_fn(params, batch, rng):
         z0 = batch["latents"]

@@ -58,6 +58,12 @@ def compose_smoke_run(workdir) -> tuple:
     return workdir, results, stdout
 
 
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a subprocess with `devices` fake CPU devices, keeping the session's own flags
+    (conftest's compile-time flag), so that it compiles as the test process does."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+
+
 class CliResult(NamedTuple):
     """What a command line left: as subprocess.CompletedProcess's fields of the same names."""
 

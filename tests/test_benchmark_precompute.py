@@ -12,6 +12,7 @@ import pytest
 from imagerag_jax.benchmark import __main__ as bench_main
 from imagerag_jax.benchmark import precompute as bench_pc
 from imagerag_jax.data import encoders
+from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,7 +132,7 @@ def test_teacher_cost_analysis_counts_the_sampler_loop_once():
 
 def test_timed_batches_are_sharded_over_eight_devices(tmp_path):
     out = tmp_path / "eight.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": helpers.xla_flags(8),
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
     proc = subprocess.run([sys.executable, "-m", "imagerag_jax.benchmark", "precompute", "--config",
                            "tiny", "--runs", "1", "--scann-n", "0", "--json", str(out)],

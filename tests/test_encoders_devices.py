@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +50,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_encoders_split_batches_over_every_local_device(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": helpers.xla_flags(8),
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
     res = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True,
                          text=True, env=env, timeout=600, cwd=REPO)

@@ -29,6 +29,7 @@ from imagerag_jax.diffusion import sampling
 from imagerag_jax.weights import towers
 from imagerag_jax.errors import UserError
 from imagerag_jax.retrieval import database as db_lib
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 N, BATCH = 10, 4  # 3 batches (4, 4, 2): the last one is padded
@@ -322,7 +323,7 @@ SHARDED_SCRIPT = """
 def test_build_on_eight_devices(built, tmp_path):
     db = copy_db(built["db"], tmp_path / "db")
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": helpers.xla_flags(8)}
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(SHARDED_SCRIPT), db], env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "SHARDED OK" in res.stdout, (res.stdout + res.stderr)[-3000:]

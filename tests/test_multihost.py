@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240  # per phase; a hung collective fails the test instead of blocking it
@@ -116,8 +117,7 @@ def free_port() -> int:
 
 def env(devices: int, cache: str) -> dict[str, str]:
     return {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
-                         "--xla_backend_optimization_level=0",
+            "XLA_FLAGS": helpers.xla_flags(devices),
             "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
 

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from imagerag_jax.data import input_stream
 from imagerag_jax.data import tfrecords
+from tests import helpers
 
 SCHEMA = tfrecords.Schema(latent_shape=(4, 4, 2), embed_shape=(3, 8), pooled_dim=8, k=2,
                           has_noise=True)
@@ -199,7 +200,7 @@ MESH_SCRIPT = """
 
 def test_sharded_output_on_mesh(data_dir):
     proc = _run(MESH_SCRIPT.format(data_dir=data_dir),
-                {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                {"XLA_FLAGS": helpers.xla_flags(8)})
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0 and "MESH OK" in out, out[-3000:]
 
@@ -228,7 +229,7 @@ def test_two_processes(data_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     script = TWO_PROCESS_SCRIPT.format(port=port, data_dir=data_dir)
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {"XLA_FLAGS": helpers.xla_flags(4)}
     procs = [subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(script), str(p)],
         env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",

@@ -27,6 +27,7 @@ from imagerag_jax.retrieval import database as db_lib
 from imagerag_jax.retrieval import index as index_lib
 from tests import rag_fixtures
 from tests.helpers import assert_parity, nchw, parity_error
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURED: dict[str, float] = {}
@@ -196,7 +197,7 @@ assert pipe.num_devices == 8 == len(jax.local_devices()), pipe.num_devices
 out = pipe({prompts!r}, seed=11)
 np.savez({str(tmp_path / 'eight.npz')!r}, images=out.images, ids=out.ids)
 """
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": helpers.xla_flags(8),
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=600)

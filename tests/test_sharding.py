@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from imagerag_jax import sharding
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,9 +131,8 @@ print(json.dumps({"loss_err": loss_err, "param_err": param_err, "worst": worst[1
 
 def test_one_device_and_2x4_mesh_give_the_same_step():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
-           # 8 fake devices must be requested before jax initialises; optimisation level 0
-           # halves XLA's compile time (both meshes compile with it, so they stay comparable).
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"}
+           # 8 fake devices must be requested before jax initialises.
+           "XLA_FLAGS": helpers.xla_flags(8)}
     res = subprocess.run([sys.executable, "-c", EQUIVALENCE_SCRIPT, str(ROOT / "configs/tiny.py")],
                          cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]

@@ -88,6 +88,9 @@ def get_config(arg=None):
 
     # Loop, logs, checkpoints, samples.
     config.log_every = 50
+    # MFU in the logs: the chip's dense bf16 peak in TFLOP/s; None: looked up from the device kind
+    # (models/flops.py PEAK_TFLOPS: H100, H200, A100, TPU v4/v5e/v5p/v6e), no MFU where unknown.
+    config.peak_tflops = config_dict.placeholder(float)
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3
     config.async_checkpoints = True

@@ -278,7 +278,8 @@ def test_cli_end_to_end_kill9_sigterm_and_exact_resume(compile_cache, tmp_path):
            "--workdir", str(workdir)]
     env = cli_env(compile_cache)
     res = subprocess.run(cmd + ["--config.total_steps=10", "--config.checkpoint_every=5",
-                                "--config.log_every=5", "--config.sample_every=10"],
+                                "--config.log_every=5", "--config.sample_every=10",
+                                "--config.peak_tflops=0.5"],
                          cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [5, 10]
@@ -286,7 +287,9 @@ def test_cli_end_to_end_kill9_sigterm_and_exact_resume(compile_cache, tmp_path):
     assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard events"
     for name in ("", "_with_retrieval", "_without_retrieval", "_target", "_neighbour"):
         assert (workdir / "samples" / f"step_0000010{name}.png").exists(), name
-    assert "g_loss=" in res.stderr and "tflops_per_device=" in res.stderr
+    assert "g_loss=" in res.stderr and "tflops_per_device=" in res.stderr and " mfu=" in res.stderr
+    line = next(l for l in res.stderr.splitlines() if "step 10/10 | " in l)
+    assert " img/s | MFU " in line and "| g_loss " in line and " d_loss " in line and "| lambda " in line
     ck = checkpoints.Checkpointer(str(workdir / "checkpoints"))
     assert ck.restore_json(10, "config")["total_steps"] == 10
     ck.close()
@@ -336,3 +339,15 @@ def test_cli_end_to_end_kill9_sigterm_and_exact_resume(compile_cache, tmp_path):
     straight = host_tree(trainer_lib.train_and_evaluate(cfg, str(tmp_path / "straight")))
     assert int(straight["step"]) == goal
     assert_trees_equal(resumed, straight, "interrupted three times vs straight")
+
+
+def test_progress_line_names_step_speed_mfu_losses_and_lambda():
+    scalars = {"examples_per_s": 123.456, "mfu": 0.4123, "g_loss": 1.5, "g_adv": -0.25,
+               "g_distill": 1.75, "g_lpips": 0.0, "d_loss": 2.0, "lambda_mean": 0.9304,
+               "lambda_min": 0.8, "lambda_max": 1.0, "step_time_s": 0.1}
+    assert trainer_lib.progress_line(50, 1000, scalars) == (
+        "step 50/1000 | 123 img/s | MFU 41.2% | g_loss 1.5 g_adv -0.25 g_distill 1.75 g_lpips 0 "
+        "d_loss 2 | lambda 0.930 (0.800-1.000)")
+    del scalars["mfu"]  # no known peak: no MFU
+    assert "MFU" not in trainer_lib.progress_line(50, 1000, scalars)
+

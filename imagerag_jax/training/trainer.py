@@ -32,6 +32,7 @@ import numpy as np
 from imagerag_jax import images, sharding
 from imagerag_jax.errors import UserError
 from imagerag_jax.training import checkpoints
+from imagerag_jax.models import flops as flops_lib
 from imagerag_jax.models import lora
 from imagerag_jax.diffusion import sampling
 from imagerag_jax.weights import towers
@@ -47,7 +48,7 @@ State = dict[str, Any]
 # Config fields the jitted functions do not depend on (the loop's); see Trainer._jit_key.
 LOOP_FIELDS = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints",
                "async_checkpoints", "sample_every", "num_samples", "debug_nan_step", "data_dir",
-               "data_mixture", "split", "shuffle_buffer", "synthetic", "global_batch_size")
+               "data_mixture", "split", "shuffle_buffer", "synthetic", "global_batch_size", "peak_tflops")
 # Jitted init/step functions per (config, mesh, shapes): a second Trainer with the same settings
 # (a resumed run, a notebook re-run) reuses them instead of tracing the UNets again.
 _JIT_CACHE: dict[tuple, Any] = {}
@@ -281,6 +282,18 @@ class Trainer:
         self.flops_compiled, self.flops_hlo = flops, hlo_flops
         return compiled, (hlo_flops if flops < 0.5 * hlo_flops else flops)
 
+    def analytic_flops(self, schema, global_batch: int) -> flops_lib.StepFlops:
+        """The train step's FLOPs counted from the models' shapes (`models/flops.py`), by phase.
+
+        Unlike XLA's cost analysis this counts every backend alike (GPU cost models leave out
+        cuDNN convolutions), so the MFU it gives compares across devices.
+        """
+        per_device = (global_batch // sharding.batch_shards(self.mesh, self.rules)
+                      // int(self.config.grad_accum_steps))
+        return flops_lib.train_step_flops_from_setup(
+            self.setup, schema, batch=per_device, lora_pattern=self.lora_pattern,
+            remat=str(self.config.remat), backend=jax.default_backend())
+
     def sample_fn(self):
         """jit(state, frozen, vae_params, batch) -> (target, neighbour 0, with, without retrieval) images."""
         s, sched, vae = self.setup, self.schedule, self.vae
@@ -469,6 +482,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     train_step, flops = trainer.compile_step(abstract, schema, gb)
     logging.info("compiled the train step in %.1f s; %.3g FLOP per device per step",
                  time.perf_counter() - t0, flops)
+    flops_per_example = trainer.analytic_flops(schema, gb).per_example
+    peak = config.get("peak_tflops") or flops_lib.peak_tflops()
+    logging.info("train step: %.3g FLOP per example (analytic); peak %s", flops_per_example,
+                 f"{peak:g} TFLOP/s per device" if peak else "unknown for this device: no MFU")
     sample_every = int(config.sample_every)
     sample, sample_batch = None, None
     if sample_every > 0:
@@ -518,9 +535,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
             if do_log:
                 dt = (time.perf_counter() - t_last) / steps_since
                 scalars = _mean_metrics([m for _, m in history])
+                per_device = gb / dt / mesh.size
                 scalars.update(step_time_s=dt, examples_per_s=gb / dt,
-                               tflops_per_device=flops / dt / 1e12)
+                               tflops_per_device=flops / dt / 1e12,
+                               model_tflops_per_device=flops_per_example * per_device / 1e12)
+                if peak:
+                    scalars["mfu"] = flops_lib.mfu(flops_per_example, per_device, peak)
                 writer.write_scalars(step, scalars)
+                logging.info("%s", progress_line(step, total, scalars))
                 history.clear()
             if do_ckpt:
                 save(step)
@@ -533,6 +555,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
         ckpt.close()
         writer.flush()
     return state
+
+
+def progress_line(step: int, total: int, scalars: Mapping[str, float]) -> str:
+    """The one log line per `log_every`: step, images/s, MFU, the losses and lambda."""
+    parts = [f"step {step}/{total}", f"{scalars['examples_per_s']:.3g} img/s"]
+    if "mfu" in scalars:
+        parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
+    losses = [f"{k} {scalars[k]:.4g}" for k in ("g_loss", "g_adv", "g_distill", "g_lpips", "d_loss")
+              if k in scalars]
+    parts.append(" ".join(losses))
+    if "lambda_mean" in scalars:
+        parts.append(f"lambda {scalars['lambda_mean']:.3f} ({scalars['lambda_min']:.3f}-"
+                     f"{scalars['lambda_max']:.3f})")
+    return " | ".join(parts)
 
 
 @jax.jit

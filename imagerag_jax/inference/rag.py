@@ -118,7 +118,10 @@ def _run_retrieval_paths(config: Any, workdir: str) -> tuple[str | None, str | N
 
 
 def _vae_label(ref: dict[str, Any]) -> str:
-    """The label build-db gives a VAE: its absolute path, or random:preset:seed."""
+    """The label build-db gives a VAE: org/name@<commit> for hub weights, else its absolute path,
+    or random:preset:seed."""
+    if ref.get("hub"):
+        return ref["hub"]
     if ref.get("path"):
         return os.path.abspath(ref["path"])
     return f"random:{ref.get('random_preset')}:{ref.get('seed')}"
@@ -281,7 +284,7 @@ class RagPipeline:
         pipe = weights.load_pipeline(path, tokenizer_path=tokenizer)
         if pipe.tokenizer is None:
             raise UserError(f"{path} has no tokenizer/ folder: pass a tokenizer folder (--tokenizer)")
-        label = os.path.abspath(path)
+        label = pipe.source  # the absolute path, or org/name@<commit> for a hub id
         return cls(unet=pipe.unet, unet_params=pipe.unet_params, vae=pipe.vae,
                    vae_params=pipe.vae_params, text=pipe.text_encoder, text_params=pipe.text_params,
                    tokenizer=pipe.tokenizer, source=f"weights:{label}", text_label=label,

@@ -135,17 +135,20 @@ def abstract_towers(config: Any) -> Any:
     stored = towers.DTYPES[config.frozen_param_dtype]
     seed = int(config.random_seed)
 
-    def tower(module: Any, inputs: Sequence[Any], tower_seed: int) -> Any:
-        shapes = convert.param_shapes(lambda: module.init(jax.random.PRNGKey(0), *inputs))
-        ref = {"path": None, "random_preset": "sd21", "seed": tower_seed, "abstract": True}
-        return towers.Tower(module, abstract(shapes, stored), ref)
+    def shapes_of(module: Any, inputs: Sequence[Any]) -> Any:
+        return abstract(convert.param_shapes(lambda: module.init(jax.random.PRNGKey(0), *inputs)), stored)
 
+    def ref(tower_seed: int) -> dict[str, Any]:
+        return {"path": None, "random_preset": "sd21", "seed": tower_seed, "abstract": True}
+
+    # Student and teacher are the same SD 2.1 UNet: its init is traced once.
     unet = UNet(dtype=compute, prediction_type=config.random_prediction_type)
-    student = tower(unet, unet_dummy_inputs(unet), seed)
-    teacher = tower(unet, unet_dummy_inputs(unet), seed + 1)
-    teacher.params = towers.encoder_params(teacher.params)
+    unet_shapes = shapes_of(unet, unet_dummy_inputs(unet))
     vae = AutoencoderKL(dtype=compute)
-    return towers.FrozenTowers(student, teacher, tower(vae, vae.dummy_inputs(), seed))
+    return towers.FrozenTowers(
+        towers.Tower(unet, unet_shapes, ref(seed)),
+        towers.Tower(unet, towers.encoder_params(unet_shapes), ref(seed + 1)),
+        towers.Tower(vae, shapes_of(vae, vae.dummy_inputs()), ref(seed)))
 
 
 def memory_gib(compiled: Any) -> dict[str, float]:

@@ -37,28 +37,34 @@ from collections.abc import Sequence
 from typing import Any
 
 from imagerag_jax.errors import UserError
+from imagerag_jax.models import flops as flops_lib
 
 GIB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One TPU generation: HBM per chip, bf16 peak per chip, the page both come from."""
+    """One TPU generation: HBM per chip, the page it comes from, its device kind in `flops`."""
 
     hbm_gib: float
-    peak_tflops: float
     source: str
     # get_topology_desc's chip config: v4 and v5p chips hold two TensorCores that JAX drives as
     # one device ('megacore'); v5e and v6e chips have one TensorCore.
     chip_config: str
+    kind: str  # the key of models/flops.PEAK_TFLOPS, the one table of bf16 peaks
+
+    @property
+    def peak_tflops(self) -> float:
+        """The chip's dense bf16 peak per chip (TFLOP/s)."""
+        return flops_lib.PEAK_TFLOPS[self.kind]
 
 
 # Google Cloud's TPU pages (key specifications tables; "GB" there, read as GiB as JAX reports it).
 CHIPS: dict[str, Chip] = {
-    "v4": Chip(32, 275, "https://cloud.google.com/tpu/docs/v4", "megacore"),
-    "v5e": Chip(16, 197, "https://cloud.google.com/tpu/docs/v5e", "default"),
-    "v5p": Chip(95, 459, "https://cloud.google.com/tpu/docs/v5p", "megacore"),
-    "v6e": Chip(32, 918, "https://cloud.google.com/tpu/docs/v6e", "default"),
+    "v4": Chip(32, "https://cloud.google.com/tpu/docs/v4", "megacore", "TPU v4"),
+    "v5e": Chip(16, "https://cloud.google.com/tpu/docs/v5e", "default", "TPU v5e"),
+    "v5p": Chip(95, "https://cloud.google.com/tpu/docs/v5p", "megacore", "TPU v5p"),
+    "v6e": Chip(32, "https://cloud.google.com/tpu/docs/v6e", "default", "TPU v6e"),
 }
 MEMORY_FIELDS = ("argument", "output", "alias", "temp", "generated_code")
 
@@ -168,18 +174,12 @@ def cost(compiled: Any) -> dict[str, float]:
     return {k: float(analysis.get(k, 0.0)) for k in ("flops", "bytes accessed", "optimal_seconds")}
 
 
-def analytic_flops(trainer: Any, shapes: Any, per_device_batch: int) -> float | None:
-    """Model FLOPs of one step per chip from `models.flops` (no remat recompute), where present."""
-    try:
-        from imagerag_jax.models import flops as flops_lib  # issue 28 item 4
-    except ImportError:
-        return None
-    fn = getattr(flops_lib, "train_step_flops_from_setup", None)
-    if fn is None:
-        return None
-    # remat='none': MFU counts the model's FLOPs, not the forward passes remat repeats.
-    return float(fn(trainer.setup, shapes, batch=per_device_batch, lora_pattern=trainer.lora_pattern,
-                    remat="none", backend="tpu").total)
+def analytic_flops(trainer: Any, shapes: Any, per_device_batch: int) -> float:
+    """Model FLOPs of one step per chip from `models.flops` (no remat recompute: MFU counts the
+    model's FLOPs, not the forward passes remat repeats)."""
+    return float(flops_lib.train_step_flops_from_setup(
+        trainer.setup, shapes, batch=per_device_batch, lora_pattern=trainer.lora_pattern,
+        remat="none", backend="tpu").total)
 
 
 def compile_one(config_name: str, topology: str, per_device_batch: int, *, remat: str | None = None,

@@ -432,16 +432,19 @@ def section_train(s: Settings, peak: float | None, start: float) -> dict[str, An
                 if i:
                     times.append(time.perf_counter() - t1)
             median = statistics.median(times)
-            per_example = flops_lib.train_step_flops_from_setup(
-                trainer.setup, shapes, batch=key[0], lora_pattern=trainer.lora_pattern, remat=key[1],
+            # Executed FLOPs count the forward passes the remat policy repeats; MFU counts the
+            # model's alone (remat 'none'), so the policies compare on one scale.
+            count = lambda policy: flops_lib.train_step_flops_from_setup(
+                trainer.setup, shapes, batch=key[0], lora_pattern=trainer.lora_pattern, remat=policy,
                 backend=jax.default_backend()).per_example
+            per_example, model_per_example = count(key[1]), count("none")
             per_s = key[0] / median  # per device
             rec.update(status="ok", step_time_median_s=median, step_time_min_s=min(times),
                        images_per_s_per_device=per_s, images_per_s=rec["global_batch"] / median,
-                       flops_per_example=per_example,
+                       flops_per_example=per_example, model_flops_per_example=model_per_example,
                        xla_flops_per_device_per_step=trainer_lib.compiled_flops(compiled),
                        tflops_per_s_per_device=per_example * per_s / 1e12,
-                       mfu=None if peak is None else flops_lib.mfu(per_example, per_s, peak),
+                       mfu=None if peak is None else flops_lib.mfu(model_per_example, per_s, peak),
                        finite=bool(metrics["ok"]), **_jax_peak())
         except Exception as e:  # pylint: disable=broad-except  # e.g. out of memory at batch 16
             rec.update(status="error", error=f"{type(e).__name__}: {e}"[:2000])

@@ -286,13 +286,14 @@ class Trainer:
         """The train step's FLOPs counted from the models' shapes (`models/flops.py`), by phase.
 
         Unlike XLA's cost analysis this counts every backend alike (GPU cost models leave out
-        cuDNN convolutions), so the MFU it gives compares across devices.
+        cuDNN convolutions), so the MFU it gives compares across devices. The forward passes that
+        remat repeats are not counted: MFU is the model's FLOPs, whatever the policy.
         """
         per_device = (global_batch // sharding.batch_shards(self.mesh, self.rules)
                       // int(self.config.grad_accum_steps))
         return flops_lib.train_step_flops_from_setup(
             self.setup, schema, batch=per_device, lora_pattern=self.lora_pattern,
-            remat=str(self.config.remat), backend=jax.default_backend())
+            remat="none", backend=jax.default_backend())
 
     def sample_fn(self):
         """jit(state, frozen, vae_params, batch) -> (target, neighbour 0, with, without retrieval) images."""

@@ -1,4 +1,4 @@
-"""``python -m imagerag_jax.benchmark unet|vae|text|pipeline|retrieval|input|train|rag|precompute [flags]``."""
+"""``python -m imagerag_jax.benchmark unet|vae|text|pipeline|retrieval|input|train|rag|precompute|gpu|aot [flags]``."""
 
 from __future__ import annotations
 

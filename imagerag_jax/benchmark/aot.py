@@ -220,15 +220,10 @@ def compile_one(config_name: str, topology: str, per_device_batch: int, *, remat
     spec = config.mesh if mesh_spec is None else mesh_spec
     mesh = sharding.make_mesh(spec, devices)
     shards = sharding.batch_shards(mesh, tuple(tuple(r) for r in config.logical_rules))
-    if "grad_accum_steps" in config:
-        config.grad_accum_steps = grad_accum_steps
-    elif grad_accum_steps != 1:
-        raise UserError("this checkout's trainer has no grad_accum_steps")
+    config.grad_accum_steps = grad_accum_steps
     global_batch = per_device_batch * shards * grad_accum_steps
     config.global_batch_size = global_batch
-    s = config.synthetic
-    shapes = train_bench.DataShapes(tuple(s.latent_shape), tuple(s.embed_shape), int(s.pooled_dim),
-                                    int(s.k), bool(s.has_noise))
+    shapes = train_bench.DataShapes.of_config(config)
 
     t0 = time.perf_counter()
     trainer = trainer_lib.Trainer(config, mesh, frozen_towers=abstract_towers(config))
@@ -257,8 +252,8 @@ def compile_one(config_name: str, topology: str, per_device_batch: int, *, remat
         "per_device_batch": per_device_batch,
         "grad_accum_steps": grad_accum_steps,
         "global_batch": global_batch,
-        "k": int(s.k),
-        "latent_shape": list(s.latent_shape),
+        "k": shapes.k,
+        "latent_shape": list(shapes.latent_shape),
         "remat": config.remat,
         "compute_dtype": config.compute_dtype,
         "memory_gib": mem,

@@ -38,6 +38,13 @@ class DataShapes:
     k: int
     has_noise: bool
 
+    @classmethod
+    def of_config(cls, config: Any) -> "DataShapes":
+        """The shapes of the config's synthetic set (`config.synthetic`)."""
+        s = config.synthetic
+        return cls(tuple(s.latent_shape), tuple(s.embed_shape), int(s.pooled_dim), int(s.k),
+                   bool(s.has_noise))
+
     @property
     def fields(self) -> tuple[str, ...]:
         base = ("latent", "prompt_embeds", "pooled", "retrieved_latents", "retrieved_prompt_embeds",
@@ -100,16 +107,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mesh = sharding.make_mesh((("data", -1), ("fsdp", 1)))
     batch = args.per_device_batch * sharding.batch_shards(mesh, tuple(tuple(r) for r in config.logical_rules))
     config.global_batch_size = batch
-    s = config.synthetic
-    shapes = DataShapes(tuple(s.latent_shape), tuple(s.embed_shape), int(s.pooled_dim), int(s.k),
-                        bool(s.has_noise))
+    shapes = DataShapes.of_config(config)
 
-    t0 = time.perf_counter()
-    trainer = trainer_lib.Trainer(config, mesh)
-    trainer.check_schema(shapes)
-    abstract = trainer.abstract_state(shapes)
-    state = trainer.init_state(shapes)
-    setup_s = time.perf_counter() - t0
+    trainer, abstract, state, setup_s = build_trainer(config, mesh, shapes)
     print(f"  (set up in {setup_s:.1f} s; compiling)", flush=True)
     t0 = time.perf_counter()
     step, flops = trainer.compile_step(abstract, shapes, batch)
@@ -140,8 +140,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mesh": dict(mesh.shape),
         "global_batch": batch,
         "per_device_batch": args.per_device_batch,
-        "k": int(s.k),
-        "latent_shape": list(s.latent_shape),
+        "k": shapes.k,
+        "latent_shape": list(shapes.latent_shape),
         "remat": config.remat,
         "compute_dtype": config.compute_dtype,
         "setup_s": setup_s,
@@ -159,6 +159,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     return result
 
+
+def build_trainer(config: Any, mesh: Any, shapes: DataShapes) -> tuple[Any, Any, Any, float]:
+    """(Trainer, abstract state, initial state, seconds taken) for `shapes` on `mesh`."""
+    from imagerag_jax.training import trainer as trainer_lib
+
+    t0 = time.perf_counter()
+    trainer = trainer_lib.Trainer(config, mesh)
+    trainer.check_schema(shapes)
+    abstract = trainer.abstract_state(shapes)
+    state = trainer.init_state(shapes)
+    return trainer, abstract, state, time.perf_counter() - t0
 
 def main(argv: list[str]) -> None:
     """Parse flags, run, print (and optionally write) the result."""

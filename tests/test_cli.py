@@ -103,7 +103,7 @@ def test_cli_writes_what_the_library_function_returns(run_cli, pipeline_dir, tmp
 
 
 def test_generate_bad_arguments_are_one_error_line(run_cli, pipeline_dir, tmp_path):
-    res = run_cli("generate", f"--weights={pipeline_dir}", "--height=30")
+    res = run_cli("generate", f"--weights={pipeline_dir}", "--height=31")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "multiples of" in res.stderr and res.stderr.count("error:") == 1
     assert not (tmp_path / "out.png").exists()

@@ -30,7 +30,7 @@ def numpy_head_variables(unet, unet_params, z, context, pooled, seed: int = 0):
 @pytest.fixture(scope="module")
 def setup():
     """Tiny teacher UNet + params, head variables and one batch of inputs."""
-    unet, unet_params = random_modules("tiny")["unet"]
+    unet, unet_params = random_modules("tiny2")["unet"]
     rng = np.random.default_rng(0)
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
     z = normal(B, SIZE, SIZE, unet.in_channels)

@@ -17,7 +17,7 @@ from tests.helpers import assert_parity, nchw, nhwc  # noqa: E402
 
 @pytest.fixture(scope="module")
 def modules():
-    return random_pipeline.random_modules("tiny", seed=3)
+    return random_pipeline.random_modules("tiny2", seed=3)
 
 
 def _same_tree(a, b):

@@ -17,8 +17,8 @@ RANK, ALPHA = 4, 8.0
 
 @pytest.fixture(scope="module")
 def tiny_unet():
-    """(UNet module, random params) of the tiny preset."""
-    return random_modules("tiny")["unet"]
+    """(UNet module, random params) of the two-level preset (both decoder block types)."""
+    return random_modules("tiny2")["unet"]
 
 
 def randn(seed: int, *shape: int, scale: float = 1.0) -> jnp.ndarray:

@@ -48,7 +48,8 @@ def setup():
 
 def test_retrieved_hspace_equals_per_neighbour_encode_calls(setup):
     unet, params, h_retr = setup["unet"], setup["params"], setup["h_retr"]
-    assert h_retr.shape == (B, K, S // 2, S // 2, unet.h_space_channels)
+    h = S // 2 ** (len(unet.block_out_channels) - 1)  # the mid block's side: one halving per level
+    assert h_retr.shape == (B, K, h, h, unet.h_space_channels)
     encode = jax.jit(lambda x, c: unet.apply({"params": params}, x, jnp.zeros((B,), jnp.int32), c,
                                              method=unet.encode)[0])
     for j in range(K):
@@ -68,7 +69,8 @@ def test_fresh_adapter_and_zero_lora_give_exactly_the_base_one_step(setup):
     merged = jax.jit(lora.merge, static_argnums=(2, 3))(params, lp, 4.0, 4)
     np.testing.assert_array_equal(rag(merged, setup["adapter_params"], setup["lam"]), base)
     # A trained (non-zero) adapter edits the output, except where lambda = 0.
-    to_out = {"kernel": randn(6, 64, 64, scale=0.5), "bias": randn(7, 64)}
+    c = unet.h_space_channels
+    to_out = {"kernel": randn(6, c, c, scale=0.5), "bias": randn(7, c)}
     trained = dict(setup["adapter_params"], to_out=to_out)
     edited = np.asarray(rag(params, trained, setup["lam"]))
     assert np.all(np.isfinite(edited)) and not np.allclose(edited, base)

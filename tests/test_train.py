@@ -85,9 +85,9 @@ def assert_trees_equal(a, b, what: str) -> None:
 
 
 def test_step_keeps_frozen_weights_and_overfits_one_batch(compile_cache):
-    # Generator lr 1e-3 and a frozen discriminator (lr 0): the generator objective is then fixed,
+    # Generator lr 3e-3 and a frozen discriminator (lr 0): the generator objective is then fixed,
     # so its loss must fall on a repeated batch (with a training D the adversarial term moves).
-    cfg = quiet_config(**{"optimizer.lr": 1e-3, "disc_optimizer.lr": 0.0})
+    cfg = quiet_config(**{"optimizer.lr": 3e-3, "disc_optimizer.lr": 0.0})
     trainer = trainer_lib.Trainer(cfg)
     schema = synthetic.synthetic_schema(cfg)
     state = trainer.init_state(schema)

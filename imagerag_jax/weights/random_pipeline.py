@@ -23,22 +23,26 @@ from imagerag_jax.weights.from_torch import unet_dummy_inputs
 
 # Byte-level BPE with no merges: 256 byte symbols, the same with end-of-word, then BOS/EOS.
 TINY_VOCAB_SIZE = 2 * 256 + 2
+# 'tiny': the cheapest towers that run every step of training and inference (one UNet level: a
+# UNet's compile time grows with its levels, and most CPU test time is compiling). 'tiny2': two
+# UNet levels, both block types, down- and upsampling, for the converters' round trips.
+_TINY_VAE = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
+_TINY_TEXT = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, eos_token_id=TINY_VOCAB_SIZE - 1)
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
-        "unet": dict(
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            layers_per_block=1,
-            num_attention_heads=(2, 4),
-            cross_attention_dim=32,
-            norm_num_groups=8,
-        ),
-        "vae": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8),
-        "text_encoder": dict(
-            vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, eos_token_id=TINY_VOCAB_SIZE - 1,
-        ),
+        "unet": dict(block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+                     up_block_types=("CrossAttnUpBlock2D",), layers_per_block=1, num_attention_heads=(2,),
+                     cross_attention_dim=32, norm_num_groups=8),
+        "vae": _TINY_VAE,
+        "text_encoder": _TINY_TEXT,
+    },
+    "tiny2": {
+        "unet": dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                     num_attention_heads=(2, 4), cross_attention_dim=32, norm_num_groups=8),
+        "vae": _TINY_VAE,
+        "text_encoder": _TINY_TEXT,
     },
 }
 

@@ -52,16 +52,16 @@ SHARED_RUN_FIXTURES = {"rag_run", "rag_pipe"}
 COMPOSE_FIXTURES = {"compose_smoke"}
 REAL_SIZE_FILES = {"test_unet", "test_vae", "test_clip_text", "test_latent_lpips", "test_load_memory"}
 
-# Seconds per group, from `--durations=0` of a 2026-12-07 run (2-core Zen 4, both workers busy);
+# Seconds per group, from `--durations=0` of a 2026-12-07 run (2-core AMD EPYC, both workers busy);
 # groups start longest first so that the two workers finish together. Only the order matters.
 # Unlisted groups count 0 and keep their collection order after the listed ones.
 GROUP_SECONDS = {
-    "compose_run": 660, "test_miniature": 330, "shared_run": 320, "real_size": 160,
-    "test_multihost": 130, "test_train": 130, "test_weight_errors": 67, "test_grad_accum": 64,
-    "test_build_db_multihost": 63, "test_notebooks": 58, "test_benchmark_gpu": 50,
-    "test_sharding": 48, "test_single_file": 35, "test_readme_api": 30, "test_precompute": 30,
-    "test_flops": 28, "test_benchmark_rag": 26, "test_aot": 24, "test_export_runtime": 23,
-    "test_cli": 23, "test_pipeline": 22, "test_miniature_prediction": 21,
+    "compose_run": 225, "real_size": 147, "shared_run": 132, "test_train": 121,
+    "test_miniature": 110, "test_multihost": 98, "test_precompute": 70, "test_notebooks": 61,
+    "test_grad_accum": 58, "test_benchmark_gpu": 53, "test_sharding": 50,
+    "test_build_db_multihost": 44, "test_miniature_prediction": 38, "test_flops": 37,
+    "test_readme_api": 33, "test_single_file": 28, "test_text_sides": 27, "test_aot": 26,
+    "test_cli": 26, "test_pipeline": 25, "test_export_runtime": 23, "test_benchmark_rag": 22,
 }
 
 

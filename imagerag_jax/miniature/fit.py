@@ -62,7 +62,8 @@ def fit(
     """Train `steps` steps (resuming from out_dir/state.msgpack); returns (params or EMA, stats).
 
     `batch_fn(step)` must be a pure function of the step so that a resumed run sees the same
-    batches. The loss runs in one `jax.jit` with the state donated.
+    batches. The step runs in one `jax.jit`; the state is not donated, because `params` may be
+    arrays the caller still uses (the student starts from the teacher's).
     """
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 

@@ -44,8 +44,12 @@ def tiny():
     trainer = trainer_lib.Trainer(cfg)
     schema = synthetic.synthetic_schema(cfg)
     state = trainer.init_state(schema)
-    state = {**state, "gen_opt_state": SGD.init(step_lib.generator_params(state["params"])),
-             "disc_opt_state": SGD.init(state["params"]["disc"])}
+    # Replicated on the mesh, as the step returns them: the second call then reuses the first
+    # call's compilation instead of compiling again for other input shardings.
+    replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
+    opt = jax.device_put((SGD.init(step_lib.generator_params(state["params"])),
+                          SGD.init(state["params"]["disc"])), replicated)
+    state = {**state, "gen_opt_state": opt[0], "disc_opt_state": opt[1]}
     return trainer, schema, state
 
 

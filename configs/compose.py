@@ -112,12 +112,7 @@ def get_config(arg=None):
     config.classifier = dict(epochs=0)  # 0: miniature.judge.DigitClassifier's default
 
     if arg.smoke:
-        for name in ("vae", "text", "teacher", "student"):
-            config[name] = {**config[name], "steps": 3, "batch": 8}
-        # One UNet level halves the UNets' compile time, most of a smoke run; the miniature's code
-        # is the same (the UNet's down- and upsampling have their own parity tests).
-        config.teacher = {**config.teacher, "channels": config.teacher["channels"][:1]}
-        config.student = {**config.student, "pairs": 16, "teacher_steps": 2}
+        load_sibling(__file__, "digits").smoke_stages(config)
         config.sampling = dict(steps=2, guidance=5.0)
         config.splits = dict(config.splits, train=200, eval_per_class=4, database_per_composition=1)
         config.precompute.db.source = _source("database", 16, config.splits)

@@ -39,6 +39,16 @@ def rag_jobs(k, sampling, total_steps):
     return pre, train
 
 
+def smoke_stages(config):
+    """A miniature's pre-training stages at smoke size: a few small steps, one UNet level."""
+    for name in ("vae", "text", "teacher", "student"):
+        config[name] = {**config[name], "steps": 3, "batch": 8}
+    # One UNet level halves the UNets' compile time, most of a smoke run; the miniature's code is
+    # the same (the UNet's down- and upsampling have their own parity tests).
+    config.teacher = {**config.teacher, "channels": config.teacher["channels"][:1]}
+    config.student = {**config.student, "pairs": 16, "teacher_steps": 2}
+
+
 def get_config(arg=None):
     """The digits miniature; see the module docstring for `arg`."""
     arg = parse_arg(arg, quick=False, smoke=False, k=2)
@@ -74,12 +84,7 @@ def get_config(arg=None):
     config.classifier = dict(epochs=0)  # 0: miniature.judge.DigitClassifier's default
 
     if arg.smoke:
-        for name in ("vae", "text", "teacher", "student"):
-            config[name] = {**config[name], "steps": 3, "batch": 8}
-        # One UNet level halves the UNets' compile time, most of a smoke run; the miniature's code
-        # is the same (the UNet's down- and upsampling have their own parity tests).
-        config.teacher = {**config.teacher, "channels": config.teacher["channels"][:1]}
-        config.student = {**config.student, "pairs": 16, "teacher_steps": 2}
+        smoke_stages(config)
         config.sampling = dict(steps=2, guidance=3.0)
         config.precompute.teacher.steps = 2
         config.precompute.max_source_items, config.precompute.db.limit = 24, 40

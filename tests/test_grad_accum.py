@@ -46,9 +46,8 @@ def tiny():
     state = trainer.init_state(schema)
     # Replicated on the mesh, as the step returns them: the second call then reuses the first
     # call's compilation instead of compiling again for other input shardings.
-    replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
     opt = jax.device_put((SGD.init(step_lib.generator_params(state["params"])),
-                          SGD.init(state["params"]["disc"])), replicated)
+                          SGD.init(state["params"]["disc"])), trainer.replicated)
     state = {**state, "gen_opt_state": opt[0], "disc_opt_state": opt[1]}
     return trainer, schema, state
 

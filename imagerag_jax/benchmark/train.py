@@ -171,6 +171,7 @@ def build_trainer(config: Any, mesh: Any, shapes: DataShapes) -> tuple[Any, Any,
     state = trainer.init_state(shapes)
     return trainer, abstract, state, time.perf_counter() - t0
 
+
 def main(argv: list[str]) -> None:
     """Parse flags, run, print (and optionally write) the result."""
     parser = argparse.ArgumentParser(prog="python -m imagerag_jax.benchmark train")

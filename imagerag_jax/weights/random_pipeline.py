@@ -25,7 +25,8 @@ from imagerag_jax.weights.from_torch import unet_dummy_inputs
 TINY_VOCAB_SIZE = 2 * 256 + 2
 # 'tiny': the cheapest towers that run every step of training and inference (one UNet level: a
 # UNet's compile time grows with its levels, and most CPU test time is compiling). 'tiny2': two
-# UNet levels, both block types, down- and upsampling, for the converters' round trips.
+# UNet levels, both block types, down- and upsampling: the converters' round trips and the tests
+# of what depends on the UNet's levels (LoRA's decoder pattern, one discriminator head per stage).
 _TINY_VAE = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
 _TINY_TEXT = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2, eos_token_id=TINY_VOCAB_SIZE - 1)

@@ -296,6 +296,9 @@ def test_tokenizer_truncation_warns(tmp_path):
     assert len(record) == 1
     assert ids.shape == (2, 77) and ids[1, -1] == vocab["<|endoftext|>"]
     assert (ids[1, 1:-1] == vocab["cat</w>"]).all()
+    # Exactly transformers' padded and truncated ids (the SD pipelines' call).
+    ref = tok.tokenizer(["a dog", long_prompt], padding="max_length", max_length=77, truncation=True)
+    np.testing.assert_array_equal(ids, np.asarray(ref["input_ids"]))
 
 
 def test_tokenizer_missing_files(tmp_path):

@@ -65,12 +65,17 @@ def test_compose_smoke_writes_every_row(smoke):
     assert "All four correct" in stdout and "ImageRAGTurbo minus turbo" in stdout
 
 
-def test_compose_rerun_resumes_and_reproduces_the_table(smoke):
+def test_compose_rerun_resumes_and_reproduces_the_table(smoke, capfd):
     # In the shared workdir (its precompute manifests record the database's absolute path, so a
     # copy would not resume): only results.json is rewritten, which no other test reads from disk.
+    # In this process (the first run was a subprocess): the same code from the command line on.
     workdir, results, _ = smoke
     os.remove(workdir / "results.json")
-    rerun, _ = helpers.compose_run(workdir)  # every stage loads its finished checkpoint; the evaluation reruns
+    res = helpers.cli_in_process(capfd, "run", "--config", os.path.join(REPO, "configs", "compose.py") +
+                                 f":{ARG}", "--workdir", str(workdir), cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # Every stage loads its finished checkpoint; the evaluation reruns.
+    rerun = json.loads((workdir / "results.json").read_text())
     assert _without_timings(rerun) == _without_timings(results)
     assert rerun["differences"] == results["differences"]
 
@@ -110,7 +115,8 @@ def test_path_probe_on_the_smoke_towers(smoke, tmp_path):
     config = os.path.join(REPO, "configs", "compose.py") + f":{ARG}"
     for targets in ("teacher", "real"):
         rows = path_probe.main(["--config", config, "--workdir", str(workdir), "--targets", targets,
-                                "--steps", "2", "--limit", "16", "--variants", "lora,adapter,sincos:1e-2,oracle"])
+                                "--steps", "2", "--limit", "16", "--variants", "lora,adapter,sincos:1e-2,oracle",
+                                "--novel-examples", "16"])
         assert [r["variant"] for r in rows] == ["lora", "adapter", "sincos", "oracle"]
         assert all(np.isfinite([r["plain"], r["own"], r["other"]]).all() for r in rows)
         assert len({r["plain"] for r in rows}) == 1  # every edit and the LoRA start at zero

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
+import runpy
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,11 +18,11 @@ def api_block() -> str:
     return blocks[0]
 
 
-def test_readme_python_api_runs(tmp_path):
+def test_readme_python_api_runs(tmp_path, monkeypatch):
+    # In this process (no interpreter, JAX or TensorFlow start-up), from a scratch folder.
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     script = tmp_path / "api.py"
     script.write_text(api_block())
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(script), run_name="__main__")
+    assert (tmp_path / "api" / "export").is_dir()

@@ -110,8 +110,8 @@ def train_towers(config: ml_collections.ConfigDict, workdir: str, images: np.nda
 
     _write_pipeline(models_dir(workdir, "teacher"), unet, teacher_p, vae, vae_p, text, text_p, tok_dir)
     _write_pipeline(models_dir(workdir, "turbo"), unet, student_p, vae, vae_p, text, text_p, tok_dir)
-    return Towers(vae=vae, vae_p=vae_p, text=text, text_p=text_p, tokenizer=tokenizer, unet=unet,
-                  teacher_p=teacher_p, student_p=student_p, stats=stats)
+    return Towers(vae=vae, vae_p=vae_p, text=text, text_p=text_p, tokenizer=tokenizer, table=table,
+                  unet=unet, teacher_p=teacher_p, student_p=student_p, stats=stats)
 
 
 def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, str, str]:

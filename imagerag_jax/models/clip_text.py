@@ -280,26 +280,22 @@ class Tokenizer:
         return int(self.tokenizer.eos_token_id)
 
     def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
-        """Token ids (B, max_length) int32 with BOS/EOS; long prompts are truncated with a warning."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        self._warn_truncated(prompts)
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.max_length, truncation=True,
-            return_tensors="np",
-        )["input_ids"]
-        return np.asarray(ids, dtype=np.int32)
+        """Token ids (B, max_length) int32 with BOS/EOS; long prompts are truncated with a warning.
 
-    def _warn_truncated(self, prompts: Sequence[str]) -> None:
-        """Warn, naming the prompt, for every prompt longer than max_length tokens."""
-        # Counted without BOS/EOS so transformers does not log its own over-length warning.
-        lengths = self.tokenizer(
-            prompts, add_special_tokens=False, truncation=False, verbose=False
-        )["input_ids"]
-        for prompt, ids in zip(prompts, lengths):
-            dropped = len(ids) + 2 - self.max_length
+        The ids are transformers' `padding="max_length", truncation=True` ones, from one
+        tokenizer pass: untruncated, so that a long prompt's dropped tokens are known and named,
+        then cut to the first max_length - 1 ids and the EOS (CLIP's BOS ... EOS template) and
+        padded on the right.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        # verbose=False: transformers would log its own over-length warning, without the prompt.
+        rows = self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
+        ids = np.full((len(prompts), self.max_length), self.pad_token_id, np.int32)
+        for i, (prompt, row) in enumerate(zip(prompts, rows)):
+            dropped = len(row) - self.max_length
             if dropped > 0:
-                message = (
-                    f"prompt truncated to {self.max_length} tokens, {dropped} token(s) dropped: "
-                    f"{prompt!r}"
-                )
-                warnings.warn(message, stacklevel=3)
+                warnings.warn(f"prompt truncated to {self.max_length} tokens, {dropped} token(s) "
+                              f"dropped: {prompt!r}", stacklevel=2)
+                row = row[:self.max_length - 1] + row[-1:]
+            ids[i, :len(row)] = row
+        return ids

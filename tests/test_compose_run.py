@@ -108,7 +108,7 @@ def test_aggregate_over_seeds(smoke, tmp_path):
     assert "| Novel digit drawn | Blind digit drawn |" in compose_report.markdown({**out, "total_seconds": 1.0})
 
 
-def test_path_probe_on_the_smoke_towers(smoke, tmp_path):
+def test_path_probe_on_the_smoke_towers(smoke, tmp_path, capsys):
     from imagerag_jax.miniature import path_probe  # pylint: disable=g-import-not-at-top
 
     workdir, _, _ = smoke
@@ -131,5 +131,9 @@ def test_path_probe_on_the_smoke_towers(smoke, tmp_path):
         assert rows[3]["novel_own"]["smooth_l1"] != rows[3]["novel_no_edit"]["smooth_l1"]
     with pytest.raises(FileNotFoundError, match="no finished student"):
         path_probe.main(["--config", config, "--workdir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        path_probe.main(["--config", config, "--workdir", str(workdir), "--novel-examples", "-5"])
+    assert exit_info.value.code == 2
+    assert "error: --novel-examples must be at least 1, got -5" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown variant 'mlp'"):
         path_probe.fit_variant({"noise": np.zeros((4, 1))}, "mlp", 1e-3, 1)

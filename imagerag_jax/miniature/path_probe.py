@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--novel-examples", type=int, default=NOVEL_EXAMPLES,
                         help="database canvases with a novel digit to score (at most)")
     args = parser.parse_args(argv)
+    if args.novel_examples < 1:  # a negative slice bound would silently drop canvases instead
+        parser.error(f"--novel-examples must be at least 1, got {args.novel_examples}")
     data = probe_data(config_args.load_config(args.config), args.workdir, args.targets, args.limit,
                       novel_examples=args.novel_examples)
     out = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from typing import NamedTuple
@@ -62,6 +63,28 @@ def xla_flags(devices: int) -> str:
     """XLA_FLAGS for a subprocess with `devices` fake CPU devices, keeping the session's own flags
     (conftest's compile-time flag), so that it compiles as the test process does."""
     return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+
+
+LEGACY_EMITTERS = "--xla_cpu_use_fusion_emitters=false"  # conftest's compile-time flag
+
+
+def rerun_with_default_emitters(request) -> bool:
+    """Runs the calling test again in a fresh pytest process compiling with XLA's default (fusion)
+    emitters, when this process compiles with conftest's faster legacy ones, and fails with its
+    output unless it passed. Returns whether it did so (the caller then stops: its checks ran
+    there). For tests that compare two different programs bit for bit."""
+    if LEGACY_EMITTERS not in os.environ.get("XLA_FLAGS", ""):
+        return False
+    flags = " ".join(f for f in os.environ["XLA_FLAGS"].split() if f != LEGACY_EMITTERS)
+    env = {**os.environ, "XLA_FLAGS": flags, "IMAGERAG_TEST_DEFAULT_EMITTERS": "1"}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    cmd = [sys.executable, "-m", "pytest", request.node.nodeid.split("@")[0], "-q",
+           "-p", "no:cacheprovider", "-p", "no:xdist"]
+    res = subprocess.run(cmd, cwd=str(request.config.rootpath), env=env, capture_output=True,
+                         text=True, timeout=600)
+    passed = res.returncode == 0 and re.search(r"^1 passed\b", res.stdout, re.M)
+    assert passed, res.stdout[-4000:] + res.stderr[-2000:]
+    return True
 
 
 class CliResult(NamedTuple):

@@ -32,6 +32,7 @@ def get_config(arg=None):
     config.beta = 0.0
     config.optimizer.lr = config.disc_optimizer.lr = 1e-4
 
+    config.adapter.block = "attention"  # the cross-attention adapter (models/adapter.py); the miniatures' too
     config.adapter.num_heads = 4
     config.lora.update(dict(rank=4, alpha=4.0))
     config.disc.update(dict(hidden=32, time_dim=32, cond_dim=32))

@@ -348,3 +348,130 @@ def test_zero_vector_and_dtype_are_safe():
     assert all(np.all(np.isfinite(g)) for g in jax.grad(blend_loss, argnums=(0, 1))(a, t, 0.5))
     out = slerp_blend(randn(0, B, 8).astype(jnp.bfloat16), t.astype(jnp.bfloat16), 0.5)
     assert out.dtype == jnp.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------
+# The paper's adapter: SD's transformer block (block='transformer').
+# ------------------------------------------------------------------------------------------------
+
+GROUPS = 4
+
+
+def randomised(params: dict, seed: int = 11) -> dict:
+    """Every parameter replaced by a random array of its shape (proj_out's zeros included)."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_unflatten(tree, [
+        jnp.asarray((1.0 if x.ndim == 1 and i % 2 else 0.0) + 0.3 * rng.standard_normal(x.shape), jnp.float32)
+        for i, x in enumerate(leaves)])
+
+
+def numpy_transformer_adapter(params: dict, h_tgt, h_retr, heads: int, dim: int) -> np.ndarray:
+    """Float64 reference of the transformer adapter: norm_retr on the neighbours' tokens; GroupNorm
+    (eps 1e-6), proj_in, pre-LN self-attention, cross-attention to the neighbours, GEGLU
+    feed-forward (exact GELU), each residual; proj_out; no outer residual."""
+    import math
+
+    p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
+    t = p["transformer"]
+    blk = t["transformer_blocks_0"]
+
+    def ln(x, prm):
+        mu = x.mean(-1, keepdims=True)
+        return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * prm["scale"] + prm["bias"]
+
+    def attend(x, ctx, prm):
+        b = x.shape[0]
+        q = (x @ prm["to_q"]["kernel"]).reshape(b, -1, heads, dim)
+        k = (ctx @ prm["to_k"]["kernel"]).reshape(b, -1, heads, dim)
+        v = (ctx @ prm["to_v"]["kernel"]).reshape(b, -1, heads, dim)
+        logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dim)
+        att = np.exp(logits - logits.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        out = np.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, -1, heads * dim)
+        return out @ prm["to_out_0"]["kernel"] + prm["to_out_0"]["bias"]
+
+    x = np.asarray(h_tgt, np.float64)
+    b, hh, ww, c = x.shape
+    g = x.reshape(b, hh * ww, GROUPS, c // GROUPS)
+    mu, var = g.mean((1, 3), keepdims=True), g.var((1, 3), keepdims=True)
+    x = ((g - mu) / np.sqrt(var + 1e-6)).reshape(b, hh * ww, c) * t["norm"]["scale"] + t["norm"]["bias"]
+    x = x @ t["proj_in"]["kernel"] + t["proj_in"]["bias"]
+    ctx = ln(np.asarray(h_retr, np.float64).reshape(b, -1, c), p["norm_retr"])
+    x = x + attend(ln(x, blk["norm1"]), ln(x, blk["norm1"]), blk["attn1"])
+    x = x + attend(ln(x, blk["norm2"]), ctx, blk["attn2"])
+    h = ln(x, blk["norm3"]) @ blk["ff"]["net_0"]["proj"]["kernel"] + blk["ff"]["net_0"]["proj"]["bias"]
+    value, gate = np.split(h, 2, axis=-1)
+    gelu = 0.5 * gate * (1.0 + np.vectorize(math.erf)(gate / math.sqrt(2.0)))
+    x = x + (value * gelu) @ blk["ff"]["net_2"]["kernel"] + blk["ff"]["net_2"]["bias"]
+    out = x @ t["proj_out"]["kernel"] + t["proj_out"]["bias"]
+    return out.reshape(b, hh, ww, c)
+
+
+def transformer_adapter(**kw) -> HSpaceAdapter:
+    return HSpaceAdapter(num_heads=4, block="transformer", groups=GROUPS, **kw)
+
+
+def test_transformer_adapter_has_the_papers_size_and_a_fresh_one_edits_nothing():
+    # Sec. 4.4: 36M parameters at 1,280 channels (SD 2.1's mid block: 20 heads of 64).
+    big = HSpaceAdapter(num_heads=20, block="transformer")
+    shapes = jax.eval_shape(big.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1280)),
+                            jnp.zeros((1, 2, 8, 8, 1280)))["params"]
+    count = sum(x.size for x in jax.tree_util.tree_leaves(shapes))
+    assert abs(count / 36e6 - 1) < 0.05, count
+    adapter = transformer_adapter()
+    h_tgt, h_retr = randn(0, B, HH, WW, C, scale=30.0), randn(1, B, K, HH, WW, C, scale=30.0)
+    params = init_adapter(adapter, h_tgt, h_retr)
+    assert set(params) == {"norm_retr", "transformer"}
+    np.testing.assert_array_equal(params["transformer"]["proj_out"]["kernel"], 0.0)
+    delta = adapter.apply({"params": params}, h_tgt, h_retr)
+    assert delta.shape == (B, HH, WW, C)
+    np.testing.assert_array_equal(delta, 0.0)
+
+
+def test_transformer_adapter_matches_float64_reference_and_reads_the_neighbours():
+    adapter = transformer_adapter(attention_impl="einsum")
+    h_tgt, h_retr = randn(0, B, HH, WW, C, scale=5.0), randn(1, B, K, HH, 2 * WW, C, scale=5.0)
+    params = randomised(init_adapter(adapter, h_tgt, h_retr))
+    apply = jax.jit(adapter.apply)
+    out = np.asarray(apply({"params": params}, h_tgt, h_retr))
+    ref = numpy_transformer_adapter(params, h_tgt, h_retr, 4, C // 4)
+    scale = np.abs(ref).max()
+    assert np.abs(out - ref).max() <= 1e-4 * scale, np.abs(out - ref).max() / scale
+    # The neighbours' content moves the edit; their order does not (cross-attention over a set).
+    other = np.asarray(apply({"params": params}, h_tgt, randn(2, B, K, HH, 2 * WW, C, scale=5.0)))
+    assert np.abs(other - out).max() > 1e-2 * scale
+    swapped = np.asarray(apply({"params": params}, h_tgt, h_retr[:, ::-1]))
+    np.testing.assert_allclose(swapped, out, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_transformer_adapter_export_matches_the_torch_runtime(tmp_path):
+    torch = pytest.importorskip("torch")
+    from imagerag_jax.export import torch_runtime as rt
+    from imagerag_jax.weights import to_torch
+
+    adapter = transformer_adapter()
+    h_tgt, h_retr = randn(0, B, HH, WW, C, scale=5.0), randn(1, B, K, HH, WW, C, scale=5.0)
+    params = randomised(init_adapter(adapter, h_tgt, h_retr))
+    out = np.asarray(jax.jit(adapter.apply)({"params": params}, h_tgt, h_retr))
+    to_torch.save_adapter(adapter, params, C, str(tmp_path / "adapter"))
+    model = rt.load_adapter(str(tmp_path / "adapter"))
+    assert (model.block, model.config["block"], model.config["groups"]) == ("transformer", "transformer", GROUPS)
+    with torch.no_grad():
+        got = model(torch.from_numpy(np.transpose(np.asarray(h_tgt), (0, 3, 1, 2)).copy()),
+                    torch.from_numpy(np.transpose(np.asarray(h_retr), (0, 1, 4, 2, 3)).copy()))
+    got = np.transpose(got.numpy(), (0, 2, 3, 1))
+    scale = np.abs(out).max()
+    assert np.abs(got - out).max() <= 1e-4 * scale, np.abs(got - out).max() / scale
+    back = from_config(model.config)
+    assert (back.block, back.groups, back.num_heads) == ("transformer", GROUPS, 4)
+
+
+def test_transformer_adapter_rejects_positions_and_bad_groups():
+    h_tgt, h_retr = randn(0, B, HH, WW, C), randn(1, B, K, HH, WW, C)
+    with pytest.raises(ValueError, match="takes no position codes"):
+        init_adapter(transformer_adapter(positional="sincos"), h_tgt, h_retr)
+    with pytest.raises(ValueError, match="cannot be split into 5 GroupNorm groups"):
+        init_adapter(HSpaceAdapter(num_heads=4, block="transformer", groups=5), h_tgt, h_retr)
+    with pytest.raises(ValueError, match="unknown adapter block 'mlp'"):
+        init_adapter(HSpaceAdapter(num_heads=4, block="mlp"), h_tgt, h_retr)

@@ -34,6 +34,7 @@ def test_rag_benchmark_tiny_writes_every_row(tmp_path, capsys):
         assert parts["total"] >= parts["denoise"] > 0
     assert res["cache_shape"][-1] > 0 and res["pipeline"]["hspace_cache"]
     assert res["machine"]["jax"]["platform"] and res["config"] == "tiny"
+    assert res["adapter"]["block"] == "transformer" and res["adapter"]["parameters"] > 0
     table = bench_rag.markdown_table(rows)
     assert table in printed and len(table.splitlines()) == 2 + 4 + 1  # header, 4 denoiser, 1 e2e
 

@@ -128,6 +128,9 @@ def test_vae_text_adapter_heads_lpips_ops_are_their_param_trees():
     h = S((1, 8, 8, 1280), jnp.float32)
     params = jax.eval_shape(adapter.init, jax.random.PRNGKey(0), h, S((1, 4, 8, 8, 1280), jnp.float32))["params"]
     assert _weight_ops(flops.adapter(adapter, 1, (8, 8, 1280), 4)) == _kernels(params)
+    paper = HSpaceAdapter(num_heads=20, block="transformer")  # the paper's: SD's transformer block
+    params = jax.eval_shape(paper.init, jax.random.PRNGKey(0), h, S((1, 4, 8, 8, 1280), jnp.float32))["params"]
+    assert _weight_ops(flops.adapter(paper, 1, (8, 8, 1280), 4)) == _kernels(params)
 
     heads = DiscriminatorHeads()
     stages = [(32, 32, 320), (16, 16, 640), (8, 8, 1280), (8, 8, 1280), (8, 8, 1280)]

@@ -1,11 +1,11 @@
 """ImageRAGTurbo's cost over plain one-step SD-Turbo, with and without the H-space cache.
 
     python -m imagerag_jax.benchmark rag --config sd21|tiny [--batch 1 8] [--k 1 4] [--runs N]
-        [--e2e-batch 1] [--e2e-no-cache] [--json F]
+        [--e2e-batch 1] [--e2e-no-cache] [--adapter-block transformer|attention] [--json F]
 
 One process, one `rag.RagPipeline` built with its constructor on random towers of the config's
 size (the student UNet, VAE and a CLIP text encoder; a byte tokenizer; an `HSpaceAdapter` with
-random non-zero weights), a database of `--entries` random entries with an exact index, and its
+random non-zero weights, by default the paper's transformer block), a database of `--entries` random entries with an exact index, and its
 H-space cache (`RagPipeline.build_cache`). Two parts are timed:
 
 * denoiser: retrieval + the neighbours' H-space (cache gather, or the encoder on B*k neighbours)
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -41,7 +42,7 @@ from imagerag_jax.inference import rag
 from imagerag_jax.diffusion import sampling
 from imagerag_jax.weights import towers
 from imagerag_jax.benchmark import common
-from imagerag_jax.models.adapter import HSpaceAdapter
+from imagerag_jax.models.adapter import BLOCKS, HSpaceAdapter
 from imagerag_jax.models.clip_text import CLIPTextTransformer, Tokenizer
 from imagerag_jax.retrieval import database as db_lib
 from imagerag_jax.retrieval import index as index_lib
@@ -72,12 +73,16 @@ def text_tower(preset: str, seed: int) -> tuple[CLIPTextTransformer, Any]:
 
 
 def random_adapter(unet: Any, unet_params: Any, latent: tuple[int, int, int], embed: tuple[int, int],
-                   seed: int) -> tuple[HSpaceAdapter, Any]:
-    """An 8-head H-space adapter with random non-zero weights (to_out too, unlike a fresh init)."""
+                   seed: int, block: str = "attention") -> tuple[HSpaceAdapter, Any]:
+    """An H-space adapter with random non-zero weights (its output projection too, unlike a fresh
+    init): 'attention' with 8 heads, or 'transformer' (the paper's block) with heads of 64
+    channels as SD's mid block (20 at 1,280)."""
     spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
     h = jax.eval_shape(lambda p, x, c: sampling.retrieved_hspace(unet, p, x, c), unet_params,
                        spec(1, 1, *latent), spec(1, 1, *embed))
-    adapter = HSpaceAdapter(num_heads=ADAPTER_HEADS)
+    c = int(h.shape[-1])
+    adapter = (HSpaceAdapter(num_heads=ADAPTER_HEADS) if block == "attention" else
+               HSpaceAdapter(num_heads=max(1, c // 64), block="transformer", groups=math.gcd(32, c)))
     h_tgt = jnp.zeros(h.shape[:1] + h.shape[2:], jnp.float32)
     shapes = convert.param_shapes(lambda: adapter.init(jax.random.PRNGKey(0), h_tgt, h_tgt[:, None]))
     return adapter, random_pipeline.random_params(shapes, seed)
@@ -100,7 +105,8 @@ def write_database(path: str, entries: int, latent: tuple[int, int, int], embed:
     return db_lib.Database(path)
 
 
-def build_pipeline(preset: str, root: str, *, entries: int = 16, seed: int = 0) -> rag.RagPipeline:
+def build_pipeline(preset: str, root: str, *, entries: int = 16, seed: int = 0,
+                   adapter_block: str = "transformer") -> rag.RagPipeline:
     """The benchmark's RagPipeline (random towers of `preset`, a DB under `root`), no cache yet."""
     unet, unet_p = towers.random_tower("unet", preset, seed)
     vae, vae_p = towers.random_tower("vae", preset, seed)
@@ -108,7 +114,7 @@ def build_pipeline(preset: str, root: str, *, entries: int = 16, seed: int = 0) 
     size = LATENT_SIZE[preset]
     latent = (size, size, int(unet.in_channels))
     embed = (int(text.max_position_embeddings), int(text.hidden_size))
-    adapter, adapter_p = random_adapter(unet, unet_p, latent, embed, seed + 1)
+    adapter, adapter_p = random_adapter(unet, unet_p, latent, embed, seed + 1, adapter_block)
     text_label, vae_label = f"random:{preset}:{seed}", f"random:{preset}:{seed}"
     db = write_database(os.path.join(root, "db"), entries, latent, embed,
                         towers.module_identity(text_label, text), towers.fingerprint(text_p),
@@ -270,6 +276,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="also time end to end without the cache")
     p.add_argument("--entries", type=int, default=16, help="random database entries")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--adapter-block", choices=BLOCKS, default="transformer",
+                   help="the adapter timed: the paper's transformer block (default) or the "
+                        "cross-attention one (models/adapter.py)")
     p.add_argument("--json", help="also write the result to this JSON file")
     args = p.parse_args(argv)
     if min(args.batch + args.e2e_batch + args.k) < 1 or (args.runs is not None and args.runs < 1):
@@ -287,7 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="imagerag-bench-rag-") as root:
-        pipe = build_pipeline(args.config, root, entries=args.entries, seed=args.seed)
+        pipe = build_pipeline(args.config, root, entries=args.entries, seed=args.seed,
+                              adapter_block=args.adapter_block)
         setup_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         pipe.build_cache()
@@ -305,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     note = shared_note(machine, end)
     result = {"benchmark": "rag", "config": args.config, "batches": args.batch, "ks": args.k,
               "e2e_batches": args.e2e_batch, "entries": args.entries, "plan": groups,
+              "adapter": describe["adapter"],
               "setup_s": setup_s, "cache_build_s": cache_s, "cache_shape": list(cache.shape),
               "pipeline": describe, "rows": rows, "machine": machine,
               "load_avg_end": end.get("load_avg"), "shared_cpu": note,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagerag_jax import jsonfiles
-from imagerag_jax.models.adapter import POSITIONAL, sincos_2d
+from imagerag_jax.models.adapter import BLOCKS, POSITIONAL, sincos_2d
 from imagerag_jax.retrieval.retriever import Retriever
 from imagerag_jax.weights import to_torch
 
@@ -39,17 +39,47 @@ from imagerag_jax.weights import to_torch
 # ---------------------------------------------------------------------------------------------
 
 
+class AdapterTransformer(nn.Module):
+    """SD's spatial transformer block returning its edit (no residual): GroupNorm, linear proj_in,
+    diffusers' ``BasicTransformerBlock`` (self-attention, cross-attention to the context tokens,
+    GEGLU), proj_out. Names as diffusers' ``Transformer2DModel``; models/layers.Transformer2D
+    with ``residual=False``. NCHW in and out."""
+
+    def __init__(self, channels: int, num_heads: int, head_dim: int, *, groups: int,
+                 upcast_attention: bool, layer_norm_eps: float):
+        super().__init__()
+        from diffusers.models.attention import BasicTransformerBlock
+
+        inner = num_heads * head_dim
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(
+            inner, num_heads, head_dim, cross_attention_dim=channels, activation_fn="geglu",
+            upcast_attention=upcast_attention, norm_eps=layer_norm_eps)])
+        self.proj_out = nn.Linear(inner, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, hh, ww = x.shape
+        h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
+        for block in self.transformer_blocks:
+            h = block(h, encoder_hidden_states=context)
+        return self.proj_out(h).transpose(1, 2).reshape(b, c, hh, ww)
+
+
 class HSpaceAdapter(nn.Module):
     """Cross-attention from target H-space tokens to the k retrieved maps' tokens (paper Eq. 4).
 
     Parameter names are those of the exported state dict: norm_tgt, norm_retr (LayerNorm),
     to_q, to_k, to_v (no bias), to_out (with bias). Inputs and output are NCHW. ``positional``
     'sincos' adds models/adapter.sincos_2d's fixed table to the normalised tokens, as the JAX module.
+    ``block='transformer'`` (the paper's adapter, models/adapter.py): norm_retr, then
+    ``AdapterTransformer`` named ``transformer`` on the target map with the neighbours' tokens as
+    its cross-attention context.
     """
 
     def __init__(self, channels: int, num_heads: int, head_dim: int | None = None, *,
                  pre_norm: bool = True, upcast_attention: bool = False, layer_norm_eps: float = 1e-5,
-                 positional: str = "none"):
+                 positional: str = "none", block: str = "attention", groups: int = 32):
         super().__init__()
         if head_dim is None:
             if channels % num_heads:
@@ -58,8 +88,19 @@ class HSpaceAdapter(nn.Module):
         self.channels, self.num_heads, self.head_dim = channels, num_heads, head_dim
         if positional not in POSITIONAL:
             raise ValueError(f"unknown adapter positional {positional!r}; choose one of {POSITIONAL}")
+        if block not in BLOCKS:
+            raise ValueError(f"unknown adapter block {block!r}; choose one of {BLOCKS}")
         self.pre_norm, self.upcast_attention, self.positional = pre_norm, upcast_attention, positional
+        self.block = block
+        self.config: dict[str, Any] = {}
         inner = num_heads * head_dim
+        if block == "transformer":
+            if pre_norm:
+                self.norm_retr = nn.LayerNorm(channels, eps=layer_norm_eps)
+            self.transformer = AdapterTransformer(channels, num_heads, head_dim, groups=groups,
+                                                  upcast_attention=upcast_attention,
+                                                  layer_norm_eps=layer_norm_eps)
+            return
         if pre_norm:
             self.norm_tgt = nn.LayerNorm(channels, eps=layer_norm_eps)
             self.norm_retr = nn.LayerNorm(channels, eps=layer_norm_eps)
@@ -67,7 +108,6 @@ class HSpaceAdapter(nn.Module):
         self.to_k = nn.Linear(channels, inner, bias=False)
         self.to_v = nn.Linear(channels, inner, bias=False)
         self.to_out = nn.Linear(inner, channels)
-        self.config: dict[str, Any] = {}
 
     def forward(self, h_tgt: torch.Tensor, h_retr: torch.Tensor) -> torch.Tensor:
         """(B,C,h,w), (B,k,C,h',w') [or (B,C,h',w') for k=1] -> delta (B,C,h,w)."""
@@ -80,10 +120,14 @@ class HSpaceAdapter(nn.Module):
         if h_retr.shape[0] != b or h_retr.shape[2] != c:
             raise ValueError(f"h_retr {tuple(h_retr.shape)} does not match h_tgt {tuple(h_tgt.shape)} "
                              "in batch/channels")
-        dtype = self.to_q.weight.dtype
+        dtype = next(self.parameters()).dtype
         # Token order as the JAX (NHWC) module: row-major over (h, w); neighbours k-major.
-        q_in = h_tgt.flatten(2).transpose(1, 2).to(dtype)
         kv_in = h_retr.permute(0, 1, 3, 4, 2).reshape(b, -1, c).to(dtype)
+        if self.block == "transformer":
+            if self.pre_norm:
+                kv_in = self.norm_retr(kv_in)
+            return self.transformer(h_tgt.to(dtype), kv_in)
+        q_in = h_tgt.flatten(2).transpose(1, 2).to(dtype)
         if self.pre_norm:
             q_in, kv_in = self.norm_tgt(q_in), self.norm_retr(kv_in)
         if self.positional == "sincos":
@@ -113,7 +157,8 @@ def load_adapter(path: str, *, device: str | torch.device | None = None,
     adapter = HSpaceAdapter(cfg["channels"], cfg["num_heads"], cfg["head_dim"], pre_norm=cfg["pre_norm"],
                             upcast_attention=cfg["upcast_attention"],
                             layer_norm_eps=cfg["layer_norm_eps"],
-                            positional=cfg.get("positional", "none"))
+                            positional=cfg.get("positional", "none"),
+                            block=cfg.get("block", "attention"), groups=cfg.get("groups", 32))
     adapter.load_state_dict(load_file(os.path.join(folder, to_torch.ADAPTER_WEIGHTS)), strict=True)
     adapter.config = cfg
     return adapter.to(device=device, dtype=dtype).eval()

@@ -434,6 +434,9 @@ class RagPipeline:
             "hspace_cache": None if self.cache is None else self.cache.path,
             "student_encoder_fingerprint": self.fingerprint, "devices": self.num_devices,
             "dtype": self.dtype,
+            "adapter": None if self.adapter is None else {
+                "block": self.adapter.block,
+                "parameters": int(sum(np.size(x) for x in jax.tree.leaves(self._params["adapter"])))},
         }
 
     def build_cache(self, batch_size: int = 16) -> str:

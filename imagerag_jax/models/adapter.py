@@ -21,6 +21,7 @@ Dtype = Any
 LAMBDA_MODES = ("mean", "per_neighbour")
 SLERP_MAGNITUDES = ("lerp", "raw")
 POSITIONAL = ("none", "sincos")
+BLOCKS = ("attention", "transformer")
 
 
 def sincos_2d(height: int, width: int, channels: int) -> np.ndarray:
@@ -66,7 +67,18 @@ class HSpaceAdapter(nn.Module):
 
     ``to_out`` (kernel and bias) is zero-initialised: the adapter outputs exactly 0 at init, so
     Eq. 5 starts at the frozen SD-Turbo result bit for bit.
+
+    ``block='transformer'`` is the paper's adapter (Sec. 4.4: 36M parameters at 1,280 channels):
+    SD's spatial transformer block (``layers.Transformer2D``: GroupNorm, linear proj_in,
+    self-attention over the target tokens, cross-attention whose keys and values are the k
+    neighbours' tokens, GEGLU feed-forward, proj_out), returning its edit without the residual,
+    its proj_out zero-initialised (again exactly 0 at init). With ``pre_norm`` the neighbours'
+    tokens pass ``norm_retr`` first (the target's own GroupNorm is the block's). Parameters:
+    norm_retr, transformer (diffusers' Transformer2DModel names). No position codes.
     """
+
+    block: str = "attention"
+    groups: int = 32
 
     num_heads: int = 8
     head_dim: int | None = None
@@ -90,8 +102,12 @@ class HSpaceAdapter(nn.Module):
             raise ValueError(f"h_retr {h_retr.shape} does not match h_tgt {h_tgt.shape} in batch/channels")
         if self.positional not in POSITIONAL:
             raise ValueError(f"unknown adapter positional {self.positional!r}; choose one of {POSITIONAL}")
+        if self.block not in BLOCKS:
+            raise ValueError(f"unknown adapter block {self.block!r}; choose one of {BLOCKS}")
         heads, dim = self._heads(c)
         inner = heads * dim
+        if self.block == "transformer":
+            return self._transformer(h_tgt, h_retr, heads, dim)
 
         q_in = h_tgt.reshape(b, hh * ww, c).astype(self.dtype)
         kv_in = h_retr.reshape(b, -1, c).astype(self.dtype)  # all k*h'*w' tokens of an example
@@ -114,6 +130,24 @@ class HSpaceAdapter(nn.Module):
         )(out.reshape(b, hh * ww, inner))
         return out.reshape(b, hh, ww, c)
 
+    def _transformer(self, h_tgt: jax.Array, h_retr: jax.Array, heads: int, dim: int) -> jax.Array:
+        """The paper's block: SD's spatial transformer reading the neighbours' tokens, edit only."""
+        c = h_tgt.shape[-1]
+        if self.positional != "none":
+            raise ValueError(f"adapter block 'transformer' takes no position codes (positional "
+                             f"{self.positional!r}); use block 'attention' for them")
+        if c % self.groups:
+            raise ValueError(f"adapter block 'transformer': {c} channels cannot be split into "
+                             f"{self.groups} GroupNorm groups; set adapter.groups")
+        kv_in = h_retr.reshape(h_retr.shape[0], -1, c).astype(self.dtype)
+        if self.pre_norm:
+            kv_in = layers.layer_norm(name="norm_retr", dtype=self.dtype)(kv_in)
+        return layers.Transformer2D(
+            heads, dim, use_linear_projection=True, upcast_attention=self.upcast_attention,
+            attention_impl=self.attention_impl, groups=self.groups, residual=False,
+            zero_init_out=True, dtype=self.dtype, name="transformer",
+        )(h_tgt.astype(self.dtype), kv_in)
+
     def _heads(self, channels: int) -> tuple[int, int]:
         """(heads, head_dim): head_dim defaults to channels // num_heads."""
         if self.head_dim is not None:
@@ -130,7 +164,9 @@ def from_config(adapter: Any, dtype: Dtype = jnp.float32) -> HSpaceAdapter:
                          attention_impl=str(get("attention_impl", "auto")),
                          pre_norm=bool(get("pre_norm", True)),
                          upcast_attention=bool(get("upcast_attention", False)),
-                         positional=str(get("positional", "none")), dtype=dtype)
+                         positional=str(get("positional", "none")),
+                         block=str(get("block", "attention")), groups=int(get("groups", 32)),
+                         dtype=dtype)
 
 
 def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

@@ -417,7 +417,8 @@ def clip_text(text: Any, batch: int, seq_len: int = 77, g: Tally | None = None) 
 
 
 def adapter(module: Any, batch: int, hspace: tuple[int, int, int], k: int, g: Tally | None = None) -> Tally:
-    """`HSpaceAdapter` of (batch, h, w, C) target tokens attending to k neighbours' (h, w, C) maps.
+    """`HSpaceAdapter` of (batch, h, w, C) target tokens attending to k neighbours' (h, w, C) maps
+    (its ``block='transformer'``: SD's spatial transformer with the neighbours as its context).
 
     The target side follows the tally's running activation; the neighbours' H-space is a
     constant (the frozen retrieved branch, or the cache).
@@ -427,6 +428,9 @@ def adapter(module: Any, batch: int, hspace: tuple[int, int, int], k: int, g: Ta
     heads = int(module.num_heads)
     dim = int(module.head_dim) if module.head_dim else c // heads
     inner, nq, nk = heads * dim, hh * ww, k * hh * ww
+    if getattr(module, "block", "attention") == "transformer":
+        _transformer(g, "transformer", batch, (hh, ww), c, heads, dim, (nk, c), linear_projection=True)
+        return g
     q = g.dense("to_q", batch * nq, c, inner)
     kv = g.dense("to_k", batch * nk, c, inner, x_varies=False)
     v = g.dense("to_v", batch * nk, c, inner, x_varies=False)

@@ -304,7 +304,12 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2D(nn.Module):
-    """Spatial transformer: GroupNorm, projection in (linear or 1x1 conv), blocks, projection out."""
+    """Spatial transformer: GroupNorm, projection in (linear or 1x1 conv), blocks, projection out.
+
+    ``residual=False`` returns the block's edit without adding the input back, and
+    ``zero_init_out=True`` zero-initialises ``proj_out`` (the H-space adapter's transformer block:
+    a fresh one edits nothing).
+    """
 
     heads: int
     dim_head: int
@@ -313,6 +318,8 @@ class Transformer2D(nn.Module):
     upcast_attention: bool = False
     attention_impl: str = "auto"
     groups: int = 32
+    residual: bool = True
+    zero_init_out: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -331,10 +338,14 @@ class Transformer2D(nn.Module):
                 dtype=self.dtype, name=f"transformer_blocks_{i}",
             )(x, context)
         if self.use_linear_projection:
-            x = nn.Dense(c, dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)
+            zero = dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
+            x = nn.Dense(c, dtype=self.dtype, name="proj_out", **(zero if self.zero_init_out else {}))(x)
+            x = x.reshape(b, h, w, c)
         else:
+            if self.zero_init_out:
+                raise ValueError("zero_init_out needs use_linear_projection")
             x = conv(c, 1, "proj_out", dtype=self.dtype)(x.reshape(b, h, w, inner))
-        return x + residual
+        return x + residual if self.residual else x
 
 
 def per_block(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:

@@ -302,6 +302,8 @@ def adapter_config(adapter: HSpaceAdapter, channels: int) -> dict[str, Any]:
         "pre_norm": bool(adapter.pre_norm),
         "upcast_attention": bool(adapter.upcast_attention),
         "positional": str(adapter.positional),
+        "block": str(adapter.block),
+        "groups": int(adapter.groups),
         "layer_norm_eps": ADAPTER_LAYER_NORM_EPS,
         # Eq. 5's lambda: mean over the k neighbours of cos(pooled target, pooled neighbour).
         "lambda_mode": "mean",
@@ -314,7 +316,8 @@ def save_adapter(adapter: HSpaceAdapter, params: Mapping[str, Any], channels: in
     config = {**adapter_config(adapter, channels), **dict(extra or {})}
     tensors = torch_state_dict(params)
     want = config["num_heads"] * config["head_dim"]
-    if tensors["to_q.weight"].shape != (want, channels):
-        raise ValueError(f"adapter to_q has shape {tensors['to_q.weight'].shape}, config says "
+    first = "to_q.weight" if config["block"] == "attention" else "transformer.proj_in.weight"
+    if tensors[first].shape != (want, channels):
+        raise ValueError(f"adapter {first} has shape {tensors[first].shape}, config says "
                          f"({want}, {channels})")
     return _write(out_dir, config, tensors, ADAPTER_WEIGHTS)

@@ -63,6 +63,8 @@ def get_config(arg=None):
     config.beta = 1.0
     config.lpips_augment = True
     config.self_neighbour = False  # diagnostic: neighbour 0 = the example itself (training/step.py)
+    # retrieved (ImageRAGTurbo) | shuffled | no_adapter: the controls of training/step.ARMS.
+    config.arm = "retrieved"
     config.prompt_dropout = 0.0  # not in the paper: zero the student's prompt with this probability
     adamw = dict(lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=0.0)
     # adapter_lr_multiplier: the adapter's lr = lr * this (training/step.make_optimizer).

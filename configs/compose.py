@@ -23,6 +23,11 @@ trains with neighbour 0 replaced by the example itself, an upper bound on what t
 take from a neighbour; training/step.py), ``prediction=epsilon|v_prediction`` (what the teacher and
 so the student UNet predict; eps, the default, is SD 2.1-base's and SD-Turbo's, v is SD 2.1-768's:
 with v the one-step student matches its teacher and the task saturates, docs/compose_findings.md),
+``arms`` (two more students trained beside ImageRAGTurbo, each a row: ``imageragturbo_no_adapter``,
+the same LoRA, losses and data without the adapter, and ``imageragturbo_shuffled``, the adapter
+and LoRA trained on neighbours shuffled across the batch with lambda kept; training/step.ARMS),
+``block=attention|transformer`` (the adapter: our cross-attention block, the default here, or
+the paper's SD transformer block; models/adapter.py),
 ``novel=D`` (digits, e.g. ``novel=9``, that the teacher and student UNets never see: the
 database holds every composition with them and the held-out prompts gain a 'novel' class, a
 concept only retrieval can supply; the VAE and text encoder see every canvas), ``blind=D``
@@ -38,7 +43,7 @@ import ml_collections
 
 from imagerag_jax.config_args import load_sibling, parse_arg
 from imagerag_jax.miniature.stages import PREDICTION_TYPES
-from imagerag_jax.models.adapter import POSITIONAL
+from imagerag_jax.models.adapter import BLOCKS, POSITIONAL
 
 
 def _source(split, size, splits):
@@ -49,11 +54,14 @@ def _source(split, size, splits):
 def get_config(arg=None):
     """The compositional miniature; see the module docstring for `arg`."""
     arg = parse_arg(arg, quick=False, smoke=False, seeds=1, k=2, positional="none",
-                    self_neighbour=False, prediction="epsilon", novel="", blind="")
+                    self_neighbour=False, prediction="epsilon", novel="", blind="", arms=False,
+                    block="attention")
     if arg.prediction not in PREDICTION_TYPES:
         raise ValueError(f"prediction={arg.prediction!r}: choose one of {', '.join(PREDICTION_TYPES)}")
     if arg.positional not in POSITIONAL:
         raise ValueError(f"positional={arg.positional!r}: choose one of {', '.join(POSITIONAL)}")
+    if arg.block not in BLOCKS:
+        raise ValueError(f"block={arg.block!r}: choose one of {', '.join(BLOCKS)}")
     if not set(arg.novel) <= set("0123456789"):
         raise ValueError(f"novel={arg.novel!r}: give digits, e.g. novel=9 or novel=89")
     if not set(arg.blind) <= set("0123456789") or set(arg.blind) & set(arg.novel):
@@ -101,6 +109,11 @@ def get_config(arg=None):
     rag_jobs = load_sibling(__file__, "digits").rag_jobs
     pre, config.train = rag_jobs(arg.k, config.sampling, 500 if q else 1500)
     config.train.adapter.positional = arg.positional
+    config.train.adapter.block = arg.block
+    config.train.adapter.groups = config.teacher["groups"]  # the transformer block's GroupNorm
+    # The training arms (training/step.ARMS) beside ImageRAGTurbo: the same LoRA, losses and data
+    # with no adapter, and the adapter trained on neighbours shuffled across the batch.
+    config.train_arms = arg.arms
     config.train.self_neighbour = arg.self_neighbour
     pre.db.source = _source("database", 16, config.splits)
     pre.source = _source("train", 16, config.splits)

@@ -129,7 +129,7 @@ def rag_pipe(rag_run):
 
 @pytest.fixture(scope="session")
 def compose_smoke(tmp_path_factory):
-    """One `main run --config configs/compose.py:smoke,novel=9` for the session (its tests are
+    """One `main run --config configs/compose.py:smoke,novel=9,arms` for the session (its tests are
     one xdist group): (workdir, results.json, stdout). A test that changes the run copies it."""
     from tests import helpers
 

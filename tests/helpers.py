@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPOSE_ARG = "smoke,novel=9"
+COMPOSE_ARG = "smoke,novel=9,arms"
 
 
 def nhwc(x: np.ndarray) -> jnp.ndarray:

@@ -15,7 +15,9 @@ from tests import helpers
 
 REPO = helpers.REPO
 ROWS = ("teacher", "turbo", "injection", "injection_best_w", "imageragturbo",
-        "imageragturbo_random_neighbours", "imageragturbo_lambda0", "imageragturbo_teacher_only")
+        "imageragturbo_random_neighbours", "imageragturbo_lambda0", "imageragturbo_teacher_only",
+        "imageragturbo_no_adapter", "imageragturbo_shuffled", "imageragturbo_shuffled_random_neighbours")
+TRAINED = ("imageragturbo", "imageragturbo_teacher_only", "imageragturbo_no_adapter", "imageragturbo_shuffled")
 
 
 ARG = helpers.COMPOSE_ARG
@@ -45,6 +47,20 @@ def test_compose_smoke_writes_every_row(smoke):
     assert rows["turbo"]["retrieval_precision"] is None
     assert set(rows["imageragturbo"]["retrieval_precision"]) == {"overall", "frequent", "rare", "unseen", "novel"}
     assert rows["teacher"]["nfe"] == 4 and rows["imageragturbo"]["nfe"] == 1
+    # The trained students' neighbour sensitivity, and only theirs (16 prompts: rolled neighbours
+    # differ; a smoke run's adapter has trained 2 steps, so the value is small but finite).
+    assert {m for m in rows if "neighbour_sensitivity" in rows[m]} == set(TRAINED)
+    assert all(np.isfinite(rows[m]["neighbour_sensitivity"]) and rows[m]["neighbour_sensitivity"] >= 0
+               for m in TRAINED)
+    # The no-adapter arm trained no adapter: the neighbours cannot move its prediction.
+    assert rows["imageragturbo_no_adapter"]["neighbour_sensitivity"] == 0.0
+    assert rows["imageragturbo_no_adapter"]["retrieval_precision"] is None
+    assert rows["imageragturbo_shuffled_random_neighbours"]["retrieval_precision"] == \
+        rows["imageragturbo_random_neighbours"]["retrieval_precision"]
+    assert {"imageragturbo_minus_no_adapter_arm", "imageragturbo_minus_shuffled_arm",
+            "shuffled_arm_retrieved_minus_random"} <= set(results["differences"])
+    for folder in ("train", "train_no_adapter", "train_shuffled"):
+        assert (workdir / "rag" / folder / "checkpoints").is_dir(), folder
     assert all(rows[m]["latency_ms"] > 0 for m in ROWS)
     assert results["num_prompts"] == 16 and results["prompts_per_class"] == {"frequent": 4, "rare": 4, "unseen": 4,
                                                                                    "novel": 4}

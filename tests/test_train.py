@@ -118,6 +118,34 @@ def test_step_keeps_frozen_weights_and_overfits_one_batch(compile_cache):
     first, last = np.mean(g_loss[:5]), np.mean(g_loss[-5:])
     assert last < 0.9 * first, f"generator loss did not fall: {g_loss}"
     assert distill[-1] < distill[0]
+    check_neighbour_sensitivity(trainer, state, trainer_lib.random_batch(schema, cfg.global_batch_size))
+
+
+def check_neighbour_sensitivity(trainer, state, host_batch) -> None:
+    """The sample function's neighbour sensitivity against the one-step sampler called directly:
+    mean |x0(neighbours) - x0(neighbours rolled by one over the batch)| over mean |x0 - plain
+    student's x0| (frozen UNet: no LoRA, no adapter), lambda kept."""
+    from imagerag_jax.diffusion import sampling
+    from imagerag_jax.models import adapter as adapter_lib
+
+    s, frozen, params = trainer.setup, trainer.frozen["student"], state["params"]
+    b = {k: jax.numpy.asarray(v) for k, v in host_batch.items()}
+    h = sampling.retrieved_hspace(s.student, frozen, b["retrieved_latents"], b["retrieved_prompt_embeds"])
+    lam = adapter_lib.retrieval_lambda(b["pooled"], b["retrieved_pooled"])
+    merged = lora.merge(frozen, params["lora"], s.lora_alpha, s.lora_rank)
+    x0 = lambda p, h, l: np.asarray(sampling.imagerag_one_step(
+        s.student, p, s.adapter, params["adapter"], b["noise"], b["prompt_embeds"], h, l,
+        trainer.schedule, s.prediction_type, timestep=s.student_timesteps[0]), np.float64)
+    ours = x0(merged, h, lam)
+    order = np.r_[len(h) - 1, :len(h) - 1]  # example i gets example i-1's neighbours
+    moved = np.mean(np.abs(ours - x0(merged, h[order], lam)))
+    from_plain = np.mean(np.abs(ours - x0(frozen, h, 0.0 * lam)))
+    images, scalars = trainer.sample_fn()(state, trainer.frozen, trainer.vae_params, trainer.shard_batch(host_batch))
+    assert set(images) == {"target", "neighbour", "with_retrieval", "without_retrieval"}
+    assert moved > 1e-6 * np.mean(np.abs(ours)) and from_plain > 0, (moved, from_plain)
+    np.testing.assert_allclose(float(scalars["neighbour_sensitivity/shuffled_distance"]), moved, rtol=1e-3)
+    np.testing.assert_allclose(float(scalars["neighbour_sensitivity/plain_distance"]), from_plain, rtol=1e-3)
+    np.testing.assert_allclose(float(scalars["neighbour_sensitivity"]), moved / from_plain, rtol=2e-3)
 
 
 def first_step_metrics(config, schema, batch) -> dict[str, float]:
@@ -146,6 +174,55 @@ def test_self_neighbour_diagnostic_is_the_step_on_a_batch_holding_the_example(co
     diagnostic = first_step_metrics(quiet_config(self_neighbour=True), schema, host)
     assert diagnostic == first_step_metrics(cfg, schema, swapped)
     assert diagnostic["lambda_mean"] != first_step_metrics(cfg, schema, host)["lambda_mean"]
+
+
+def train_steps(config, schema, batches) -> tuple[list[dict[str, float]], dict]:
+    """Per-step metrics and the final params of `config` trained from a fresh state on `batches`."""
+    trainer = trainer_lib.Trainer(config)
+    state = trainer.init_state(schema)
+    step, _ = trainer.compile_step(trainer.abstract_state(schema), schema, config.global_batch_size)
+    history = []
+    for batch in batches:
+        state, metrics = step(state, trainer.frozen, trainer.shard_batch(batch))
+        history.append({name: float(v) for name, v in metrics.items()})
+    return history, host_tree(state["params"])
+
+
+def test_shuffled_arm_is_the_step_on_neighbours_rolled_over_the_batch(compile_cache):
+    # Lambda stays each example's own; only the neighbours the adapter reads move. Three steps, so
+    # that the adapter's output is no longer zero and the neighbours matter.
+    cfg = quiet_config(**{"optimizer.lr": 3e-3})
+    schema = synthetic.synthetic_schema(cfg)
+    batches = [trainer_lib.random_batch(schema, cfg.global_batch_size, seed=i) for i in range(3)]
+    rolled = [{**b, **{f: np.roll(b[f], 1, axis=0) for f in ("retrieved_latents", "retrieved_prompt_embeds")}}
+              for b in batches]
+    shuffled, p_shuffled = train_steps(quiet_config(arm="shuffled", **{"optimizer.lr": 3e-3}), schema, batches)
+    retrieved, p_retrieved = train_steps(cfg, schema, rolled)
+    own, _ = train_steps(cfg, schema, batches)
+    for a, b in zip(shuffled, retrieved):
+        for name in ("g_loss", "g_distill", "d_loss", "lambda_mean", "hspace_edit_ratio"):
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    for a, b in zip(jax.tree.leaves(p_shuffled), jax.tree.leaves(p_retrieved)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert shuffled[0]["lambda_mean"] == own[0]["lambda_mean"]
+    assert abs(shuffled[-1]["g_distill"] - own[-1]["g_distill"]) > 1e-7  # the neighbours did matter
+
+
+def test_no_adapter_arm_trains_the_lora_alone(compile_cache):
+    cfg = quiet_config(**{"optimizer.lr": 3e-3})
+    schema = synthetic.synthetic_schema(cfg)
+    batches = [trainer_lib.random_batch(schema, cfg.global_batch_size, seed=i) for i in range(3)]
+    alone, p_alone = train_steps(quiet_config(arm="no_adapter", **{"optimizer.lr": 3e-3}), schema, batches)
+    with_adapter, p_with = train_steps(cfg, schema, batches)
+    # Step 1: a fresh adapter edits nothing, so both arms take the same step.
+    for name in ("g_loss", "g_distill", "d_loss"):
+        np.testing.assert_allclose(alone[0][name], with_adapter[0][name], rtol=1e-5, err_msg=name)
+    assert all(m["hspace_edit_ratio"] == 0.0 for m in alone)
+    assert not np.any(p_alone["adapter"]["to_out"]["kernel"]) and np.any(p_with["adapter"]["to_out"]["kernel"])
+    lora_b = [x for path, x in lora.flatten(p_alone["lora"]).items() if path.endswith("/b")]
+    assert any(np.any(b) for b in lora_b), "LoRA B did not train"
+    with pytest.raises(Exception, match="unknown arm 'random'"):
+        train_steps(quiet_config(arm="random"), schema, batches[:1])
 
 
 def test_prompt_dropout_zeroes_only_the_students_prompt(compile_cache):
@@ -288,6 +365,7 @@ def test_cli_end_to_end_kill9_sigterm_and_exact_resume(compile_cache, tmp_path):
     for name in ("", "_with_retrieval", "_without_retrieval", "_target", "_neighbour"):
         assert (workdir / "samples" / f"step_0000010{name}.png").exists(), name
     assert "g_loss=" in res.stderr and "tflops_per_device=" in res.stderr and " mfu=" in res.stderr
+    assert "step 10 | neighbour sensitivity " in res.stderr, res.stderr[-3000:]
     line = next(l for l in res.stderr.splitlines() if "step 10/10 | " in l)
     assert " img/s | MFU " in line and "| g_loss " in line and " d_loss " in line and "| lambda " in line
     ck = checkpoints.Checkpointer(str(workdir / "checkpoints"))

@@ -449,6 +449,23 @@ def imagerag_one_step(
     )
 
 
+def neighbour_sensitivity(x0: jax.Array, x0_shuffled: jax.Array, x0_plain: jax.Array) -> dict[str, jax.Array]:
+    """How much a trained student uses what it retrieves, from three one-step predictions.
+
+    ``x0``: with each example's retrieved neighbours; ``x0_shuffled``: the same call with the
+    neighbours of another example (e.g. rolled by one over the batch, lambda kept);
+    ``x0_plain``: the plain student's (the frozen UNet, no LoRA, no adapter). Returns
+    ``neighbour_sensitivity`` = mean |x0 - x0_shuffled| / mean |x0 - x0_plain| (0: the edit
+    ignores the neighbours' content; 1: swapping them moves the prediction as far as all of the
+    fine-tuning did) with its two distances, ``.../shuffled_distance`` and ``.../plain_distance``.
+    """
+    moved = jnp.mean(jnp.abs(x0.astype(jnp.float32) - x0_shuffled.astype(jnp.float32)))
+    from_plain = jnp.mean(jnp.abs(x0.astype(jnp.float32) - x0_plain.astype(jnp.float32)))
+    return {"neighbour_sensitivity": moved / jnp.maximum(from_plain, 1e-12),
+            "neighbour_sensitivity/shuffled_distance": moved,
+            "neighbour_sensitivity/plain_distance": from_plain}
+
+
 def direct_injection_one_step(
     unet,
     unet_params,

@@ -23,7 +23,8 @@ from imagerag_jax.miniature import judge as judge_lib
 from imagerag_jax.models import adapter as adapter_lib
 
 METHODS = ("teacher", "turbo", "injection", "injection_best_w", "imageragturbo",
-           "imageragturbo_random_neighbours", "imageragturbo_lambda0", "imageragturbo_teacher_only")
+           "imageragturbo_random_neighbours", "imageragturbo_lambda0", "imageragturbo_teacher_only",
+           "imageragturbo_no_adapter", "imageragturbo_shuffled", "imageragturbo_shuffled_random_neighbours")
 REFERENCES = ("real", "vae")
 LABELS = {
     "teacher": "Teacher UNet, DDIM {steps} steps + CFG {guidance}",
@@ -34,11 +35,23 @@ LABELS = {
     "imageragturbo_random_neighbours": "ImageRAGTurbo with random database neighbours",
     "imageragturbo_lambda0": "ImageRAGTurbo with lambda = 0 (adapter off, LoRA kept)",
     "imageragturbo_teacher_only": "ImageRAGTurbo trained on teacher pairs only (ablation)",
+    "imageragturbo_no_adapter": "Arm: the same LoRA, losses and data, no adapter",
+    "imageragturbo_shuffled": "Arm: adapter + LoRA trained on shuffled neighbours (retrieved at test)",
+    "imageragturbo_shuffled_random_neighbours": "Arm: shuffled-neighbour training, random neighbours at test",
     "real": "Real held-out canvases (judge ceiling)",
     "vae": "Real held-out canvases through the VAE",
 }
 RETRIEVING = ("injection", "injection_best_w", "imageragturbo", "imageragturbo_lambda0",
-              "imageragturbo_teacher_only")
+              "imageragturbo_teacher_only", "imageragturbo_shuffled")
+RANDOM_NEIGHBOURS = ("imageragturbo_random_neighbours", "imageragturbo_shuffled_random_neighbours")
+# (name, method a, method b): all-four-correct of a minus b, with a bootstrap interval over prompts;
+# a pair is reported when both rows exist.
+DIFFERENCES = (("imageragturbo_minus_turbo", "imageragturbo", "turbo"),
+               ("retrieved_minus_random_neighbours", "imageragturbo", "imageragturbo_random_neighbours"),
+               ("imageragturbo_minus_no_adapter_arm", "imageragturbo", "imageragturbo_no_adapter"),
+               ("imageragturbo_minus_shuffled_arm", "imageragturbo", "imageragturbo_shuffled"),
+               ("shuffled_arm_retrieved_minus_random", "imageragturbo_shuffled",
+                "imageragturbo_shuffled_random_neighbours"))
 GRID_COLUMNS = ("teacher", "turbo", "injection", "imageragturbo")
 PER_PROMPT_FILE = "per_prompt.npz"
 
@@ -144,6 +157,13 @@ def evaluate_seed(config: ml_collections.ConfigDict, workdir: str, towers: Any, 
     if "imageragturbo_teacher_only" in merged:
         gen["imageragturbo_teacher_only"] = decode(imagerag(*merged["imageragturbo_teacher_only"], noise,
                                                             context, h_retr, lam))
+    if "imageragturbo_no_adapter" in merged:  # trained without an edit: none at test either
+        gen["imageragturbo_no_adapter"] = decode(imagerag(*merged["imageragturbo_no_adapter"], noise,
+                                                          context, h_retr, np.zeros_like(lam)))
+    if "imageragturbo_shuffled" in merged:
+        arm = merged["imageragturbo_shuffled"]
+        gen["imageragturbo_shuffled"] = decode(imagerag(*arm, noise, context, h_retr, lam))
+        gen["imageragturbo_shuffled_random_neighbours"] = decode(imagerag(*arm, noise, context, h_rand, lam))
     # Fig. 3's per-prompt w*: the paper picks it by TIFA itself, so this row is an oracle; here the
     # judge's count of right attributes picks it (ties: the larger w, nearer the plain student).
     ws = sampling.INJECTION_WEIGHTS
@@ -151,6 +171,13 @@ def evaluate_seed(config: ml_collections.ConfigDict, workdir: str, towers: Any, 
     right_w = np.stack([compose.correct_attributes(compose.judge(clf, x), comps).sum(1) for x in per_w])
     best = len(ws) - 1 - np.argmax(right_w[::-1], axis=0)
     gen["injection_best_w"] = per_w[best, np.arange(len(prompts))]
+
+    # How much each trained student uses its neighbours (sampling.neighbour_sensitivity): each
+    # prompt given the next prompt's neighbours (lambda kept), against the plain student.
+    turbo_x0 = turbo(noise, context)
+    sensitivity = {name: float(sampling.neighbour_sensitivity(
+        imagerag(*st, noise, context, h_retr, lam), imagerag(*st, noise, context, np.roll(h_retr, 1, axis=0), lam),
+        turbo_x0)["neighbour_sensitivity"]) for name, st in merged.items()}
 
     refs = {"real": ev.images[idx], "vae": decode(stages.encode_latents(vae, towers.vae_p, compose.as_float(ev.images[idx])))}
     per_prompt, rows = {}, []
@@ -162,7 +189,9 @@ def evaluate_seed(config: ml_collections.ConfigDict, workdir: str, towers: Any, 
         row = {"method": name, **compose.score(pred, comps, classes, novel, blind),
                "retrieval_precision": (_precision(retr_comps, comps, classes) if name in RETRIEVING else
                                        _precision(rand_comps, comps, classes)
-                                       if name == "imageragturbo_random_neighbours" else None)}
+                                       if name in RANDOM_NEIGHBOURS else None)}
+        if name in sensitivity:
+            row["neighbour_sensitivity"] = sensitivity[name]
         rows.append(row)
     by_name = {r["method"]: r for r in rows}
     nfe = {"teacher": 2 * int(samp["steps"]) if float(samp["guidance"]) > 1 else int(samp["steps"]),
@@ -175,9 +204,12 @@ def evaluate_seed(config: ml_collections.ConfigDict, workdir: str, towers: Any, 
                          decode, int(ev_cfg["latency_repeats"]))
     for name, ms in latency.items():
         by_name[name]["latency_ms"] = ms
-    for name in ("imageragturbo_random_neighbours", "imageragturbo_lambda0", "imageragturbo_teacher_only"):
+    for name in ("imageragturbo_random_neighbours", "imageragturbo_lambda0", "imageragturbo_teacher_only",
+                 "imageragturbo_shuffled", "imageragturbo_shuffled_random_neighbours"):
         if name in by_name:
             by_name[name]["latency_ms"] = latency["imageragturbo"]
+    if "imageragturbo_no_adapter" in by_name:  # one LoRA'd UNet step, no retrieval: the turbo path
+        by_name["imageragturbo_no_adapter"]["latency_ms"] = latency["turbo"]
     by_name["injection_best_w"]["latency_ms"] = round(latency["injection"] * len(ws), 2)
 
     np.savez(os.path.join(workdir, PER_PROMPT_FILE), compositions=comps, classes=classes,
@@ -193,12 +225,7 @@ def evaluate_seed(config: ml_collections.ConfigDict, workdir: str, towers: Any, 
         "num_prompts": len(prompts),
         "prompts_per_class": {n: int(np.sum(classes == c)) for c, n in enumerate(compose.CLASSES)},
         "rows": rows,
-        "differences": {
-            "imageragturbo_minus_turbo": bootstrap_difference(
-                per_prompt["imageragturbo"], per_prompt["turbo"], boot, seed),
-            "retrieved_minus_random_neighbours": bootstrap_difference(
-                per_prompt["imageragturbo"], per_prompt["imageragturbo_random_neighbours"], boot, seed),
-        },
+        "differences": _differences(per_prompt, boot, seed),
         "retrieval": {"k": k, "precision": _precision(retr_comps, comps, classes),
                       "random_precision": _precision(rand_comps, comps, classes),
                       "lambda": _distribution(lam)},
@@ -290,6 +317,9 @@ def aggregate(config: ml_collections.ConfigDict, per_seed: Sequence[Mapping[str,
             row["nfe"] = r0["nfe"]
         if "latency_ms" in r0:
             row["latency_ms"] = float(np.mean([r["latency_ms"] for r in same]))
+        if "neighbour_sensitivity" in r0:
+            row["neighbour_sensitivity_per_seed"] = [r["neighbour_sensitivity"] for r in same]
+            row["neighbour_sensitivity"] = float(np.mean(row["neighbour_sensitivity_per_seed"]))
         rows.append(row)
     per_prompt = [np.load(os.path.join(d, PER_PROMPT_FILE)) for d in dirs]
     mean_over = lambda m: np.mean([p[f"all_correct_{m}"] for p in per_prompt], axis=0)
@@ -302,12 +332,8 @@ def aggregate(config: ml_collections.ConfigDict, per_seed: Sequence[Mapping[str,
         "num_prompts": first["num_prompts"],
         "prompts_per_class": first["prompts_per_class"],
         "rows": rows,
-        "differences": {
-            "imageragturbo_minus_turbo": bootstrap_difference(mean_over("imageragturbo"), mean_over("turbo"),
-                                                              boot, seed),
-            "retrieved_minus_random_neighbours": bootstrap_difference(
-                mean_over("imageragturbo"), mean_over("imageragturbo_random_neighbours"), boot, seed),
-        },
+        "differences": _differences({r["method"]: mean_over(r["method"]) for r in rows
+                                     if r["method"] in METHODS}, boot, seed),
         "retrieval": {"k": first["retrieval"]["k"],
                       "precision": {c: _mean_or_none([res["retrieval"]["precision"][c] for res in per_seed])
                                     for c in first["retrieval"]["precision"]},
@@ -322,6 +348,12 @@ def aggregate(config: ml_collections.ConfigDict, per_seed: Sequence[Mapping[str,
         "stages": {f"seed_{res['seeds'][0]}": res["stages"] for res in per_seed},
         "labels": first["labels"],
     }
+
+
+def _differences(per_prompt: Mapping[str, np.ndarray], boot: int, seed: int) -> dict[str, Any]:
+    """DIFFERENCES' bootstrap intervals over prompts, for the pairs whose rows both exist."""
+    return {name: bootstrap_difference(per_prompt[a], per_prompt[b], boot, seed)
+            for name, a, b in DIFFERENCES if a in per_prompt and b in per_prompt}
 
 
 def _mean_or_none(values: Sequence[float | None]) -> float | None:
@@ -384,6 +416,18 @@ def markdown(results: Mapping[str, Any]) -> str:
         + (" (each prompt's rate averaged over the seeds)." if multi else "."),
         f"- Retrieved minus random neighbours (same model, same lambda): "
         f"{fmt(d['retrieved_minus_random_neighbours'])}.",
+        *[f"- {text}: {fmt(d[name])}." for name, text in (
+            ("imageragturbo_minus_no_adapter_arm", "ImageRAGTurbo minus the no-adapter arm (same "
+             "LoRA, losses and data): what the adapter adds over fine-tuning"),
+            ("imageragturbo_minus_shuffled_arm", "ImageRAGTurbo minus the arm trained on shuffled "
+             "neighbours"),
+            ("shuffled_arm_retrieved_minus_random", "Shuffled-neighbour arm, retrieved minus random "
+             "neighbours at test")) if name in d],
+        *([f"- Neighbour sensitivity (x0 moved by another prompt's neighbours over its distance "
+           f"to the turbo student's): " + ", ".join(
+               f"{results['labels'][r['method']]} {r['neighbour_sensitivity']:.3f}"
+               for r in results["rows"] if "neighbour_sensitivity" in r) + "."]
+          if any("neighbour_sensitivity" in r for r in results["rows"]) else []),
         f"- Retrieval (k = {rt['k']}): precision (neighbours with the prompt's composition) "
         f"{_pct(rt['precision']['overall'])} overall, "
         + ", ".join(f"{c} {_pct(rt['precision'].get(c))}" for c in classes)

@@ -90,6 +90,9 @@ def train_imagerag(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     variants = [("imageragturbo", dict(data_mixture=mixture), "train")]
     if config.teacher_only_ablation:
         variants.append(("imageragturbo_teacher_only", dict(data_dir=sets["teacher"]), "train_teacher_only"))
+    if config.train_arms:
+        for arm in ("no_adapter", "shuffled"):
+            variants.append((f"imageragturbo_{arm}", dict(data_mixture=mixture, arm=arm), f"train_{arm}"))
     for name, data, folder in variants:
         t0 = time.perf_counter()
         tcfg = run_lib.job_config(config.train, **train_fields, **data)

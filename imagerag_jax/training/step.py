@@ -134,6 +134,11 @@ def generator_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return {"adapter": params["adapter"], "lora": params["lora"]}
 
 
+# Training arms (config.arm): what the student is trained with. 'retrieved' is ImageRAGTurbo;
+# the other two are controls that separate fine-tuning from retrieval (docs/findings.md).
+ARMS = ("retrieved", "shuffled", "no_adapter")
+
+
 def with_self_as_neighbour(batch: Mapping[str, jax.Array], latent: jax.Array) -> dict[str, jax.Array]:
     """The batch with neighbour 0 of each example replaced by the example itself."""
     out = dict(batch)
@@ -186,6 +191,7 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
                     disc_tx: optax.GradientTransformation, *, remat: str = "none",
                     lpips_augment: bool = True,
                     self_neighbour: bool = False,
+                    arm: str = "retrieved",
                     prompt_dropout: float = 0.0,
                     grad_accum_steps: int = 1) -> Callable[[State, PyTree, PyTree], tuple[State, dict]]:
     """The pure train step `(state, frozen, batch) -> (state, metrics)` (see the module docstring).
@@ -193,6 +199,11 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
     ``self_neighbour`` (a diagnostic, never the method): neighbour 0 of every example is replaced
     by the example itself (its latent, prompt embeddings and pooled embedding), an upper bound on
     what the adapter can take from a retrieved neighbour.
+    ``arm``: ``'retrieved'`` (ImageRAGTurbo: each example's own neighbours); ``'shuffled'`` (the
+    adapter reads the neighbours of the previous example of the (micro-)batch, rolled by one;
+    lambda stays the example's own: only what is retrieved changes); ``'no_adapter'`` (no H-space
+    edit: the same LoRA, losses and data without the adapter, the control the paper lacks; the
+    adapter's params get zero gradients and the retrieved branch is not computed).
     ``prompt_dropout`` (not in the paper; 0 = the paper): each example's prompt embeddings are
     zeroed for the student with this probability, so the target can only come from the retrieved
     neighbours; lambda, the discriminator and the targets still see the prompt.
@@ -205,6 +216,8 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
     """
     if not 0.0 <= prompt_dropout <= 1.0:
         raise UserError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
+    if arm not in ARMS:
+        raise UserError(f"unknown arm {arm!r}; choose one of {', '.join(ARMS)}")
     accum = int(grad_accum_steps)
     if accum < 1:
         raise UserError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
@@ -218,8 +231,11 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
     def generate(gen_params, student_p, h, skips, temb, h_retr, lam, x_t, t, context):
         """Adapter edit of the H-space, LoRA-merged decoder, x0 prediction (the trainable path)."""
         unet_p = lora.merge(student_p, gen_params["lora"], s.lora_alpha, s.lora_rank)
-        delta = s.adapter.apply({"params": gen_params["adapter"]}, h, h_retr)
-        edited = adapter_lib.inject(h, delta, lam)
+        if arm == "no_adapter":
+            edited = h
+        else:
+            delta = s.adapter.apply({"params": gen_params["adapter"]}, h, h_retr)
+            edited = adapter_lib.inject(h, delta, lam)
         out = sampling.unet_decode(s.student, unet_p, edited, skips, temb, context)
         z_hat = schedule_lib.predict_x0(out.astype(jnp.float32), x_t, t, schedule, s.prediction_type)
         # How far the adapter moves the H-space, relative to its size (0 at initialisation): the
@@ -275,9 +291,14 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
         h, skips, temb = sampling.unet_encode(s.student, student_p, x_t, t, student_context)
         if self_neighbour:
             batch = with_self_as_neighbour(batch, z0)
-        h_retr = sampling.retrieved_hspace(s.student, student_p, batch["retrieved_latents"],
-                                           batch["retrieved_prompt_embeds"])
         lam = adapter_lib.retrieval_lambda(pooled, batch["retrieved_pooled"])
+        if arm == "no_adapter":
+            h_retr = None
+        else:
+            h_retr = sampling.retrieved_hspace(s.student, student_p, batch["retrieved_latents"],
+                                               batch["retrieved_prompt_embeds"])
+            if arm == "shuffled":
+                h_retr = batch_c(jnp.roll(h_retr, 1, axis=0))
 
         # s ~ U{0..N-1} over all N training timesteps (paper Sec. 3.4), one per example.
         s_t = _draw(keys, _DISC_S, lambda k: disc_lib.sample_discriminator_timesteps(k, 1, n_train)[0])

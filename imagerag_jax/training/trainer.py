@@ -76,7 +76,7 @@ class Trainer:
         state = trainer.init_state(schema)              # sharded init (eval_shape + out_shardings)
         step, flops = trainer.compile_step(trainer.abstract_state(schema), schema, batch_size)
         state, metrics = step(state, trainer.frozen, trainer.shard_batch(host_batch))
-        images = trainer.sample_fn()(state, trainer.frozen, trainer.vae_params, batch)
+        images, scalars = trainer.sample_fn()(state, trainer.frozen, trainer.vae_params, batch)
 
     `schema` is a `data.tfrecords.Schema` (or any object with its shape fields and `shapes()`).
     Attributes: `frozen` (student, teacher encoder, [lpips]) and `vae_params` placed on the mesh
@@ -256,6 +256,7 @@ class Trainer:
                             self.disc_tx, remat=self.config.remat,
                             lpips_augment=bool(self.config.lpips_augment),
                             self_neighbour=bool(self.config.self_neighbour),
+                            arm=str(self.config.arm),
                             prompt_dropout=float(self.config.prompt_dropout),
                             grad_accum_steps=int(self.config.grad_accum_steps)),
             in_shardings=(state_sh, self.frozen_shardings, self.batch_shardings(fields)),
@@ -296,7 +297,16 @@ class Trainer:
             remat="none", backend=jax.default_backend())
 
     def sample_fn(self):
-        """jit(state, frozen, vae_params, batch) -> (target, neighbour 0, with, without retrieval) images."""
+        """jit(state, frozen, vae_params, batch) -> (images, scalars): the target, neighbour 0 and
+        the student's one step with and without retrieval as images; the neighbour sensitivity
+        (``neighbour_sensitivity``) as scalars.
+
+        Neighbour sensitivity (``sampling.neighbour_sensitivity``): how far the one-step
+        prediction (latent x0) moves when every example's retrieved neighbours are replaced by
+        another example's (rolled by one over the batch, lambda kept), relative to how far it is
+        from the plain student's (the frozen SD-Turbo step: no LoRA, no adapter). Near 0: the
+        trained student ignores what it retrieves. Needs >= 2 examples.
+        """
         s, sched, vae = self.setup, self.schedule, self.vae
         t0 = s.student_timesteps[0]
 
@@ -310,15 +320,19 @@ class Trainer:
                                                batch["retrieved_prompt_embeds"])
             lam = adapter_lib.retrieval_lambda(batch["pooled"], batch["retrieved_pooled"])
             unet_p = lora.merge(frozen["student"], state["params"]["lora"], s.lora_alpha, s.lora_rank)
-            run = lambda l: sampling.imagerag_one_step(
-                s.student, unet_p, s.adapter, state["params"]["adapter"], noise, batch["prompt_embeds"],
-                h_retr, l, sched, s.prediction_type, timestep=t0)
+            run = lambda l, h=h_retr, p=unet_p: sampling.imagerag_one_step(
+                s.student, p, s.adapter, state["params"]["adapter"], noise, batch["prompt_embeds"],
+                h, l, sched, s.prediction_type, timestep=t0)
+            with_retrieval = run(lam)
+            scalars = sampling.neighbour_sensitivity(
+                with_retrieval, run(lam, h=jnp.roll(h_retr, 1, axis=0)),
+                run(jnp.zeros_like(lam), p=frozen["student"]))
             return {
                 "target": decode(vae_params, batch["latent"]),
                 "neighbour": decode(vae_params, batch["retrieved_latents"][:, 0]),
-                "with_retrieval": decode(vae_params, run(lam)),
+                "with_retrieval": decode(vae_params, with_retrieval),
                 "without_retrieval": decode(vae_params, run(jnp.zeros_like(lam))),
-            }
+            }, scalars
 
         return jax.jit(sample, out_shardings=self.replicated)
 
@@ -548,9 +562,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
             if do_ckpt:
                 save(step)
             if do_sample:
-                _write_samples(writer, workdir, step, sample(state, trainer.frozen,
-                                                             trainer.vae_params, sample_batch),
-                               is_main)
+                grids, sensitivity = sample(state, trainer.frozen, trainer.vae_params, sample_batch)
+                _write_samples(writer, workdir, step, grids, is_main)
+                if len(sample_batch["latent"]) > 1:  # one example has no other's neighbours
+                    sensitivity = {k: float(v) for k, v in sensitivity.items()}
+                    writer.write_scalars(step, sensitivity)
+                    logging.info("step %d | neighbour sensitivity %.3g (shuffled neighbours move "
+                                 "x0 by %.3g, plain student %.3g away)", step,
+                                 sensitivity["neighbour_sensitivity"],
+                                 sensitivity["neighbour_sensitivity/shuffled_distance"],
+                                 sensitivity["neighbour_sensitivity/plain_distance"])
             t_last, steps_since = time.perf_counter(), 0
     finally:
         ckpt.close()

@@ -167,3 +167,23 @@ def test_bootstrap_interval_against_hand_values():
     assert 0.0 <= out["ci95"][0] <= 0.25 <= out["ci95"][1] <= 0.75
     same = compose_report.bootstrap_difference(a, a, 100, 0)
     assert same["mean"] == 0.0 and same["ci95"] == [0.0, 0.0]
+
+
+def test_bootstrap_over_seeds_and_prompts():
+    from imagerag_jax.miniature import compose_report
+
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 2, 40).astype(float), rng.integers(0, 2, 40).astype(float)
+    one = compose_report.bootstrap_difference(a, b, 500, 3)
+    # Identical seeds: resampling them changes nothing, so the interval is the prompts-only one.
+    same = compose_report.bootstrap_difference(np.stack([a, a, a]), np.stack([b, b, b]), 500, 3)
+    assert same["ci95"] == one["ci95"] and same["mean"] == one["mean"] and same["seeds"] == 3
+    # Seeds that disagree (one far better): wider than the interval over the seed-averaged prompts.
+    better = np.stack([a, a, np.ones_like(a)])
+    avg = compose_report.bootstrap_difference(better.mean(0), b, 500, 3)
+    both = compose_report.bootstrap_difference(better, np.stack([b, b, b]), 500, 3)
+    assert both["mean"] == pytest.approx(avg["mean"])
+    assert both["ci95"][1] - both["ci95"][0] > 1.5 * (avg["ci95"][1] - avg["ci95"][0])
+    # A hand case: 2 seeds x 1 prompt, differences 0 and 1: every draw's mean is 0, 0.5 or 1.
+    hand = compose_report.bootstrap_difference(np.array([[1.0], [2.0]]), np.zeros((2, 1)), 2000, 0)
+    assert hand["mean"] == 1.5 and hand["ci95"] == [1.0, 2.0]

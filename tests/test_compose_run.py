@@ -107,13 +107,22 @@ def test_aggregate_over_seeds(smoke, tmp_path):
     cfg = ml_collections.ConfigDict(config)
     out = compose_report.aggregate(cfg, [results, other], [str(workdir), str(workdir)])
     rows = {r["method"]: r for r in out["rows"]}
-    base = {r["method"]: r for r in results["rows"]}["turbo"]["all_correct"]
-    assert rows["turbo"]["all_correct_per_seed"] == [base, min(1.0, base + 0.5)]
-    assert rows["turbo"]["all_correct_std"] == pytest.approx(np.std([base, min(1.0, base + 0.5)], ddof=1))
+    base = {r["method"]: r for r in results["rows"]}
+    turbo = base["turbo"]["all_correct"]
+    assert rows["turbo"]["all_correct_per_seed"] == [turbo, min(1.0, turbo + 0.5)]
+    assert rows["turbo"]["all_correct_std"] == pytest.approx(np.std([turbo, min(1.0, turbo + 0.5)], ddof=1))
     assert out["seeds"] == [0, 1]
     md = compose_report.markdown({**out, "total_seconds": 1.0})
     assert "±" in md and "training seeds 0, 1" in md
     assert "Blind digit drawn" not in md
+    # Every difference carries its interval over seeds and prompts (the same per-prompt files
+    # twice here, so the seeds agree and it is the prompts-only interval), and every trained
+    # row its neighbour sensitivity per seed.
+    for name, d in out["differences"].items():
+        assert d["seeds"] == 2 and d["ci95_seeds_and_prompts"] == d["ci95"], name
+    assert "over seeds and prompts" in md and "Neighbour sensitivity" in md
+    assert rows["imageragturbo"]["neighbour_sensitivity_per_seed"] == [base["imageragturbo"]["neighbour_sensitivity"]] * 2
+    assert "imageragturbo_minus_no_adapter_arm" in out["differences"]
     # A run with blind digits: their rate is averaged over seeds and gets its column.
     mine = json.loads(json.dumps(results))
     for res, rate in ((mine, 0.25), (other, 0.75)):

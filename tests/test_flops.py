@@ -168,6 +168,12 @@ def test_train_step_phases_and_remat_policies():
                                                "teacher_encoder_fake_forward"))
     assert by["full"].per_example == by["full"].total / 8
     assert "total" in by["full"].table()
+    # The 'no_adapter' arm (adapter None): neither the retrieved branch nor the adapter, the rest alike.
+    alone = flops.train_step_flops(unet, unet, None, DiscriminatorHeads(), remat="none", **kw).phases
+    gone = ("retrieved_branch", "adapter_forward", "adapter_backward")
+    assert all(alone[n] == 0 for n in gone) and all(step.phases[n] > 0 for n in gone)
+    assert {n: v for n, v in alone.items() if n not in gone} == \
+        {n: v for n, v in step.phases.items() if n not in gone}
 
 
 def test_peaks_and_mfu():

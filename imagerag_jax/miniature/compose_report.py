@@ -85,13 +85,27 @@ def _precision(retr_comps: np.ndarray, comps: np.ndarray, classes: np.ndarray) -
 
 
 def bootstrap_difference(a: np.ndarray, b: np.ndarray, resamples: int, seed: int) -> dict[str, float]:
-    """Mean of a - b over prompts and its 95% percentile bootstrap interval (prompts resampled)."""
+    """Mean of a - b and its 95% percentile bootstrap interval.
+
+    a, b: per prompt (P,), the prompts resampled; or per training seed and prompt (S, P), the
+    seeds and the prompts resampled together (each draw: S seeds with replacement, P prompts with
+    replacement, the mean over both), so that the interval includes seed-to-seed variation. The
+    prompts' draws are the same either way: S identical rows give the (P,) interval.
+    """
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    idx = np.random.default_rng([seed, 2024]).integers(0, len(d), (int(resamples), len(d)))
-    means = d[idx].mean(axis=1)
+    n = d.shape[-1]
+    idx = np.random.default_rng([seed, 2024]).integers(0, n, (int(resamples), n))
+    if d.ndim == 1:
+        means = d[idx].mean(axis=1)
+    else:
+        seeds = np.random.default_rng([seed, 2025]).integers(0, len(d), (int(resamples), len(d)))
+        means = np.array([d[s][:, i].mean() for s, i in zip(seeds, idx)])
     lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"mean": float(d.mean()), "ci95": [float(lo), float(hi)], "resamples": int(resamples),
-            "prompts": int(len(d))}
+    out = {"mean": float(d.mean()), "ci95": [float(lo), float(hi)], "resamples": int(resamples),
+           "prompts": int(n)}
+    if d.ndim == 2:
+        out["seeds"] = int(len(d))
+    return out
 
 
 def evaluate_seed(config: ml_collections.ConfigDict, workdir: str, towers: Any, trained: Mapping[str, Any],
@@ -325,6 +339,13 @@ def aggregate(config: ml_collections.ConfigDict, per_seed: Sequence[Mapping[str,
     mean_over = lambda m: np.mean([p[f"all_correct_{m}"] for p in per_prompt], axis=0)
     boot, seed = int(config.eval["bootstrap"]), int(config.seed)
     lam = [res["retrieval"]["lambda"]["mean"] for res in per_seed]
+    # ci95: prompts resampled, each prompt's rate averaged over the seeds; ci95_seeds_and_prompts:
+    # seeds and prompts resampled together (bootstrap_difference on the seeds x prompts table).
+    names = [r["method"] for r in rows if r["method"] in METHODS]
+    differences = _differences({m: mean_over(m) for m in names}, boot, seed)
+    both = _differences({m: np.stack([p[f"all_correct_{m}"] for p in per_prompt]) for m in names}, boot, seed)
+    for name, d in differences.items():
+        d["ci95_seeds_and_prompts"], d["seeds"] = both[name]["ci95"], both[name]["seeds"]
     return {
         "miniature": "compose",
         "machine": first["machine"],
@@ -332,8 +353,7 @@ def aggregate(config: ml_collections.ConfigDict, per_seed: Sequence[Mapping[str,
         "num_prompts": first["num_prompts"],
         "prompts_per_class": first["prompts_per_class"],
         "rows": rows,
-        "differences": _differences({r["method"]: mean_over(r["method"]) for r in rows
-                                     if r["method"] in METHODS}, boot, seed),
+        "differences": differences,
         "retrieval": {"k": first["retrieval"]["k"],
                       "precision": {c: _mean_or_none([res["retrieval"]["precision"][c] for res in per_seed])
                                     for c in first["retrieval"]["precision"]},
@@ -402,7 +422,10 @@ def markdown(results: Mapping[str, Any]) -> str:
                  f"{r['latency_ms']:.1f}" if "latency_ms" in r else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     d, rt = results["differences"], results["retrieval"]
-    fmt = lambda x: f"{x['mean']:+.3f} (95% CI {x['ci95'][0]:+.3f} to {x['ci95'][1]:+.3f})"
+    fmt = lambda x: (f"{x['mean']:+.3f} (95% CI {x['ci95'][0]:+.3f} to {x['ci95'][1]:+.3f}"
+                     + (f"; over seeds and prompts {x['ci95_seeds_and_prompts'][0]:+.3f} to "
+                        f"{x['ci95_seeds_and_prompts'][1]:+.3f}" if "ci95_seeds_and_prompts" in x else "")
+                     + ")")
     lam = rt["lambda"]
     lines += [
         "",

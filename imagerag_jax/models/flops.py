@@ -583,7 +583,8 @@ def train_step_flops(student: Any, teacher: Any, adapter_module: Any, heads: Any
 
     Args:
         student, teacher: the student and teacher `UNet`s (`StepSetup.student` / `.teacher`).
-        adapter_module: the `HSpaceAdapter`; heads: the `DiscriminatorHeads`.
+        adapter_module: the `HSpaceAdapter` (None: the 'no_adapter' training arm, which runs
+            neither the adapter nor the retrieved branch); heads: the `DiscriminatorHeads`.
         latent_shape: (h, w, C) of a latent; context_len: text tokens; pooled_dim: the pooled
             text embedding's width; k: retrieved neighbours per example.
         batch: examples per step on a device (the micro-batch under gradient accumulation).
@@ -607,7 +608,7 @@ def train_step_flops(student: Any, teacher: Any, adapter_module: Any, heads: Any
     ctx = int(context_len)
     phases: dict[str, int] = {}
     phases["student_encoder"] = unet_encoder(student, b, hw, ctx).forward
-    phases["retrieved_branch"] = unet_encoder(student, b * k, hw, ctx).forward
+    phases["retrieved_branch"] = unet_encoder(student, b * k, hw, ctx).forward if adapter_module is not None else 0
 
     # Generator: LoRA-merged decoder from the edited H-space (constant h, skips, temb, context).
     lora_fn = lora_trained(lora_pattern)
@@ -615,8 +616,9 @@ def train_step_flops(student: Any, teacher: Any, adapter_module: Any, heads: Any
     merge = lora_merge(((op.path, op.kernel) for op in dec.ops
                         if op.kind in ("conv", "dense") and lora_fn(op.path)), lora_rank)
     hh, ww = unet_hspace_hw(student, hw)
-    ad = adapter(adapter_module, b, (hh, ww, int(student.block_out_channels[-1])), k,
-                 Tally(trained=lambda p: True, input_grad=False))
+    ad = Tally() if adapter_module is None else adapter(
+        adapter_module, b, (hh, ww, int(student.block_out_channels[-1])), k,
+        Tally(trained=lambda p: True, input_grad=False))
     # The decoder's input is the adapter's edit: it varies (dec was walked with input_grad=True).
     stages = unet_encoder_stage_shapes(teacher, hw)
     t_fake = unet_encoder(teacher, b, hw, ctx, Tally(input_grad=True))
@@ -650,7 +652,7 @@ def train_step_flops(student: Any, teacher: Any, adapter_module: Any, heads: Any
 
 
 def train_step_flops_from_setup(setup: Any, shapes: Any, *, batch: int, lora_pattern: str | None,
-                                remat: str, backend: str = "gpu") -> StepFlops:
+                                remat: str, backend: str = "gpu", arm: str = "retrieved") -> StepFlops:
     """`train_step_flops` of a `training.step.StepSetup` and a data schema.
 
     Args:
@@ -659,10 +661,13 @@ def train_step_flops_from_setup(setup: Any, shapes: Any, *, batch: int, lora_pat
         batch: examples per device per (micro-)batch.
         lora_pattern: the LoRA regex the trainer uses (`Trainer.lora_pattern`).
         remat: the remat policy; backend: `jax.default_backend()`.
+        arm: the training arm (`training.step.ARMS`); 'no_adapter' counts no adapter and no
+            retrieved branch.
     """
     # The step uses latent LPIPS only when it is loaded and beta > 0 (training/step.py).
     lp = setup.lpips if setup.lpips is not None and float(setup.beta) > 0 else None
-    return train_step_flops(setup.student, setup.teacher, setup.adapter, setup.heads,
+    return train_step_flops(setup.student, setup.teacher, None if arm == "no_adapter" else setup.adapter,
+                            setup.heads,
                             latent_shape=tuple(shapes.latent_shape), context_len=int(shapes.embed_shape[0]),
                             pooled_dim=int(shapes.pooled_dim), k=int(shapes.k), batch=batch,
                             lora_pattern=lora_pattern, lora_rank=int(setup.lora_rank), lpips=lp,

@@ -294,7 +294,7 @@ class Trainer:
                       // int(self.config.grad_accum_steps))
         return flops_lib.train_step_flops_from_setup(
             self.setup, schema, batch=per_device, lora_pattern=self.lora_pattern,
-            remat="none", backend=jax.default_backend())
+            remat="none", backend=jax.default_backend(), arm=str(self.config.arm))
 
     def sample_fn(self):
         """jit(state, frozen, vae_params, batch) -> (images, scalars): the target, neighbour 0 and

@@ -4,7 +4,8 @@
               with retrieval (rag.RagPipeline): --run W | --export DIR | --weights P --database DB
               --index IDX, [--k --mode --w --neighbours GRID.png]
   evaluate    many prompts -> images, index, FID/CLIP/latency (evaluate.evaluate_prompts):
-              the pipeline flags + --prompts FILE --out DIR [--reference DIR --inception F --clip DIR]
+              the pipeline flags + --prompts FILE --out DIR [--num_prompts N --reference DIR
+              --inception F --clip DIR]; FILE may be MS-COCO's captions_val2017.json
   serve       a local demo page (serve.serve): the pipeline flags + [--host --port]
   build-cache the H-space cache of the pipeline's database (rag.RagPipeline.build_cache)
   build-db    retrieval database + index (data.build_db.build_db): --config C --workdir W
@@ -72,8 +73,11 @@ flags.DEFINE_bool("cache", True, "generate, evaluate, serve: use the H-space cac
 flags.DEFINE_string("neighbours", None, "generate: also write a PNG grid of each image beside its "
                     "retrieved neighbours, with their captions and lambda")
 flags.DEFINE_string("prompts", None, "evaluate: prompt file (.txt lines, .jsonl or .csv with a "
-                    "prompt/caption/text field)")
-flags.DEFINE_string("reference", None, "evaluate: a folder of reference images for FID")
+                    "prompt/caption/text field, or MS-COCO's captions_val2017.json)")
+flags.DEFINE_integer("num_prompts", None, "evaluate: only the first N prompts (of an MS-COCO "
+                     "captions .json: N images drawn with --seed, one caption each)")
+flags.DEFINE_string("reference", None, "evaluate: a folder of reference images for FID (with an "
+                    "MS-COCO captions file: the prompts' own images in it, e.g. val2017/)")
 flags.DEFINE_string("inception", None, "evaluate: a TorchScript Inception feature network for FID "
                     "(a file, or a hub id whose repo holds one)")
 flags.DEFINE_string("clip", None, "evaluate: a CLIP model folder or hub id for the CLIP score")
@@ -209,13 +213,24 @@ def evaluate() -> None:
 
     if FLAGS.prompts is None or not FLAGS["out"].present:
         raise UserError("evaluate needs --prompts FILE and --out DIR (and --run/--export/--weights)")
-    prompts = evaluate.read_prompts(FLAGS.prompts)  # a bad file fails before loading
+    # A bad file fails before loading. MS-COCO captions: one caption per image, and those
+    # images (in --reference) are the FID reference.
+    names = None
+    if FLAGS.prompts.lower().endswith(".json"):
+        coco = evaluate.read_coco_captions(FLAGS.prompts, FLAGS.num_prompts, FLAGS.seed)
+        prompts, names = coco.prompts, coco.file_names
+    else:
+        prompts = evaluate.read_prompts(FLAGS.prompts)
+        if FLAGS.num_prompts is not None:
+            if not 1 <= FLAGS.num_prompts <= len(prompts):
+                raise UserError(f"--num_prompts {FLAGS.num_prompts}: {FLAGS.prompts} has {len(prompts)} prompts")
+            prompts = prompts[:FLAGS.num_prompts]
     sharding.initialize_distributed()  # each host generates its slice of the prompts
     pipe = _rag_pipeline("evaluate")
     summary = evaluate.evaluate_prompts(
         pipe, prompts, FLAGS.out, batch_size=FLAGS.batch if FLAGS["batch"].present else None,
         seed=FLAGS.seed, mode=FLAGS.mode, k=FLAGS.k, w=FLAGS.w, reference=FLAGS.reference,
-        inception=FLAGS.inception, clip=FLAGS.clip)
+        inception=FLAGS.inception, clip=FLAGS.clip, reference_names=names)
     if summary["metrics"] is not None:
         print(open(os.path.join(FLAGS.out, "metrics.md")).read())
     print(f"{FLAGS.out}: {summary['generated']} generated, {summary['skipped']} already done, "
@@ -245,8 +260,8 @@ _JOB_FLAGS = frozenset({"config", "workdir"})
 ACCEPTED_FLAGS = {
     "generate": _PIPELINE_FLAGS | {"prompt", "negative_prompt", "steps", "guidance", "sampler", "seed",
                                    "batch", "height", "width", "out", "dtype", "mode", "neighbours"},
-    "evaluate": _PIPELINE_FLAGS | {"prompts", "out", "batch", "seed", "mode", "reference", "inception",
-                                   "clip", "dtype"},
+    "evaluate": _PIPELINE_FLAGS | {"prompts", "num_prompts", "out", "batch", "seed", "mode", "reference",
+                                   "inception", "clip", "dtype"},
     "serve": _PIPELINE_FLAGS | {"host", "port", "dtype"},
     "build-cache": _PIPELINE_FLAGS,
     "build-db": _JOB_FLAGS,

@@ -1,5 +1,6 @@
 """Shared test helpers: layout conversion, the fp32 parity tolerance (docs/design.md, "Numerics"),
-and the compositional miniature's smoke run (the session fixture `compose_smoke`)."""
+the compositional miniature's smoke run (the session fixture `compose_smoke`) and an MS-COCO
+captions file in its real layout."""
 
 from __future__ import annotations
 
@@ -109,3 +110,30 @@ def cli_in_process(capfd, *args: str, cwd: str) -> CliResult:
         os.chdir(old)
     out, err = capfd.readouterr()
     return CliResult(code, out, err)
+
+
+def write_coco_captions(path, images: dict[int, tuple[str, list[str]]]) -> None:
+    """A captions_*.json in MS-COCO's layout: info, licenses, images, annotations."""
+    anns, n = [], 0
+    for image_id, (_, caps) in images.items():
+        for c in caps:
+            n += 1
+            anns.append({"image_id": image_id, "id": 1000 + n, "caption": c})
+    data = {"info": {"description": "COCO 2017 Dataset", "version": "1.0", "year": 2017},
+            "licenses": [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1,
+                          "name": "Attribution-NonCommercial-ShareAlike License"}],
+            "images": [{"license": 1, "file_name": f, "coco_url": f"http://images.cocodataset.org/val2017/{f}",
+                        "height": 480, "width": 640, "date_captured": "2013-11-14 17:02:52",
+                        "flickr_url": "", "id": i} for i, (f, _) in images.items()],
+            "annotations": anns}
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+COCO = {139: ("000000000139.jpg", ["A woman stands in the dining area at the table.",
+                                   "A room with chairs, a table, and a woman in it. "]),
+        285: ("000000000285.jpg", ["A big brown bear standing in a field."]),
+        632: ("000000000632.jpg", ["Bedroom scene with a bookcase, blue comforter and window.",
+                                   "A bedroom with a bookshelf full of books."]),
+        724: ("000000000724.jpg", ["A stop sign is mounted upside-down on its post."]),
+        776: ("000000000776.jpg", ["Three teddy bears, each a different color, snuggling together."])}

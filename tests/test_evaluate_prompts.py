@@ -34,6 +34,7 @@ from imagerag_jax.models import adapter as adapter_lib  # noqa: E402
 from imagerag_jax.models.clip_text import Tokenizer  # noqa: E402
 from imagerag_jax.weights import random_pipeline  # noqa: E402
 from tests import rag_fixtures  # noqa: E402
+from tests.helpers import COCO, write_coco_captions  # noqa: E402
 from tests.test_evaluate import _scripted_features, _tiny_clip  # noqa: E402
 
 PROMPTS = ["a red square on white", "a photo of a cat", "a blue circle", "digit seven, handwritten"]
@@ -366,3 +367,61 @@ def test_mode_none_records_no_neighbours(full, pipe, tmp_path):
     # Same noise as the adapter run's first two images, no retrieved branch: other pixels.
     plain = np.stack([read_image(os.path.join(out, ep.image_file(i))) for i in range(2)])
     assert np.abs(plain.astype(int) - images_of(full[0])[:2]).max() > 1
+
+
+# --------------------------------------------------------------------------- MS-COCO captions
+
+
+def test_coco_captions_one_caption_per_image_seeded_and_nested(tmp_path):
+    path = tmp_path / "captions_val2017.json"
+    write_coco_captions(path, COCO)
+    got = ep.read_coco_captions(str(path))
+    assert sorted(got.image_ids) == sorted(COCO) and len(got.prompts) == 5
+    for prompt, image_id, name in zip(got.prompts, got.image_ids, got.file_names):
+        assert name == COCO[image_id][0] and prompt in [c.strip() for c in COCO[image_id][1]]
+    assert ep.read_coco_captions(str(path)) == got  # the seed fixes the draw
+    few = ep.read_coco_captions(str(path), num_prompts=2)
+    assert few.prompts == got.prompts[:2] and few.file_names == got.file_names[:2]
+    draws = {tuple(ep.read_coco_captions(str(path), seed=s).image_ids) for s in range(6)}
+    assert len(draws) > 1  # the order depends on the seed
+    assert ep.read_prompts(str(path)) == got.prompts
+    with pytest.raises(UserError, match="--num_prompts 6: .* has 5 captioned images"):
+        ep.read_coco_captions(str(path), num_prompts=6)
+    (tmp_path / "bad.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(UserError, match="not an MS-COCO captions file"):
+        ep.read_coco_captions(str(tmp_path / "bad.json"))
+    (tmp_path / "nocap.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}],
+                                                     "annotations": [{"image_id": 1}]}))
+    with pytest.raises(UserError, match="annotation 0 has no image_id and caption"):
+        ep.read_coco_captions(str(tmp_path / "nocap.json"))
+
+
+def test_coco_prompts_use_their_own_images_as_the_fid_reference(pipe, nets, tmp_path):
+    from PIL import Image
+
+    h, w = pipe.image_size
+    ref = tmp_path / "val2017"
+    ref.mkdir()
+    rng = np.random.default_rng(4)
+    for _, (name, _) in COCO.items():  # JPEGs as in val2017/, a different size from the output
+        Image.fromarray(rng.integers(0, 256, (h + 4, w + 4, 3), dtype=np.uint8)).save(ref / name, quality=95)
+    path = tmp_path / "captions_val2017.json"
+    write_coco_captions(path, COCO)
+    coco = ep.read_coco_captions(str(path), num_prompts=4, seed=SEED)
+    out = str(tmp_path / "eval")
+    summary = ep.evaluate_prompts(pipe, coco.prompts, out, batch_size=BATCH, seed=SEED,
+                                  reference=str(ref), inception=nets["inception"],
+                                  reference_names=coco.file_names, process_index=0, process_count=1)
+    m = summary["metrics"]
+    assert m["fid_reference_count"] == 4  # the 4 prompts' images, not the folder's 5
+    feat = metrics.InceptionFeatures(nets["inception"])
+    ref_feats = metrics.batched_features(feat, np.stack([
+        ep.load_reference_image(os.path.join(str(ref), n), (h, w)) for n in coco.file_names]))
+    gen = metrics.batched_features(feat, np.stack([read_image(os.path.join(out, ep.image_file(i)))
+                                                   for i in range(4)]))
+    assert m["fid"] == pytest.approx(metrics.frechet_distance(ref_feats, gen), rel=1e-6)
+    os.remove(ref / coco.file_names[1])
+    with pytest.raises(UserError, match="1 of the prompts' 4 reference images are missing"):
+        ep.evaluate_prompts(pipe, coco.prompts, str(tmp_path / "eval2"), batch_size=BATCH, seed=SEED,
+                            reference=str(ref), inception=nets["inception"],
+                            reference_names=coco.file_names, process_index=0, process_count=1)

@@ -107,3 +107,17 @@ def test_evaluate_from_the_cli(made, tmp_path, capfd):
                                    f"--out={out}", cwd=str(tmp_path)))
     assert "empty.txt" in line
     assert len((out / "index.jsonl").read_text().splitlines()) == 3
+    # MS-COCO's captions file: --num_prompts images drawn with --seed, one caption each.
+    from imagerag_jax.evaluation import evaluate as ep
+
+    coco = tmp_path / "captions_val2017.json"
+    helpers.write_coco_captions(coco, helpers.COCO)
+    line = one_error_line(run_here(capfd, "evaluate", f"--run={made['workdir']}", f"--prompts={coco}",
+                                   "--num_prompts=6", f"--out={tmp_path / 'coco'}", cwd=str(tmp_path)))
+    assert "--num_prompts 6" in line and "5 captioned images" in line and not (tmp_path / "coco").exists()
+    res = run_here(capfd, "evaluate", f"--run={made['workdir']}", f"--database={made['db']}",
+                   f"--index={made['index']}", f"--prompts={coco}", "--num_prompts=2", "--seed=1",
+                   f"--out={tmp_path / 'coco'}", cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "coco" / "index.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ep.read_coco_captions(str(coco), 2, seed=1).prompts

@@ -38,7 +38,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -100,11 +100,61 @@ def _read_csv(path: str, text: str) -> list[str]:
     return prompts
 
 
+class CocoPrompts(NamedTuple):
+    """The prompts drawn from an MS-COCO captions file and the image file of each."""
+
+    prompts: list[str]
+    file_names: list[str]
+    image_ids: list[int]
+
+
+def read_coco_captions(path: str, num_prompts: int | None = None, seed: int = 0) -> CocoPrompts:
+    """The paper's MS-COCO prompt set from a captions annotation file (``captions_val2017.json``).
+
+    One caption per image (drawn per image with ``seed``), the images in a ``seed``-fixed random
+    order, the first ``num_prompts`` of them (all by default: the 5,000 of val2017 are the
+    paper's "MS-COCO 5k"); a smaller set is a prefix of a larger one. Each prompt's image (its
+    ``file_name``) is the FID reference image for it.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read the COCO captions file ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list) \
+            or not isinstance(data.get("images"), list):
+        raise UserError(f"{path}: not an MS-COCO captions file (expected 'images' and 'annotations' lists)")
+    captions: dict[int, list[str]] = {}
+    for n, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
+            raise UserError(f"{path}: annotation {n} has no image_id and caption")
+        captions.setdefault(int(ann["image_id"]), []).append(
+            _check_prompt(ann["caption"], f"{path}: annotation {n}").strip())
+    files = {}
+    for n, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+            raise UserError(f"{path}: image {n} has no id and file_name")
+        files[int(im["id"])] = str(im["file_name"])
+    ids = sorted(i for i in files if i in captions)
+    if not ids:
+        raise UserError(f"{path}: no image has a caption")
+    if num_prompts is not None and not 1 <= num_prompts <= len(ids):
+        raise UserError(f"--num_prompts {num_prompts}: {path} has {len(ids)} captioned images")
+    rng = np.random.default_rng([seed, 5000])
+    pick = {i: int(rng.integers(len(captions[i]))) for i in ids}  # one caption per image
+    order = [ids[j] for j in rng.permutation(len(ids))][:num_prompts]
+    return CocoPrompts([captions[i][pick[i]] for i in order], [files[i] for i in order], order)
+
+
 def read_prompts(path: str) -> list[str]:
-    """Prompts from .txt (one a line, blank lines skipped), .jsonl or .csv (prompt/caption/text)."""
+    """Prompts from .txt (one a line, blank lines skipped), .jsonl or .csv (prompt/caption/text),
+    or an MS-COCO captions .json (``read_coco_captions``: one caption per image, all images)."""
     ext = os.path.splitext(path)[1].lower()
+    if ext == ".json":
+        return read_coco_captions(path).prompts
     if ext not in (".txt", ".jsonl", ".csv"):
-        raise UserError(f"{path}: unknown prompt file type {ext!r} (use .txt, .jsonl or .csv)")
+        raise UserError(f"{path}: unknown prompt file type {ext!r} (use .txt, .jsonl, .csv or an "
+                        "MS-COCO captions .json)")
     try:
         with open(path, encoding="utf-8", newline="") as f:
             text = f.read()
@@ -250,7 +300,7 @@ class _Metrics:
     """The feature networks of the finalizing process, loaded (and the reference read) up front."""
 
     def __init__(self, reference: str | None, inception: str | None, clip: str | None,
-                 image_size: Sequence[int]):
+                 image_size: Sequence[int], reference_names: Sequence[str] | None = None):
         self.notes: list[str] = []
         # Hub ids become local paths here, once; the metrics record them as hub.label gives them.
         inception = None if inception is None else hub.torchscript_file(inception).path
@@ -260,7 +310,7 @@ class _Metrics:
         if reference is not None and inception is not None:
             self.features = _load(lambda: metrics_lib.InceptionFeatures(inception), inception,
                                   "an Inception TorchScript file")
-            self.ref_feats = reference_features(self.features, reference, image_size)
+            self.ref_feats = reference_features(self.features, reference, image_size, reference_names)
         else:
             if reference is None and inception is None:
                 note, log = "FID omitted: no reference images and Inception network given", logging.info
@@ -312,8 +362,16 @@ def _load(make: Any, path: str, what: str) -> Any:
                         ) from e
 
 
-def reference_images(folder: str) -> list[str]:
-    """The PNG/JPEG files in a folder, sorted; UserError when there are none."""
+def reference_images(folder: str, names: Sequence[str] | None = None) -> list[str]:
+    """The PNG/JPEG files in a folder, sorted, or the files `names` in it (in that order, each
+    checked); UserError when there are none or one named is missing."""
+    if names is not None:
+        files = [os.path.join(folder, n) for n in names]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise UserError(f"{folder}: {len(missing)} of the prompts' {len(files)} reference images "
+                            f"are missing, e.g. {os.path.basename(missing[0])}")
+        return files
     if not os.path.isdir(folder):
         raise UserError(f"{folder}: the reference image folder does not exist")
     files = sorted(os.path.join(folder, n) for n in os.listdir(folder)
@@ -344,9 +402,11 @@ def load_reference_image(path: str, size: Sequence[int]) -> np.ndarray:
     return np.asarray(im)
 
 
-def reference_features(feature_fn: Any, folder: str, size: Sequence[int]) -> np.ndarray:
-    """(N, F) features of every reference image (read in chunks; a bad file is a UserError)."""
-    files = reference_images(folder)
+def reference_features(feature_fn: Any, folder: str, size: Sequence[int],
+                       names: Sequence[str] | None = None) -> np.ndarray:
+    """(N, F) features of the reference images (`reference_images`; read in chunks; a bad file
+    is a UserError)."""
+    files = reference_images(folder, names)
     return np.concatenate([
         metrics_lib.batched_features(feature_fn, np.stack([load_reference_image(f, size) for f in c]))
         for c in tqdm.tqdm(list(_chunks(files, FEATURE_CHUNK)), desc="reference features",
@@ -416,9 +476,13 @@ def evaluate_prompts(pipe: Any, prompts: Sequence[str], out_dir: str, *,
                      batch_size: int | None = None, seed: int = 0, mode: str | None = None,
                      k: int | None = None, w: float | None = None, reference: str | None = None,
                      inception: str | None = None, clip: str | None = None,
+                     reference_names: Sequence[str] | None = None,
                      process_index: int | None = None,
                      process_count: int | None = None) -> dict[str, Any]:
     """Generates this host's prompts into out_dir (resumable); process 0 then writes the metrics.
+
+    ``reference_names``: the FID reference is these files of ``reference`` (e.g. the images of
+    MS-COCO prompts, ``read_coco_captions``) instead of every image in it.
 
     Returns {"complete", "generated" (images made by this call), "skipped" (this host's images
     already done), "missing" (prompts without a record), "metrics" (None unless written now)}.
@@ -441,7 +505,7 @@ def evaluate_prompts(pipe: Any, prompts: Sequence[str], out_dir: str, *,
     settings = _settings(pipe, prompts, mode, k, w, int(seed), batch_size or default_batch)
     settings = _pin_settings(out_dir, settings, batch_size)
     # The finalizer loads its networks and reads the reference first: a bad file fails fast.
-    metrics = _Metrics(reference, inception, clip, pipe.image_size) if pi == 0 else None
+    metrics = _Metrics(reference, inception, clip, pipe.image_size, reference_names) if pi == 0 else None
 
     os.makedirs(os.path.join(out_dir, IMAGES_DIR), exist_ok=True)
     os.makedirs(os.path.join(out_dir, BATCHES_DIR), exist_ok=True)

@@ -93,7 +93,8 @@ def _job_args(command: str) -> tuple:
 
 
 def _rag_pipeline(command: str):
-    """The RagPipeline of --run, --export or --weights (+ --database/--index)."""
+    """The RagPipeline of --run, --export or --weights (+ --database/--index; without them
+    --weights is the plain one-step pipeline)."""
     from imagerag_jax.inference import rag
     from imagerag_jax.weights import hub
 
@@ -109,9 +110,13 @@ def _rag_pipeline(command: str):
         return rag.RagPipeline.from_run(FLAGS.run, FLAGS.step, **kw)
     if FLAGS.export is not None:
         return rag.RagPipeline.from_export(FLAGS.export, **kw)
-    if FLAGS.weights is None or FLAGS.database is None:
-        raise UserError(f"{command} needs --run W, --export DIR, or --weights P --database DB "
-                             "--index IDX")
+    if FLAGS.weights is None:
+        raise UserError(f"{command} needs --run W, --export DIR, or --weights P [--database DB "
+                        "--index IDX]")
+    # --weights alone: the plain one-step baseline (the paper's SD-Turbo row), no retrieval.
+    if FLAGS.database is None and FLAGS.index is None and FLAGS.mode not in (None, "none"):
+        raise UserError(f"{command} --weights without --database/--index runs plain one-step "
+                        f"generation (--mode none); --mode {FLAGS.mode} needs --database DB --index IDX")
     # A hub id becomes its snapshot folder here, once (the folder names the repo and commit).
     return rag.RagPipeline.from_weights(hub.local_path(FLAGS.weights), tokenizer=FLAGS.tokenizer,
                                         **{**kw, "k": FLAGS.k or 1})

@@ -145,3 +145,23 @@ def test_a_pickle_with_code_is_refused_without_advice_to_run_it(run_cli, pipelin
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and weights in errors[0] and "refuses it" in errors[0]
     assert "weights_only=False" not in res.stderr
+
+
+def test_evaluate_plain_weights_without_a_database(run_cli, pipeline_dir, tmp_path):
+    # The paper's SD-Turbo baseline row: --weights, --mode none, no database, MS-COCO prompts.
+    import json
+
+    from tests import helpers
+
+    coco = tmp_path / "captions_val2017.json"
+    helpers.write_coco_captions(coco, helpers.COCO)
+    res = run_cli("evaluate", f"--weights={pipeline_dir}", "--mode=none", f"--prompts={coco}",
+                  "--num_prompts=3", f"--out={tmp_path / 'eval'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "index.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all((tmp_path / "eval" / r["file"]).is_file() for r in rows)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["count"] == 3
+    res = run_cli("evaluate", f"--weights={pipeline_dir}", "--mode=inject", f"--prompts={coco}",
+                  f"--out={tmp_path / 'eval2'}")
+    assert res.returncode == 2 and res.stderr.count("error:") == 1 and "--mode inject needs --database" in res.stderr
+    assert not (tmp_path / "eval2").exists()

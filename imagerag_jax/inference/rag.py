@@ -276,9 +276,11 @@ class RagPipeline:
                    timestep=int(acfg.get("timestep", meta.get("timestep", 999))), **kwargs)
 
     @classmethod
-    def from_weights(cls, path: str, *, database: Any, index: Any, tokenizer: str | None = None,
-                     k: int = 1, w: float = DEFAULT_INJECTION_WEIGHT, **kwargs: Any) -> RagPipeline:
-        """Any SD 2.x / SD-Turbo weights with a DB and index: training-free direct injection."""
+    def from_weights(cls, path: str, *, database: Any = None, index: Any = None,
+                     tokenizer: str | None = None, k: int = 1, w: float = DEFAULT_INJECTION_WEIGHT,
+                     **kwargs: Any) -> RagPipeline:
+        """Any SD 2.x / SD-Turbo weights: with a DB and index, training-free direct injection;
+        without, the plain one-step pipeline (mode 'none', the paper's SD-Turbo baseline)."""
         from imagerag_jax import weights
 
         pipe = weights.load_pipeline(path, tokenizer_path=tokenizer)

@@ -81,6 +81,9 @@ flags.DEFINE_string("reference", None, "evaluate: a folder of reference images f
 flags.DEFINE_string("inception", None, "evaluate: a TorchScript Inception feature network for FID "
                     "(a file, or a hub id whose repo holds one)")
 flags.DEFINE_string("clip", None, "evaluate: a CLIP model folder or hub id for the CLIP score")
+flags.DEFINE_string("aesthetic", None, "evaluate: LAION's aesthetic predictor "
+                    "(sac+logos+ava1-l14-linearMSE.pth) for the aesthetic score; --clip is its "
+                    "CLIP ViT-L/14")
 flags.DEFINE_string("host", "127.0.0.1", "serve: the address to listen on")
 flags.DEFINE_integer("port", 7860, "serve: the port")
 
@@ -235,7 +238,7 @@ def evaluate() -> None:
     summary = evaluate.evaluate_prompts(
         pipe, prompts, FLAGS.out, batch_size=FLAGS.batch if FLAGS["batch"].present else None,
         seed=FLAGS.seed, mode=FLAGS.mode, k=FLAGS.k, w=FLAGS.w, reference=FLAGS.reference,
-        inception=FLAGS.inception, clip=FLAGS.clip, reference_names=names)
+        inception=FLAGS.inception, clip=FLAGS.clip, aesthetic=FLAGS.aesthetic, reference_names=names)
     if summary["metrics"] is not None:
         print(open(os.path.join(FLAGS.out, "metrics.md")).read())
     print(f"{FLAGS.out}: {summary['generated']} generated, {summary['skipped']} already done, "
@@ -266,7 +269,7 @@ ACCEPTED_FLAGS = {
     "generate": _PIPELINE_FLAGS | {"prompt", "negative_prompt", "steps", "guidance", "sampler", "seed",
                                    "batch", "height", "width", "out", "dtype", "mode", "neighbours"},
     "evaluate": _PIPELINE_FLAGS | {"prompts", "num_prompts", "out", "batch", "seed", "mode", "reference",
-                                   "inception", "clip", "dtype"},
+                                   "inception", "clip", "aesthetic", "dtype"},
     "serve": _PIPELINE_FLAGS | {"host", "port", "dtype"},
     "build-cache": _PIPELINE_FLAGS,
     "build-db": _JOB_FLAGS,

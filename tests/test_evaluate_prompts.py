@@ -425,3 +425,53 @@ def test_coco_prompts_use_their_own_images_as_the_fid_reference(pipe, nets, tmp_
         ep.evaluate_prompts(pipe, coco.prompts, str(tmp_path / "eval2"), batch_size=BATCH, seed=SEED,
                             reference=str(ref), inception=nets["inception"],
                             reference_names=coco.file_names, process_index=0, process_count=1)
+
+
+# --------------------------------------------------------------------------- aesthetic score
+
+
+def laion_predictor(path: str, width: int, seed: int = 0):
+    """LAION's improved-aesthetic-predictor MLP (its layer layout, input `width`), saved as it is
+    distributed: torch.save of the state dict."""
+    torch.manual_seed(seed)
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(width, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+        torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+        torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+    holder = torch.nn.Module()
+    holder.layers = mlp  # the keys are layers.N.weight / layers.N.bias, as in the released file
+    torch.save(holder.state_dict(), path)
+    return mlp.eval()
+
+
+def test_aesthetic_score_is_laions_mlp_on_normalised_clip_embeddings(pipe, nets, full, tmp_path):
+    clip = metrics.CLIPScorer(nets["clip"])
+    width = clip.model.config.projection_dim
+    mlp = laion_predictor(str(tmp_path / "aes.pth"), width)
+    scorer = metrics.AestheticScorer(str(tmp_path / "aes.pth"), clip)
+    out, _ = full
+    imgs = images_of(out)
+    emb = torch.tensor(clip.image_embeds(imgs))
+    with torch.no_grad():
+        ref = mlp(emb / emb.norm(dim=-1, keepdim=True)).numpy()[:, 0]
+    got = scorer.scores(imgs)
+    assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max()) and np.ptp(got) > 0
+    # Through evaluate: the mean over the generated images, in metrics.json.
+    res = ep.evaluate_prompts(pipe, PROMPTS, str(tmp_path / "eval"), batch_size=BATCH, seed=SEED,
+                              clip=nets["clip"], aesthetic=str(tmp_path / "aes.pth"),
+                              process_index=0, process_count=1)
+    np.testing.assert_allclose(res["metrics"]["aesthetic_score"], got.mean(), rtol=1e-6)
+    # Mistakes: one error each, before anything is generated.
+    with pytest.raises(UserError, match="--aesthetic needs --clip"):
+        ep.evaluate_prompts(pipe, PROMPTS, str(tmp_path / "e2"), aesthetic=str(tmp_path / "aes.pth"),
+                            process_index=0, process_count=1)
+    laion_predictor(str(tmp_path / "wide.pth"), width + 1)
+    with pytest.raises(UserError, match=r"wide.pth: cannot load an aesthetic predictor .*embeddings"):
+        ep.evaluate_prompts(pipe, PROMPTS, str(tmp_path / "e3"), clip=nets["clip"],
+                            aesthetic=str(tmp_path / "wide.pth"), process_index=0, process_count=1)
+    torch.save({"w": torch.zeros(2)}, str(tmp_path / "other.pth"))
+    with pytest.raises(UserError, match="not LAION's aesthetic predictor"):
+        ep.evaluate_prompts(pipe, PROMPTS, str(tmp_path / "e4"), clip=nets["clip"],
+                            aesthetic=str(tmp_path / "other.pth"), process_index=0, process_count=1)
+    for e in ("e2", "e3", "e4"):  # at most the pinned settings, no image and no index
+        assert set(os.listdir(tmp_path / e)) <= {"run.json"} if (tmp_path / e).exists() else True, e

@@ -300,7 +300,8 @@ class _Metrics:
     """The feature networks of the finalizing process, loaded (and the reference read) up front."""
 
     def __init__(self, reference: str | None, inception: str | None, clip: str | None,
-                 image_size: Sequence[int], reference_names: Sequence[str] | None = None):
+                 image_size: Sequence[int], reference_names: Sequence[str] | None = None,
+                 aesthetic: str | None = None):
         self.notes: list[str] = []
         # Hub ids become local paths here, once; the metrics record them as hub.label gives them.
         inception = None if inception is None else hub.torchscript_file(inception).path
@@ -325,6 +326,13 @@ class _Metrics:
         else:
             logging.info("CLIP score omitted: no CLIP model folder given")
             self.notes.append("CLIP score omitted: no CLIP model folder given")
+        self.aesthetic = self.aesthetic_path = None
+        if aesthetic is not None:
+            if self.scorer is None:
+                raise UserError("--aesthetic needs --clip: the CLIP ViT-L/14 model its predictor reads")
+            self.aesthetic_path = os.path.abspath(aesthetic)
+            self.aesthetic = _load(lambda: metrics_lib.AestheticScorer(aesthetic, self.scorer), aesthetic,
+                                   "an aesthetic predictor")
 
     def compute(self, out_dir: str, prompts: Sequence[str]) -> dict[str, Any]:
         """FID and CLIP score of the images in out_dir (those whose networks were given)."""
@@ -350,6 +358,10 @@ class _Metrics:
                 for c in _chunks(range(len(files)), FEATURE_CHUNK)])
             out.update(clip_score=float(np.maximum(scores, 0.0).mean()),
                        clip=hub.label(self.clip_path))
+        if self.aesthetic is not None:
+            aes = np.concatenate([self.aesthetic.scores(np.stack([_read_png(f) for f in c]))
+                                  for c in _chunks(files, FEATURE_CHUNK)])
+            out.update(aesthetic_score=float(aes.mean()), aesthetic=self.aesthetic_path)
         return out
 
 
@@ -434,6 +446,8 @@ def _metrics_markdown(m: dict[str, Any]) -> str:
         rows.append((f"FID ({m['fid_reference_count']} reference images)", f"{m['fid']:.4f}"))
     if "clip_score" in m:
         rows.append(("CLIP score", f"{m['clip_score']:.4f}"))
+    if "aesthetic_score" in m:
+        rows.append(("aesthetic score (LAION predictor)", f"{m['aesthetic_score']:.4f}"))
     lines = [f"# Evaluation of {m['count']} prompts", "", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]
     lines += ["", f"Latency: {m['latency_note']}."]
@@ -476,12 +490,13 @@ def evaluate_prompts(pipe: Any, prompts: Sequence[str], out_dir: str, *,
                      batch_size: int | None = None, seed: int = 0, mode: str | None = None,
                      k: int | None = None, w: float | None = None, reference: str | None = None,
                      inception: str | None = None, clip: str | None = None,
-                     reference_names: Sequence[str] | None = None,
+                     aesthetic: str | None = None, reference_names: Sequence[str] | None = None,
                      process_index: int | None = None,
                      process_count: int | None = None) -> dict[str, Any]:
     """Generates this host's prompts into out_dir (resumable); process 0 then writes the metrics.
 
-    ``reference_names``: the FID reference is these files of ``reference`` (e.g. the images of
+    ``aesthetic``: LAION's aesthetic predictor file (``metrics.AestheticScorer``, with ``clip``
+    its CLIP ViT-L/14) for the mean aesthetic score. ``reference_names``: the FID reference is these files of ``reference`` (e.g. the images of
     MS-COCO prompts, ``read_coco_captions``) instead of every image in it.
 
     Returns {"complete", "generated" (images made by this call), "skipped" (this host's images
@@ -505,7 +520,8 @@ def evaluate_prompts(pipe: Any, prompts: Sequence[str], out_dir: str, *,
     settings = _settings(pipe, prompts, mode, k, w, int(seed), batch_size or default_batch)
     settings = _pin_settings(out_dir, settings, batch_size)
     # The finalizer loads its networks and reads the reference first: a bad file fails fast.
-    metrics = _Metrics(reference, inception, clip, pipe.image_size, reference_names) if pi == 0 else None
+    metrics = (_Metrics(reference, inception, clip, pipe.image_size, reference_names, aesthetic)
+               if pi == 0 else None)
 
     os.makedirs(os.path.join(out_dir, IMAGES_DIR), exist_ok=True)
     os.makedirs(os.path.join(out_dir, BATCHES_DIR), exist_ok=True)

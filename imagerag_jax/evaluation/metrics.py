@@ -218,6 +218,53 @@ class CLIPScorer:
         return clip_score(self.image_embeds(arr), self.text_embeds(prompts), clamp=clamp)
 
 
+# LAION's aesthetic predictor (github.com/christophschuhmann/improved-aesthetic-predictor,
+# sac+logos+ava1-l14-linearMSE.pth): an nn.Sequential whose Linear layers sit at these indices
+# (Dropout between them, no activation), on CLIP ViT-L/14's 768-d image embedding, L2-normalised.
+AESTHETIC_LINEAR_LAYERS = (0, 2, 4, 6, 7)
+
+
+class AestheticScorer:
+    """The LAION aesthetic score (the paper's AES) of images: the predictor's affine layers in
+    float64 on a CLIP model's L2-normalised image embeddings.
+
+    Args:
+        predictor: the predictor's state-dict file (``torch.save`` of its MLP, keys
+            ``layers.{0,2,4,6,7}.{weight,bias}``).
+        clip: the `CLIPScorer` of the CLIP model it was trained on (ViT-L/14 for LAION's; the
+            embedding width must match the predictor's input).
+    """
+
+    def __init__(self, predictor: str, clip: "CLIPScorer"):
+        _require_file(predictor, "aesthetic predictor (.pth state dict)")
+        import torch  # pylint: disable=g-import-not-at-top
+
+        try:
+            state = torch.load(predictor, map_location="cpu", weights_only=True)
+        except Exception as e:  # a pickle, zip or truncation error: one message naming the file
+            raise ValueError(f"not a torch state dict ({e})") from e
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        keys = [f"layers.{i}.{p}" for i in AESTHETIC_LINEAR_LAYERS for p in ("weight", "bias")]
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise ValueError(f"not LAION's aesthetic predictor: no {', '.join(missing[:3])}")
+        self.layers = [(state[f"layers.{i}.weight"].double().numpy(), state[f"layers.{i}.bias"].double().numpy())
+                       for i in AESTHETIC_LINEAR_LAYERS]
+        width = clip.model.config.projection_dim
+        if self.layers[0][0].shape[1] != width:
+            raise ValueError(f"the predictor takes {self.layers[0][0].shape[1]}-d embeddings, the "
+                             f"CLIP model gives {width}-d (LAION's takes CLIP ViT-L/14's 768)")
+        self.clip = clip
+
+    def scores(self, images: Any) -> np.ndarray:
+        """Per-image aesthetic score (N,)."""
+        x = self.clip.image_embeds(check_images(images)).astype(np.float64)
+        x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        for w, b in self.layers:
+            x = x @ w.T + b
+        return x[:, 0]
+
+
 class TorchFeatures:
     """Wraps a torch module (N, 3, H, W) -> features as a numpy feature function on NHWC images.
 

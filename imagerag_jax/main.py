@@ -80,7 +80,8 @@ flags.DEFINE_string("reference", None, "evaluate: a folder of reference images f
                     "MS-COCO captions file: the prompts' own images in it, e.g. val2017/)")
 flags.DEFINE_string("inception", None, "evaluate: a TorchScript Inception feature network for FID "
                     "(a file, or a hub id whose repo holds one)")
-flags.DEFINE_string("clip", None, "evaluate: a CLIP model folder or hub id for the CLIP score")
+flags.DEFINE_multi_string("clip", None, "evaluate: a CLIP model folder or hub id for the CLIP "
+                          "score; repeat it for several (e.g. ViT-L/14 and the paper's ViT-bigG-14)")
 flags.DEFINE_string("aesthetic", None, "evaluate: LAION's aesthetic predictor "
                     "(sac+logos+ava1-l14-linearMSE.pth) for the aesthetic score; --clip is its "
                     "CLIP ViT-L/14")

@@ -161,7 +161,8 @@ def test_read_prompts_three_formats(tmp_path):
 @pytest.mark.parametrize("name,text,match", [
     ("empty.txt", "\n  \n", r"empty\.txt: no prompts"),
     ("empty.csv", "prompt\n", r"empty\.csv: no prompts"),
-    ("p.json", '["a"]', r"p\.json: unknown prompt file type"),
+    ("p.json", '["a"]', r"p\.json: not an MS-COCO captions file"),
+    ("p.yaml", "- a\n", r"p\.yaml: unknown prompt file type"),
     ("nocol.csv", "id,title\n1,a\n", r"nocol\.csv: no prompt/caption/text column"),
     ("short.csv", "id,prompt\n1,a\n2\n", r"short\.csv:3: the prompt is a NoneType"),
     ("num.jsonl", '{"prompt": "a"}\n{"prompt": 7}\n', r"num\.jsonl:2: the prompt is a int"),
@@ -456,11 +457,19 @@ def test_aesthetic_score_is_laions_mlp_on_normalised_clip_embeddings(pipe, nets,
         ref = mlp(emb / emb.norm(dim=-1, keepdim=True)).numpy()[:, 0]
     got = scorer.scores(imgs)
     assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max()) and np.ptp(got) > 0
-    # Through evaluate: the mean over the generated images, in metrics.json.
+    # Through evaluate: the mean over the generated images, in metrics.json; two CLIP models (as
+    # ViT-L/14 and ViT-bigG-14 would be) each give their score.
+    second = str(tmp_path / "clip_copy")
+    shutil.copytree(nets["clip"], second)
     res = ep.evaluate_prompts(pipe, PROMPTS, str(tmp_path / "eval"), batch_size=BATCH, seed=SEED,
-                              clip=nets["clip"], aesthetic=str(tmp_path / "aes.pth"),
+                              clip=[nets["clip"], second], aesthetic=str(tmp_path / "aes.pth"),
                               process_index=0, process_count=1)
-    np.testing.assert_allclose(res["metrics"]["aesthetic_score"], got.mean(), rtol=1e-6)
+    m = res["metrics"]
+    np.testing.assert_allclose(m["aesthetic_score"], got.mean(), rtol=1e-6)
+    assert len(m["clip_scores"]) == 2 and m["clip_score"] == list(m["clip_scores"].values())[0]
+    np.testing.assert_allclose(m["clip_score"], clip.score(imgs, PROMPTS), rtol=1e-5)
+    md = (tmp_path / "eval" / "metrics.md").read_text()
+    assert "CLIP score (clip_copy)" in md and "aesthetic score" in md
     # Mistakes: one error each, before anything is generated.
     with pytest.raises(UserError, match="--aesthetic needs --clip"):
         ep.evaluate_prompts(pipe, PROMPTS, str(tmp_path / "e2"), aesthetic=str(tmp_path / "aes.pth"),

@@ -299,15 +299,16 @@ def _run_batch(pipe: Any, out_dir: str, prompts: Sequence[str], indices: Sequenc
 class _Metrics:
     """The feature networks of the finalizing process, loaded (and the reference read) up front."""
 
-    def __init__(self, reference: str | None, inception: str | None, clip: str | None,
+    def __init__(self, reference: str | None, inception: str | None, clip: str | Sequence[str] | None,
                  image_size: Sequence[int], reference_names: Sequence[str] | None = None,
                  aesthetic: str | None = None):
         self.notes: list[str] = []
         # Hub ids become local paths here, once; the metrics record them as hub.label gives them.
         inception = None if inception is None else hub.torchscript_file(inception).path
-        clip = None if clip is None else hub.local_path(clip, ("clip",))
-        self.inception_path, self.reference, self.clip_path = inception, reference, clip
-        self.features = self.ref_feats = self.scorer = None
+        clips = [] if clip is None else [clip] if isinstance(clip, str) else list(clip)
+        self.clip_paths = [hub.local_path(c, ("clip",)) for c in clips]
+        self.inception_path, self.reference = inception, reference
+        self.features = self.ref_feats = None
         if reference is not None and inception is not None:
             self.features = _load(lambda: metrics_lib.InceptionFeatures(inception), inception,
                                   "an Inception TorchScript file")
@@ -321,18 +322,26 @@ class _Metrics:
                 note, log = f"FID omitted: {have} given without {lack}", logging.warning
             log("%s", note)
             self.notes.append(note)
-        if clip is not None:
-            self.scorer = _load(lambda: metrics_lib.CLIPScorer(clip), clip, "a CLIP model folder")
-        else:
+        self.scorers = [_load(lambda c=c: metrics_lib.CLIPScorer(c), c, "a CLIP model folder")
+                        for c in self.clip_paths]
+        if not self.scorers:
             logging.info("CLIP score omitted: no CLIP model folder given")
             self.notes.append("CLIP score omitted: no CLIP model folder given")
         self.aesthetic = self.aesthetic_path = None
         if aesthetic is not None:
-            if self.scorer is None:
+            if not self.scorers:
                 raise UserError("--aesthetic needs --clip: the CLIP ViT-L/14 model its predictor reads")
             self.aesthetic_path = os.path.abspath(aesthetic)
-            self.aesthetic = _load(lambda: metrics_lib.AestheticScorer(aesthetic, self.scorer), aesthetic,
-                                   "an aesthetic predictor")
+            # The first CLIP model whose embedding width is the predictor's input (ViT-L/14: 768).
+            fits = lambda sc: _load(lambda: metrics_lib.AestheticScorer(aesthetic, sc), aesthetic,
+                                    "an aesthetic predictor")
+            for i, sc in enumerate(self.scorers):
+                try:
+                    self.aesthetic = fits(sc)
+                    break
+                except UserError:
+                    if i == len(self.scorers) - 1:
+                        raise
 
     def compute(self, out_dir: str, prompts: Sequence[str]) -> dict[str, Any]:
         """FID and CLIP score of the images in out_dir (those whose networks were given)."""
@@ -351,13 +360,14 @@ class _Metrics:
                            fid_reference=os.path.abspath(self.reference),
                            fid_reference_count=len(self.ref_feats),
                            inception=hub.label(self.inception_path))
-        if self.scorer is not None:
+        for j, (scorer, path) in enumerate(zip(self.scorers, self.clip_paths)):
             scores = np.concatenate([
-                self.scorer.scores(np.stack([_read_png(files[i]) for i in c]),
-                                   [prompts[i] for i in c])
+                scorer.scores(np.stack([_read_png(files[i]) for i in c]), [prompts[i] for i in c])
                 for c in _chunks(range(len(files)), FEATURE_CHUNK)])
-            out.update(clip_score=float(np.maximum(scores, 0.0).mean()),
-                       clip=hub.label(self.clip_path))
+            score = float(np.maximum(scores, 0.0).mean())
+            if j == 0:  # the first model's is `clip_score`; every model's is in `clip_scores`
+                out.update(clip_score=score, clip=hub.label(path), clip_scores={})
+            out["clip_scores"][hub.label(path)] = score
         if self.aesthetic is not None:
             aes = np.concatenate([self.aesthetic.scores(np.stack([_read_png(f) for f in c]))
                                   for c in _chunks(files, FEATURE_CHUNK)])
@@ -444,8 +454,8 @@ def _metrics_markdown(m: dict[str, Any]) -> str:
         rows.append(("mean λ", f"{m['lambda_mean']:.4g}"))
     if "fid" in m:
         rows.append((f"FID ({m['fid_reference_count']} reference images)", f"{m['fid']:.4f}"))
-    if "clip_score" in m:
-        rows.append(("CLIP score", f"{m['clip_score']:.4f}"))
+    for label, score in m.get("clip_scores", {}).items():
+        rows.append((f"CLIP score ({os.path.basename(label.rstrip('/'))})", f"{score:.4f}"))
     if "aesthetic_score" in m:
         rows.append(("aesthetic score (LAION predictor)", f"{m['aesthetic_score']:.4f}"))
     lines = [f"# Evaluation of {m['count']} prompts", "", "| metric | value |", "|---|---|"]
@@ -489,14 +499,17 @@ def _finalize(out_dir: str, prompts: Sequence[str], settings: dict[str, Any],
 def evaluate_prompts(pipe: Any, prompts: Sequence[str], out_dir: str, *,
                      batch_size: int | None = None, seed: int = 0, mode: str | None = None,
                      k: int | None = None, w: float | None = None, reference: str | None = None,
-                     inception: str | None = None, clip: str | None = None,
+                     inception: str | None = None, clip: str | Sequence[str] | None = None,
                      aesthetic: str | None = None, reference_names: Sequence[str] | None = None,
                      process_index: int | None = None,
                      process_count: int | None = None) -> dict[str, Any]:
     """Generates this host's prompts into out_dir (resumable); process 0 then writes the metrics.
 
-    ``aesthetic``: LAION's aesthetic predictor file (``metrics.AestheticScorer``, with ``clip``
-    its CLIP ViT-L/14) for the mean aesthetic score. ``reference_names``: the FID reference is these files of ``reference`` (e.g. the images of
+    ``clip``: one CLIP model or several (e.g. ViT-L/14 and the paper's OpenCLIP ViT-bigG-14 in
+    transformers' format, laion/CLIP-ViT-bigG-14-laion2B-39B-b160k), each scored into
+    ``clip_scores`` (the first also as ``clip_score``). ``aesthetic``: LAION's aesthetic
+    predictor file (``metrics.AestheticScorer``) on the first ``clip`` model of its input width
+    (ViT-L/14) for the mean aesthetic score. ``reference_names``: the FID reference is these files of ``reference`` (e.g. the images of
     MS-COCO prompts, ``read_coco_captions``) instead of every image in it.
 
     Returns {"complete", "generated" (images made by this call), "skipped" (this host's images

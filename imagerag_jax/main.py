@@ -41,8 +41,10 @@ flags.DEFINE_string("weights", None, "generate: diffusers pipeline folder, singl
                     "pipeline (images are noise)")
 flags.DEFINE_multi_string("prompt", ["a photograph of an astronaut riding a horse"], "generate: prompt(s)")
 flags.DEFINE_string("negative_prompt", "", "generate: the unconditional prompt of CFG")
-flags.DEFINE_integer("steps", 1, "generate: denoising steps (1 = SD-Turbo one step at t=999)")
-flags.DEFINE_float("guidance", 0.0, "generate: classifier-free guidance scale (<= 1 disables CFG)")
+flags.DEFINE_integer("steps", 1, "generate, evaluate (--weights alone): denoising steps (1 = "
+                     "SD-Turbo one step at t=999)")
+flags.DEFINE_float("guidance", 0.0, "generate, evaluate (--weights alone): classifier-free guidance "
+                   "scale (<= 1 disables CFG)")
 flags.DEFINE_enum("sampler", "euler", ["euler", "ddim"], "generate: multi-step sampler")
 flags.DEFINE_integer("seed", 0, "generate: noise seed")
 flags.DEFINE_integer("batch", 1, "generate: images to generate (prompts are cycled)")
@@ -110,6 +112,12 @@ def _rag_pipeline(command: str):
         kw["dtype"] = FLAGS.dtype
     if FLAGS.w is not None:
         kw["w"] = FLAGS.w
+    sampled = [n for n in ("steps", "guidance", "sampler") if FLAGS[n].present]
+    if sampled:  # the plain baselines (e.g. the SD 2.1 teacher: --steps 50 --guidance 7.5)
+        if FLAGS.weights is None or FLAGS.database is not None or FLAGS.index is not None:
+            raise UserError(f"{command}: --{', --'.join(sampled)} need --weights without --database "
+                            "(plain multi-step sampling; the retrieval modes are one step)")
+        kw.update(steps=FLAGS.steps, guidance=FLAGS.guidance, sampler=FLAGS.sampler)
     if FLAGS.run is not None:
         return rag.RagPipeline.from_run(FLAGS.run, FLAGS.step, **kw)
     if FLAGS.export is not None:
@@ -270,7 +278,8 @@ ACCEPTED_FLAGS = {
     "generate": _PIPELINE_FLAGS | {"prompt", "negative_prompt", "steps", "guidance", "sampler", "seed",
                                    "batch", "height", "width", "out", "dtype", "mode", "neighbours"},
     "evaluate": _PIPELINE_FLAGS | {"prompts", "num_prompts", "out", "batch", "seed", "mode", "reference",
-                                   "inception", "clip", "aesthetic", "dtype"},
+                                   "inception", "clip", "aesthetic", "dtype", "steps", "guidance",
+                                   "sampler"},
     "serve": _PIPELINE_FLAGS | {"host", "port", "dtype"},
     "build-cache": _PIPELINE_FLAGS,
     "build-db": _JOB_FLAGS,

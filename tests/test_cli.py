@@ -165,3 +165,35 @@ def test_evaluate_plain_weights_without_a_database(run_cli, pipeline_dir, tmp_pa
                   f"--out={tmp_path / 'eval2'}")
     assert res.returncode == 2 and res.stderr.count("error:") == 1 and "--mode inject needs --database" in res.stderr
     assert not (tmp_path / "eval2").exists()
+
+
+def test_evaluate_teacher_row_samples_in_many_steps_with_guidance(run_cli, pipeline_dir, tmp_path):
+    # The paper's SD 2.1 row through evaluate: --weights alone, --steps and --guidance; the images
+    # are the plain multi-step sampler's (generate's) on the same noise.
+    import json
+
+    import jax.numpy as jnp
+
+    from imagerag_jax import weights
+    from imagerag_jax.diffusion import sampling
+    from imagerag_jax.inference import rag
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red bird\na blue car\n")
+    res = run_cli("evaluate", f"--weights={pipeline_dir}", f"--prompts={prompts}", "--steps=3",
+                  "--guidance=5", "--sampler=ddim", "--seed=2", f"--out={tmp_path / 'eval'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    settings = json.loads((tmp_path / "eval" / "run.json").read_text())["settings"]
+    assert (settings["pipeline"]["steps"], settings["pipeline"]["guidance"], settings["pipeline"]["sampler"]) == (3, 5.0, "ddim")
+    pipe = rag.RagPipeline.from_weights(pipeline_dir, steps=3, guidance=5.0, sampler="ddim")
+    towers = weights.load_pipeline(pipeline_dir)
+    noise = pipe.noise(2, 2)
+    want = np.asarray(sampling.ids_to_images(
+        towers, jnp.asarray(towers.tokenizer(["a red bird", "a blue car"])), jnp.asarray(towers.tokenizer(["", ""])),
+        jnp.asarray(noise), steps=3, guidance=5.0, sampler="ddim"))
+    got = pipe(["a red bird", "a blue car"], seed=2).images
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    assert np.abs(got - pipe(["a red bird", "a blue car"], seed=2, noise=noise).images).max() == 0
+    res = run_cli("evaluate", f"--weights={pipeline_dir}", f"--prompts={prompts}", "--steps=3",
+                  f"--database={tmp_path}", f"--index={tmp_path}", f"--out={tmp_path / 'eval3'}")
+    assert res.returncode == 2 and "--steps need --weights without --database" in res.stderr

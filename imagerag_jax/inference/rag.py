@@ -155,13 +155,21 @@ class RagPipeline:
                  w: float = DEFAULT_INJECTION_WEIGHT, timestep: int = 999,
                  schedule: schedule_lib.NoiseSchedule | None = None,
                  latent_size: tuple[int, int] | None = None, cache: bool = True,
-                 devices: Sequence[jax.Device] | None = None, dtype: str = "float32"):
+                 devices: Sequence[jax.Device] | None = None, dtype: str = "float32",
+                 steps: int = 1, guidance: float = 0.0, sampler: str = "euler"):
         if dtype not in COMPUTE_DTYPES:
             raise UserError(f"unknown compute dtype {dtype!r}; choose one of {'|'.join(COMPUTE_DTYPES)}")
         if text is None:
             raise UserError(f"{source} has no text encoder: generation needs one (pass --weights of "
                             "a pipeline folder with text_encoder/ and tokenizer/)")
         self.dtype = dtype
+        # Mode 'none' may sample in several steps with classifier-free guidance (e.g. the SD 2.1
+        # teacher's row, 50 steps at 7.5); the retrieval modes are one-step methods.
+        sampling.check_sampler(sampler)
+        if int(steps) < 1:
+            raise UserError(f"steps must be >= 1, got {steps}")
+        self.steps, self.guidance, self.sampler = int(steps), float(guidance), sampler
+        self.multistep = self.steps > 1 or self.guidance > 1.0
         # The cache's H-space is the float32 encoder's whatever the compute dtype (one cache per
         # fingerprint); bf16 changes only the modules' compute dtype, never the params.
         self._cache_unet = unet
@@ -189,6 +197,8 @@ class RagPipeline:
         self.image_size = (self.latent_shape[0] * f, self.latent_shape[1] * f)
         self.mode = "adapter" if adapter is not None and self.database is not None else (
             "inject" if self.database is not None else "none")
+        if self.multistep:
+            self.mode = "none"
 
         devices = list(devices or jax.local_devices())
         self.mesh = sharding.make_mesh((("data", -1),), devices)
@@ -207,6 +217,8 @@ class RagPipeline:
                 logging.info("no H-space cache for this student beside %s: computing the neighbours' "
                              "H-space on the fly (build one with `main build-cache`)", self.database.path)
         self._encode = jax.jit(self._encode_fn)
+        if self.guidance > 1.0:  # CFG's unconditional context: the empty prompt's, once
+            self._params["uncond"] = self._encode(self._params["text"], self._pad(tokenizer([""])))[0][:1]
         self._denoise = jax.jit(self._denoise_fn, static_argnames=("mode", "cached", "decode"))
         self._decode = jax.jit(lambda vae_p, z: vae.apply({"params": vae_p}, z,
                                                           method=vae.decode_latents).astype(jnp.float32))
@@ -307,7 +319,13 @@ class RagPipeline:
         """One UNet step (+ the retrieved branch, adapter or injection) and the VAE decode."""
         unet, unet_p = self.unet, params["unet"]
         out = {}
-        if mode == "none":
+        if mode == "none" and self.multistep:
+            uncond = (jnp.broadcast_to(params["uncond"], context.shape).astype(context.dtype)
+                      if self.guidance > 1.0 else None)
+            x0 = sampling.multistep_sample(lambda x, t, c: unet.apply({"params": unet_p}, x, t, c),
+                                           noise, context, uncond, self.schedule, self.sampler,
+                                           self.steps, self.guidance, unet.prediction_type)
+        elif mode == "none":
             x0 = sampling.hspace_edit_x0(unet, unet_p, noise, self.timestep, context, lambda h: h,
                                          self.schedule, unet.prediction_type)
         else:
@@ -339,8 +357,9 @@ class RagPipeline:
         return self.mesh.devices.size
 
     def modes(self) -> tuple[str, ...]:
-        """The modes this pipeline can run: 'adapter' needs an adapter, both need a database."""
-        if self.database is None:
+        """The modes this pipeline can run: 'adapter' needs an adapter, both need a database, and
+        a multi-step (or guided) pipeline runs 'none' only."""
+        if self.database is None or self.multistep:
             return ("none",)
         return MODES if self.adapter is not None else ("inject", "none")
 
@@ -373,7 +392,8 @@ class RagPipeline:
         if mode not in MODES:
             raise UserError(f"unknown mode {mode!r}; choose one of {'|'.join(MODES)}")
         if mode not in self.modes():
-            why = "no retrieval database/index" if self.database is None else "no trained adapter"
+            why = ("multi-step sampling: the retrieval modes are one step" if self.multistep else
+                   "no retrieval database/index" if self.database is None else "no trained adapter")
             raise UserError(f"mode {mode!r} needs what this pipeline lacks ({why}); it can run "
                             f"{'|'.join(self.modes())}")
         k = self.k if k is None else int(k)
@@ -435,7 +455,8 @@ class RagPipeline:
             "index": self.index_path, "index_kind": None if self.index is None else self.index.kind,
             "hspace_cache": None if self.cache is None else self.cache.path,
             "student_encoder_fingerprint": self.fingerprint, "devices": self.num_devices,
-            "dtype": self.dtype,
+            "dtype": self.dtype, "steps": self.steps, "guidance": self.guidance,
+            "sampler": self.sampler if self.multistep else None,
             "adapter": None if self.adapter is None else {
                 "block": self.adapter.block,
                 "parameters": int(sum(np.size(x) for x in jax.tree.leaves(self._params["adapter"])))},

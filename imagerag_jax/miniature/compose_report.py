@@ -187,7 +187,7 @@ def evaluate_seed(config: ml_collections.ConfigDict, workdir: str, towers: Any, 
     gen["injection_best_w"] = per_w[best, np.arange(len(prompts))]
 
     # How much each trained student uses its neighbours (sampling.neighbour_sensitivity): each
-    # prompt given the next prompt's neighbours (lambda kept), against the plain student.
+    # prompt given the previous prompt's neighbours (lambda kept), against the plain student.
     turbo_x0 = turbo(noise, context)
     sensitivity = {name: float(sampling.neighbour_sensitivity(
         imagerag(*st, noise, context, h_retr, lam), imagerag(*st, noise, context, np.roll(h_retr, 1, axis=0), lam),

@@ -47,29 +47,37 @@ def test_zero_initialised_adapter_outputs_exact_zero():
     np.testing.assert_array_equal(inject(h_tgt, delta, jnp.array([0.3, 0.9])), h_tgt)
 
 
-def numpy_adapter(params: dict, h_tgt, h_retr, heads: int, dim: int, pos=None) -> np.ndarray:
-    """Float64 reference of Eq. 4 with per-token LayerNorm (+ `pos` (h*w, C) on every map's tokens)."""
-    p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
+def np_layer_norm(x: np.ndarray, prm: dict) -> np.ndarray:
+    """Float64 LayerNorm over the last axis (eps 1e-5, two-pass variance) with scale and bias."""
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + 1e-5) * prm["scale"] + prm["bias"]
 
-    def ln(x, prm):
-        mu = x.mean(-1, keepdims=True)
-        var = ((x - mu) ** 2).mean(-1, keepdims=True)
-        return (x - mu) / np.sqrt(var + 1e-5) * prm["scale"] + prm["bias"]
 
-    b = h_tgt.shape[0]
-    q_in = ln(np.asarray(h_tgt, np.float64).reshape(b, -1, C), p["norm_tgt"])
-    kv = ln(np.asarray(h_retr, np.float64).reshape(b, -1, C), p["norm_retr"])  # K*HH*WW tokens
-    if pos is not None:
-        q_in = q_in + pos
-        kv = kv + np.tile(pos, (h_retr.shape[1], 1))
-    q = (q_in @ p["to_q"]["kernel"]).reshape(b, -1, heads, dim)
-    k = (kv @ p["to_k"]["kernel"]).reshape(b, -1, heads, dim)
-    v = (kv @ p["to_v"]["kernel"]).reshape(b, -1, heads, dim)
+def np_attention(x: np.ndarray, ctx: np.ndarray, prm: dict, heads: int, dim: int, out: str) -> np.ndarray:
+    """Float64 multi-head attention of tokens x (B,N,C) to ctx (B,M,C): prm's to_q, to_k, to_v
+    kernels (no bias), softmax(QK^T / sqrt(dim)) V, then prm[out] (kernel and bias)."""
+    b = x.shape[0]
+    q = (x @ prm["to_q"]["kernel"]).reshape(b, -1, heads, dim)
+    k = (ctx @ prm["to_k"]["kernel"]).reshape(b, -1, heads, dim)
+    v = (ctx @ prm["to_v"]["kernel"]).reshape(b, -1, heads, dim)
     logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dim)
     att = np.exp(logits - logits.max(-1, keepdims=True))
     att /= att.sum(-1, keepdims=True)
-    out = np.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, -1, heads * dim)
-    out = out @ p["to_out"]["kernel"] + p["to_out"]["bias"]
+    o = np.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, -1, heads * dim)
+    return o @ prm[out]["kernel"] + prm[out]["bias"]
+
+
+def numpy_adapter(params: dict, h_tgt, h_retr, heads: int, dim: int, pos=None) -> np.ndarray:
+    """Float64 reference of Eq. 4 with per-token LayerNorm (+ `pos` (h*w, C) on every map's tokens)."""
+    p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
+    b = h_tgt.shape[0]
+    q_in = np_layer_norm(np.asarray(h_tgt, np.float64).reshape(b, -1, C), p["norm_tgt"])
+    kv = np_layer_norm(np.asarray(h_retr, np.float64).reshape(b, -1, C), p["norm_retr"])  # K*HH*WW tokens
+    if pos is not None:
+        q_in = q_in + pos
+        kv = kv + np.tile(pos, (h_retr.shape[1], 1))
+    out = np_attention(q_in, kv, p, heads, dim, "to_out")
     return out.reshape(h_tgt.shape[0], HH, WW, C)
 
 
@@ -376,20 +384,8 @@ def numpy_transformer_adapter(params: dict, h_tgt, h_retr, heads: int, dim: int)
     t = p["transformer"]
     blk = t["transformer_blocks_0"]
 
-    def ln(x, prm):
-        mu = x.mean(-1, keepdims=True)
-        return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * prm["scale"] + prm["bias"]
-
-    def attend(x, ctx, prm):
-        b = x.shape[0]
-        q = (x @ prm["to_q"]["kernel"]).reshape(b, -1, heads, dim)
-        k = (ctx @ prm["to_k"]["kernel"]).reshape(b, -1, heads, dim)
-        v = (ctx @ prm["to_v"]["kernel"]).reshape(b, -1, heads, dim)
-        logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dim)
-        att = np.exp(logits - logits.max(-1, keepdims=True))
-        att /= att.sum(-1, keepdims=True)
-        out = np.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, -1, heads * dim)
-        return out @ prm["to_out_0"]["kernel"] + prm["to_out_0"]["bias"]
+    ln = np_layer_norm
+    attend = lambda x, ctx, prm: np_attention(x, ctx, prm, heads, dim, "to_out_0")
 
     x = np.asarray(h_tgt, np.float64)
     b, hh, ww, c = x.shape

@@ -332,16 +332,9 @@ class _Metrics:
             if not self.scorers:
                 raise UserError("--aesthetic needs --clip: the CLIP ViT-L/14 model its predictor reads")
             self.aesthetic_path = os.path.abspath(aesthetic)
-            # The first CLIP model whose embedding width is the predictor's input (ViT-L/14: 768).
-            fits = lambda sc: _load(lambda: metrics_lib.AestheticScorer(aesthetic, sc), aesthetic,
-                                    "an aesthetic predictor")
-            for i, sc in enumerate(self.scorers):
-                try:
-                    self.aesthetic = fits(sc)
-                    break
-                except UserError:
-                    if i == len(self.scorers) - 1:
-                        raise
+            # On the first CLIP model whose embedding width is the predictor's input (ViT-L/14).
+            self.aesthetic = _load(lambda: metrics_lib.AestheticScorer(aesthetic, self.scorers),
+                                   aesthetic, "an aesthetic predictor")
 
     def compute(self, out_dir: str, prompts: Sequence[str]) -> dict[str, Any]:
         """FID and CLIP score of the images in out_dir (those whose networks were given)."""

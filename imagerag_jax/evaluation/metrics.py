@@ -231,11 +231,11 @@ class AestheticScorer:
     Args:
         predictor: the predictor's state-dict file (``torch.save`` of its MLP, keys
             ``layers.{0,2,4,6,7}.{weight,bias}``).
-        clip: the `CLIPScorer` of the CLIP model it was trained on (ViT-L/14 for LAION's; the
-            embedding width must match the predictor's input).
+        clip: the `CLIPScorer` of the CLIP model it was trained on (ViT-L/14 for LAION's), or
+            several: the first whose embedding width is the predictor's input is used.
     """
 
-    def __init__(self, predictor: str, clip: "CLIPScorer"):
+    def __init__(self, predictor: str, clip: "CLIPScorer | Sequence[CLIPScorer]"):
         _require_file(predictor, "aesthetic predictor (.pth state dict)")
         import torch  # pylint: disable=g-import-not-at-top
 
@@ -250,11 +250,13 @@ class AestheticScorer:
             raise ValueError(f"not LAION's aesthetic predictor: no {', '.join(missing[:3])}")
         self.layers = [(state[f"layers.{i}.weight"].double().numpy(), state[f"layers.{i}.bias"].double().numpy())
                        for i in AESTHETIC_LINEAR_LAYERS]
-        width = clip.model.config.projection_dim
-        if self.layers[0][0].shape[1] != width:
-            raise ValueError(f"the predictor takes {self.layers[0][0].shape[1]}-d embeddings, the "
-                             f"CLIP model gives {width}-d (LAION's takes CLIP ViT-L/14's 768)")
-        self.clip = clip
+        clips = [clip] if isinstance(clip, CLIPScorer) else list(clip)
+        width = self.layers[0][0].shape[1]
+        self.clip = next((c for c in clips if c.model.config.projection_dim == width), None)
+        if self.clip is None:
+            given = ", ".join(f"{c.model.config.projection_dim}-d" for c in clips)
+            raise ValueError(f"the predictor takes {width}-d embeddings, the CLIP model gives "
+                             f"{given} (LAION's takes CLIP ViT-L/14's 768)")
 
     def scores(self, images: Any) -> np.ndarray:
         """Per-image aesthetic score (N,)."""

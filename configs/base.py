@@ -47,6 +47,13 @@ def get_config(arg=None):
     config.data_mixture = ()
     config.split = "train"
     config.shuffle_buffer = 4096
+    # Where the step gets each neighbour's H-space: 'encode' (the frozen student encoder on the
+    # neighbours' latents, in the step) or 'hspace' (gathered from the database's H-space cache,
+    # `main build-cache`: no encoder on neighbours in the step). Records that store neighbours by
+    # id, and 'hspace', read the retrieval database on every host: `database` is its path there
+    # (None: the path the records were precomputed with). docs/design.md, "Record options".
+    config.retrieved_branch = "encode"
+    config.database = config_dict.placeholder(str)
     config.synthetic = ml_collections.ConfigDict(dict(
         num_examples=64, num_shards=4, latent_shape=(64, 64, 4), embed_shape=(77, 1024),
         pooled_dim=1024, k=4, has_noise=True))

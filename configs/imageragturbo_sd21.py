@@ -11,7 +11,12 @@ retrieved neighbours each).
       --config.student_weights=/ckpt/sd-turbo --config.vae_weights=/ckpt/sd-turbo \
       --config.teacher_weights=/ckpt/stable-diffusion-2-1-base \
       --config.latent_lpips_weights=/ckpt/sd21_latest_vgg16_tuned.pth \
-      --config.data_dir=gs://BUCKET/imagerag_tfrecords
+      --config.data_dir=gs://BUCKET/imagerag_tfrecords --config.database=/local/db
+
+Each neighbour's H-space comes from the database's H-space cache (``retrieved_branch='hspace'``;
+build it once with ``main build-cache --weights /ckpt/sd-turbo --database /local/db --index
+/local/index``), and records that store their neighbours by id are filled from that database:
+both on every host's local disk (docs/design.md, "Record options").
 
 The arg string is a comma-separated list of:
 
@@ -89,6 +94,12 @@ def get_config(arg=None):
     config = load_sibling(__file__, "base").get_config()
     if random:
         config.random_preset = "sd21"
+    else:
+        # Each neighbour's H-space from the database's H-space cache (`main build-cache`): the
+        # step does not run the frozen encoder on the k neighbours, about 2 of the ~6.5 UNet
+        # passes an example costs at k = 4 (docs/design.md, "Record options"). The random
+        # layout's synthetic data have no database: they keep the step's encoder.
+        config.retrieved_branch = "hspace"
     config.global_batch_size = batch
     if batch != PAPER_BATCH:  # the square-root rule for AdamW (module docstring)
         config.optimizer.lr = config.disc_optimizer.lr = PAPER_LR * math.sqrt(batch / PAPER_BATCH)

@@ -70,6 +70,9 @@ def get_config(arg=None):
     config.num_shards = arg.num_shards
     config.latents = "teacher" if arg.teacher else "vae"  # vae: real images | teacher: synthetic
     config.k = arg.k  # retrieved neighbours per example (0: no retrieval fields)
+    # inline: the neighbours' arrays in each record | ids: their ids only, gathered from the
+    # database by the trainer (docs/design.md, "Record options")
+    config.neighbours = "inline"
     config.exclude_duplicate_images = True  # also drop DB entries with the example's image hash
     config.teacher = ml_collections.ConfigDict(dict(
         sampler="ddim", steps=2 if arg.quick else 25, guidance=7.5, negative_prompt=""))

@@ -45,5 +45,8 @@ def get_config(arg=None):
         config.db.source = source(arg.paths)
         config.source = source(arg.train_paths or arg.paths)
         config.batch_size = 32
+        # At SD 2.1 shapes a record with its k = 4 neighbours inline is ~1.0 MB, ~0.23 MB with
+        # their ids (the trainer gathers them from its database copy): docs/design.md.
+        config.neighbours = "ids"
     config.lock()
     return config

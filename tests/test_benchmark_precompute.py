@@ -11,6 +11,7 @@ import pytest
 
 from imagerag_jax.benchmark import __main__ as bench_main
 from imagerag_jax.benchmark import precompute as bench_pc
+from imagerag_jax.benchmark import records
 from imagerag_jax.data import encoders
 from tests import helpers
 
@@ -52,6 +53,9 @@ def test_precompute_benchmark_tiny_writes_every_field(tmp_path, capsys):
         {s: stages[s]["flops_per_item"] for s in stages}, bench_pc.PAPER_JOB, 64, 989.0, 0.4)
     assert res["job"]["items"] == {"vae_encode": 1_130_000, "text_encode": 4_130_000,
                                    "teacher": 3_000_000}
+    # The record options at SD 2.1 shapes, whatever the timed config (tests/test_record_options.py).
+    assert [r["option"] for r in res["records"]] == [o.name for o in records.OPTIONS]
+    assert "TRAINING RECORD OPTIONS at SD 2.1 shapes" in printed and "ids_hspace" in printed
 
     scann = res["scann"]
     assert scann["kind"] == "scann" and scann["n"] == 2000 and scann["build_s"] > 0

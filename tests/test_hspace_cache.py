@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagerag_jax.inference import hspace_cache as hc
+from imagerag_jax.retrieval import hspace_cache as hc
 from imagerag_jax.models import lora
 from imagerag_jax.diffusion import sampling
 from imagerag_jax.weights import towers
@@ -304,7 +304,7 @@ def test_bad_db_path_is_one_clear_error(tower, tmp_path):
 SHARDED_SCRIPT = """
     import shutil, sys
     import jax, numpy as np
-    from imagerag_jax.inference import hspace_cache as hc
+    from imagerag_jax.retrieval import hspace_cache as hc
     from imagerag_jax.weights import towers
     from imagerag_jax.retrieval import database as db_lib
     assert jax.device_count() == 8, jax.devices()

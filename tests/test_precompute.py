@@ -17,6 +17,7 @@ from PIL import Image
 
 from imagerag_jax.weights import towers
 from imagerag_jax.data import build_db, encoders, input_stream, precompute, sources, tfrecords
+from imagerag_jax.errors import UserError
 from imagerag_jax.retrieval import database, index as index_lib
 from imagerag_jax.weights import random_pipeline
 
@@ -252,6 +253,27 @@ def test_precompute_end_to_end(workdir, pairs, precomputed):
             np.testing.assert_allclose(ex["latent"], db.latents[db.rows_for_ids([target])[0]],
                                        atol=2e-3)
             assert ex["prompt"] == db.caption(db.rows_for_ids([target])[0])
+
+
+def test_neighbours_by_id_are_the_inline_records_less_their_arrays(workdir, pairs, precomputed):
+    from imagerag_jax.data import neighbour_feed
+
+    cfg = _pairs_config(workdir, pairs, "data_ids", neighbours="ids")
+    manifest = precompute.precompute(cfg, workdir)
+    assert manifest["schema"]["neighbours"] == "ids" and manifest["precompute"]["neighbours"] == "ids"
+    inline_bytes = sum(f["num_bytes"] for f in precomputed[1]["splits"]["train"]["files"])
+    assert sum(f["num_bytes"] for f in manifest["splits"]["train"]["files"]) < inline_bytes / 2
+    inline, by_id = _read_split(precomputed[0].data_dir), _read_split(cfg.data_dir)
+    assert sorted(by_id) == sorted(inline)
+    feed = neighbour_feed.open_feed(manifest, tfrecords.Schema.from_dict(manifest["schema"]), hspace=False)
+    for eid, ex in by_id.items():
+        assert not set(tfrecords.NEIGHBOUR_ARRAYS) & set(ex)
+        filled = feed.fill({k: v[None] for k, v in ex.items() if k != "prompt"})
+        for field in ("retrieved_ids", "latent", *tfrecords.NEIGHBOUR_ARRAYS):
+            np.testing.assert_array_equal(np.asarray(filled[field][0], np.float32),
+                                          np.asarray(inline[eid][field], np.float32), err_msg=field)
+    with pytest.raises(UserError, match="config.neighbours must be one of inline, ids"):
+        precompute.precompute(_pairs_config(workdir, pairs, "data_bad", neighbours="links"), workdir)
 
 
 def test_rerun_skips_finished_shards(workdir, pairs, precomputed):

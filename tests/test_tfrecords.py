@@ -1,5 +1,6 @@
 """TFRecord schema: round trip of every field, shard writer, manifest validation."""
 
+import dataclasses
 import json
 import os
 
@@ -33,12 +34,34 @@ def _assert_same(parsed, ex):
 
 def test_schema_fields_and_shapes():
     shapes = SCHEMA.shapes()
-    assert set(shapes) == set(tfrecords.STORED_DTYPES)
+    assert set(shapes) == set(tfrecords.STORED_DTYPES) - {"retrieved_hspace"}
     assert shapes["retrieved_latents"] == (2, 4, 4, 2) and shapes["retrieval_scores"] == (2,)
     baseline = tfrecords.Schema((4, 4, 2), (3, 8), 8, k=0)
     assert set(baseline.fields) == {"prompt", "latent", "prompt_embeds", "pooled", "example_id"}
     assert tfrecords.Schema.from_dict(SCHEMA.to_dict()) == SCHEMA
     assert tfrecords.schema_of(_example(0)) == SCHEMA
+
+
+def test_neighbours_by_id_and_as_hspace():
+    by_id = dataclasses.replace(SCHEMA, neighbours="ids")
+    assert set(SCHEMA.fields) - set(by_id.fields) == set(tfrecords.NEIGHBOUR_ARRAYS)
+    hspace = dataclasses.replace(SCHEMA, hspace_shape=(1, 1, 6))
+    assert set(SCHEMA.fields) - set(hspace.fields) == {"retrieved_latents", "retrieved_prompt_embeds"}
+    assert hspace.shapes()["retrieved_hspace"] == (2, 1, 1, 6)
+    for schema in (by_id, hspace):
+        assert tfrecords.Schema.from_dict(schema.to_dict()) == schema
+        ex = tfrecords.random_example(schema, np.random.default_rng(1), example_id=5)
+        assert tfrecords.schema_of(ex) == schema
+        data = tfrecords.serialize_example(ex, schema)
+        _assert_same(tfrecords.parse_example_numpy(data, schema), ex)
+        _assert_same({k: v.numpy() for k, v in tfrecords.parse_example(data, schema).items()}, ex)
+    # Manifests written before the options store their neighbours inline.
+    old = {k: v for k, v in SCHEMA.to_dict().items() if k != "neighbours"}
+    assert tfrecords.Schema.from_dict(old) == SCHEMA
+    with pytest.raises(ValueError, match="neighbours must be one of"):
+        dataclasses.replace(SCHEMA, neighbours="links")
+    with pytest.raises(ValueError, match="by id carry no H-space"):
+        dataclasses.replace(by_id, hspace_shape=(1, 1, 6))
 
 
 def test_roundtrip_every_field():

@@ -2,7 +2,10 @@
 
     python -m imagerag_jax.benchmark precompute --config sd21|tiny [--batch 1] [--runs 3]
         [--teacher-steps-timed 1] [--scann-n 1000000] [--devices-projected 64]
-        [--peak-tflops 989] [--mfu 0.4] [--json F]
+        [--peak-tflops 989] [--mfu 0.4] [--json F] [--records-only]
+
+Also printed (alone with ``--records-only``): the training record options at SD 2.1 shapes, bytes
+per example, train FLOPs per example and the paper's disk (`benchmark/records.py`).
 
 Timed: the production `data.encoders.Encoder` (what build-db and precompute run), built over every
 local device on random towers of the config's size (SD 2.1: UNet, VAE, the 23-layer OpenCLIP-H
@@ -51,6 +54,7 @@ from tqdm.auto import tqdm
 from imagerag_jax import weights
 from imagerag_jax.weights import towers
 from imagerag_jax.benchmark import common
+from imagerag_jax.benchmark import records
 from imagerag_jax.benchmark import rag as bench_rag
 from imagerag_jax.benchmark import retrieval as bench_retrieval
 from imagerag_jax.data import encoders
@@ -409,7 +413,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--mfu", type=float, default=0.4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the result to this JSON file")
+    p.add_argument("--records-only", action="store_true",
+                   help="print the training record options alone (no towers, nothing timed)")
     args = p.parse_args(argv)
+    if args.records_only:
+        rows = records.table()
+        print(records.text(rows))
+        result = {"benchmark": "precompute", "records": rows}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return result
     if min(args.batch, args.runs, args.teacher_steps_timed, args.devices_projected) < 1:
         p.error("--batch, --runs, --teacher-steps-timed and --devices-projected must be >= 1")
     if args.scann_n < 0 or not 0 < args.mfu <= 1 or args.peak_tflops <= 0:
@@ -479,6 +493,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if scann is not None:
         print()
         print(scann_text(scann))
+    result["records"] = records.table()
+    print()
+    print(records.text(result["records"]))
     print(f"total wall {result['wall_s']:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

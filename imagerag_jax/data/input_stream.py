@@ -26,6 +26,10 @@ mixture each set does so at its own count of consumed records (`Choice.counts`).
 buffer is stored in the checkpoint. The cost: the stream must not depend on anything else
 (same files, weights, seed, batch size and process count; `set_state` checks).
 
+Neighbours stored by id (`tfrecords.Schema.neighbours == 'ids'`), or their H-space from the cache:
+a `neighbour_feed.NeighbourFeed` fills each host batch's neighbour arrays by id, after tf.data
+and before the arrays become global (each host gathers its own rows from its database copy).
+
 Corrupt data: the manifest is validated first (schema version, shapes, k, file sizes); a record
 that cannot be read or parsed raises `RecordError` naming the file and the record index.
 """
@@ -77,7 +81,7 @@ def mixture_schema(manifests: Sequence[tuple[str, Mapping[str, Any]]]) -> tfreco
     has_noise = schema0.has_noise
     for data_dir, m in manifests[1:]:
         schema = tfrecords.Schema.from_dict(m["schema"])
-        for field in ("latent_shape", "embed_shape", "pooled_dim", "k"):
+        for field in ("latent_shape", "embed_shape", "pooled_dim", "k", "neighbours"):
             a, b = getattr(schema0, field), getattr(schema, field)
             if a != b:
                 raise mixture.MixtureError(f"mixture sets differ in {field}: {first} has {a}, "
@@ -106,6 +110,11 @@ def data_schema(data_dir: str | Sequence[tuple[str, float]], split: str) -> tfre
                            for d, _ in named])
 
 
+def retrieval_manifest(data_dir: str | Sequence[tuple[str, float]], split: str) -> dict[str, Any]:
+    """The manifest that says where the neighbours came from (a mixture's sets share it)."""
+    return tfrecords.validate_manifest(_named_sets(data_dir)[0][0], split=split, check_files=False)
+
+
 def host_files(files: Sequence[Any], process_index: int, process_count: int) -> list[Any]:
     """This process's share of a split's files (round-robin: disjoint and covering)."""
     if len(files) < process_count:
@@ -130,7 +139,9 @@ class InputStream:
       num_epochs: None repeats forever; else stop after the batches every host can fill (one set).
       expected: schema expectations checked against the manifest (`Schema` or e.g. {"k": 4}).
       dtype: output dtype of float fields (stored f16/f32 are cast; ids stay integers).
-      fields: output keys (default: every stored field except "prompt").
+      fields: output keys (default: every stored field except "prompt"; with a feed, also the
+        fields it adds).
+      neighbour_feed: fills the neighbours' arrays of every batch by id (`data.neighbour_feed`).
       include_prompt: add "prompt" as a host-local numpy array of str (never a jax.Array).
       process_index, process_count: default `jax.process_index()` / `jax.process_count()`.
       cycle_length: files read concurrently.
@@ -145,7 +156,8 @@ class InputStream:
                  expected: tfrecords.Schema | Mapping[str, Any] | None = None,
                  dtype: Any = np.float32, fields: Sequence[str] | None = None,
                  include_prompt: bool = False, process_index: int | None = None,
-                 process_count: int | None = None, cycle_length: int = 8, prefetch: int = 2):
+                 process_count: int | None = None, cycle_length: int = 8, prefetch: int = 2,
+                 neighbour_feed: Any = None):
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         if global_batch_size % self.process_count:
@@ -165,11 +177,17 @@ class InputStream:
         self.choice = mixture.Choice([s.weight for s in self.sets], seed) if self.is_mixture else None
         self.dtype = np.dtype(dtype)
         self.include_prompt = include_prompt
-        all_fields = [f for f in self.schema.fields if f != "prompt"]
+        self.feed = neighbour_feed
+        stored = [f for f in self.schema.fields if f != "prompt"]
+        added = list(self.feed.fields(self.schema)) if self.feed is not None else []
+        all_fields = stored + [f for f in added if f not in stored]
         self.fields = list(fields) if fields is not None else all_fields
         unknown = set(self.fields) - set(all_fields)
         if unknown:
             raise ValueError(f"fields {sorted(unknown)} not in the schema's fields {all_fields}")
+        # What tf.data parses: the requested stored fields, and the ids the feed gathers by.
+        self._parsed = [f for f in stored if f in self.fields or (self.feed is not None and
+                                                                   f == "retrieved_ids")]
         self.files = [f for s in self.sets for f in s.files]
         self.examples_per_epoch = sum(s.examples_per_epoch for s in self.sets)
         if self.examples_per_epoch < self.per_host_batch and num_epochs is not None:
@@ -220,7 +238,7 @@ class InputStream:
 
     def _parse(self, serialized: tf.Tensor, schema: tfrecords.Schema) -> dict[str, tf.Tensor]:
         ex = tfrecords.parse_example(serialized, schema)
-        keep = self.fields + (["prompt"] if self.include_prompt else [])
+        keep = self._parsed + (["prompt"] if self.include_prompt else [])
         return {name: ex[name] for name in keep if name in ex}
 
     def _records(self, index: int, start: int) -> tf.data.Dataset:
@@ -235,7 +253,7 @@ class InputStream:
         # same speed as parsing whole batches at SD shapes (measured), and independent of batch.
         ds = ds.map(lambda r: self._parse(r, s.schema), num_parallel_calls=tf.data.AUTOTUNE,
                     deterministic=True)
-        if "noise" in self.fields and not s.schema.has_noise:
+        if "noise" in self._parsed and not s.schema.has_noise:
             shape = self.schema.latent_shape
             # Per (seed, set, host): hosts read different records at the same record index.
             seed = tf.constant([(self.seed * 1_000_003 + index) * 65_537 + self.process_index, 0],
@@ -295,9 +313,12 @@ class InputStream:
                     raise bad from e
             raise
         self._consumed += 1
+        host = {name: value.numpy() for name, value in batch.items()}
+        if self.feed is not None:
+            host = self.feed.fill(host)
         out = {}
-        for name, value in batch.items():
-            x = value.numpy()
+        for name in self.fields + (["prompt"] if self.include_prompt else []):
+            x = host[name]
             if name == "prompt":
                 out[name] = np.array([p.decode("utf-8") for p in x])
                 continue

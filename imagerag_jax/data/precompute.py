@@ -25,6 +25,10 @@ Every host runs it; each writes only its own shards:
     `config.teacher.steps`, CFG `config.teacher.guidance` = 7.5 against `negative_prompt`) starting from
     `noise = default_rng([seed, id_lo32, id_hi32]).standard_normal(latent_shape)` rounded to f16,
     which is stored as `noise` (deterministic per example id, whichever host draws it).
+  * Neighbours (`config.neighbours`): 'inline' stores each neighbour's latent, prompt
+    embeddings and pooled embedding in the record; 'ids' stores only their ids and scores (about
+    a quarter of the bytes at SD 2.1 shapes), which the trainer gathers from its copy of the
+    database (`data/neighbour_feed.py`).
   * Retrieval: top-k by the L2-normalised pooled embedding (or the caption for bm25), excluding
     the example's own id and every DB entry whose image hash equals the example's image hash. The
     database must have been built with the same text encoder and VAE (checked).
@@ -99,6 +103,7 @@ def _job_description(config: Any, models: towers.JobTowers,
         "num_items": num_items, "num_shards": int(get(config, "num_shards", 1)),
         "split": get(config, "split", "train"), "k": int(get(config, "k", 0)),
         "latents": get(config, "latents", "vae"), "seed": int(get(config, "seed", 0)),
+        "neighbours": get(config, "neighbours", "inline"),
         "exclude_duplicate_images": bool(get(config, "exclude_duplicate_images", True)),
         "text_encoder": models.text_encoder_id, "vae": models.vae_id,
     }
@@ -131,6 +136,10 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
     mode = get(config, "latents", "vae")
     if mode not in ("vae", "teacher"):
         raise UserError(f"config.latents must be 'vae' or 'teacher', got {mode!r}")
+    neighbours = get(config, "neighbours", "inline")
+    if neighbours not in tfrecords.NEIGHBOURS:
+        raise UserError(f"config.neighbours must be one of {', '.join(tfrecords.NEIGHBOURS)}, "
+                        f"got {neighbours!r}")
     out_dir = get(config, "data_dir") or os.path.join(workdir, "data")
     split = get(config, "split", "train")
     num_shards = int(get(config, "num_shards", 1))
@@ -188,7 +197,8 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
     if image_size is None:
         raise UserError("precompute needs config.image_size (pixels; images are resized to it)")
     lat, embed_shape, pooled_dim = enc.output_shapes((image_size, image_size, 3))
-    schema = tfrecords.Schema(lat, embed_shape, pooled_dim, k, has_noise=mode == "teacher")
+    schema = tfrecords.Schema(lat, embed_shape, pooled_dim, k, has_noise=mode == "teacher",
+                              neighbours=neighbours if k else "inline")
     if retriever is not None and (tuple(retriever.database.shapes["latents"]) != lat or
                                   tuple(retriever.database.shapes["prompt_embeds"]) != embed_shape):
         raise UserError(f"database shapes {retriever.database.shapes} do not match the examples' "
@@ -218,9 +228,10 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
                 [None] * len(batch)
             got = retriever.retrieve(retriever.queries(pooled, captions), k,
                                      exclude_ids=retriever.exclusions(ids, hashes))
-            out.update(retrieved_ids=got["ids"], retrieval_scores=got["scores"].astype(np.float32),
-                       retrieved_latents=got["latents"], retrieved_prompt_embeds=got["prompt_embeds"],
-                       retrieved_pooled=got["pooled"])
+            out.update(retrieved_ids=got["ids"], retrieval_scores=got["scores"].astype(np.float32))
+            if schema.neighbours == "inline":
+                out.update(retrieved_latents=got["latents"], retrieved_prompt_embeds=got["prompt_embeds"],
+                           retrieved_pooled=got["pooled"])
         return [{"prompt": captions[j], "example_id": ids[j],
                  **{name: v[j] for name, v in out.items()}} for j in range(len(batch))]
 

@@ -17,6 +17,18 @@ One example (docs/design.md, "Formats"), stored dtypes; k retrieved neighbours, 
 Float arrays are stored as raw little-endian bytes (one `bytes_list` entry each: parsing is a
 memcpy), ids as `int64_list`. With k = 0 the retrieved fields are absent (the no-retrieval baseline).
 
+How the neighbours are stored (`Schema.neighbours`, docs/design.md "Record options"):
+
+  'inline'   the fields above: every neighbour's latent, prompt embeddings and pooled embedding
+             in the record (~1.0 MB per example at SD 2.1 shapes, k = 4, with noise);
+  'ids'      only `retrieved_ids` and `retrieval_scores` (~0.23 MB): each training host gathers
+             the rest from its copy of the database by id (`data.neighbour_feed`), or gathers each
+             neighbour's H-space from the database's H-space cache instead.
+
+A batch that carries the H-space (`Schema.hspace_shape` set) has `retrieved_hspace` f16 [k, h, w, C]
+in place of `retrieved_latents` and `retrieved_prompt_embeds`: the frozen student encoder's output
+at t = 0 on each neighbour, which the train step would otherwise compute.
+
 Shards are `{split}-{i:05d}-of-{n:05d}.tfrecord` next to `manifest.json` (schema version, shapes,
 dtypes, k, per-file counts and byte sizes, skipped counts, source and index parameters), which
 `validate_manifest` checks before anything is read.
@@ -52,13 +64,16 @@ STORED_DTYPES: dict[str, str] = {
     "retrieved_latents": "float16",
     "retrieved_prompt_embeds": "float16",
     "retrieved_pooled": "float32",
+    "retrieved_hspace": "float16",
     "retrieval_scores": "float32",
     "retrieved_ids": "int64",
     "example_id": "int64",
 }
 RAW_FIELDS = tuple(k for k, v in STORED_DTYPES.items() if v.startswith("float"))
-RETRIEVED_FIELDS = ("retrieved_latents", "retrieved_prompt_embeds", "retrieved_pooled",
-                    "retrieval_scores", "retrieved_ids")
+# What a record holds of its neighbours, per `Schema.neighbours`.
+NEIGHBOURS = ("inline", "ids")
+NEIGHBOUR_IDS = ("retrieval_scores", "retrieved_ids")
+NEIGHBOUR_ARRAYS = ("retrieved_latents", "retrieved_prompt_embeds", "retrieved_pooled")
 
 
 class ManifestError(UserError):
@@ -82,10 +97,18 @@ class Schema:
     pooled_dim: int
     k: int
     has_noise: bool = False
+    neighbours: str = "inline"  # NEIGHBOURS: the arrays in the record, or ids only
+    hspace_shape: tuple[int, int, int] | None = None  # set: neighbours as H-space, not latents
 
     def __post_init__(self):
         object.__setattr__(self, "latent_shape", tuple(int(s) for s in self.latent_shape))
         object.__setattr__(self, "embed_shape", tuple(int(s) for s in self.embed_shape))
+        if self.hspace_shape is not None:
+            object.__setattr__(self, "hspace_shape", tuple(int(s) for s in self.hspace_shape))
+        if self.neighbours not in NEIGHBOURS:
+            raise ValueError(f"neighbours must be one of {NEIGHBOURS}, got {self.neighbours!r}")
+        if self.neighbours == "ids" and self.hspace_shape is not None:
+            raise ValueError("neighbours stored by id carry no H-space (the feed gathers it)")
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -94,7 +117,11 @@ class Schema:
         if self.has_noise:
             names.append("noise")
         if self.k:
-            names.extend(RETRIEVED_FIELDS)
+            names.extend(NEIGHBOUR_IDS)
+            if self.neighbours == "inline":
+                names.append("retrieved_pooled")
+                names.extend(("retrieved_hspace",) if self.hspace_shape is not None else
+                             ("retrieved_latents", "retrieved_prompt_embeds"))
         return tuple(n for n in STORED_DTYPES if n in names)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -109,6 +136,7 @@ class Schema:
             "retrieved_latents": (k, *self.latent_shape),
             "retrieved_prompt_embeds": (k, *self.embed_shape),
             "retrieved_pooled": (k, self.pooled_dim),
+            "retrieved_hspace": (k, *(self.hspace_shape or ())),
             "retrieval_scores": (k,),
             "retrieved_ids": (k,),
             "example_id": (),
@@ -117,14 +145,20 @@ class Schema:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (for the manifest)."""
-        return {"latent_shape": list(self.latent_shape), "embed_shape": list(self.embed_shape),
-                "pooled_dim": self.pooled_dim, "k": self.k, "has_noise": self.has_noise}
+        d = {"latent_shape": list(self.latent_shape), "embed_shape": list(self.embed_shape),
+             "pooled_dim": self.pooled_dim, "k": self.k, "has_noise": self.has_noise,
+             "neighbours": self.neighbours}
+        if self.hspace_shape is not None:
+            d["hspace_shape"] = list(self.hspace_shape)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Schema:
-        """Inverse of `to_dict`."""
+        """Inverse of `to_dict` (manifests without 'neighbours' store them inline)."""
+        hs = d.get("hspace_shape")
         return cls(tuple(d["latent_shape"]), tuple(d["embed_shape"]), int(d["pooled_dim"]),
-                   int(d["k"]), bool(d.get("has_noise", False)))
+                   int(d["k"]), bool(d.get("has_noise", False)), str(d.get("neighbours", "inline")),
+                   None if hs is None else tuple(hs))
 
 
 def random_example(schema: Schema, rng: np.random.Generator, example_id: int = 0) -> dict[str, Any]:
@@ -184,10 +218,13 @@ def serialize_example(example: Mapping[str, Any], schema: Schema | None = None) 
 
 
 def schema_of(example: Mapping[str, Any]) -> Schema:
-    """Infers the schema from an example's array shapes."""
-    k = np.shape(example["retrieved_pooled"])[0] if "retrieved_pooled" in example else 0
+    """Infers the schema from an example's array shapes (ids without arrays: neighbours by id)."""
+    k = np.shape(example["retrieved_ids"])[0] if "retrieved_ids" in example else 0
+    hspace = example.get("retrieved_hspace")
+    neighbours = "ids" if k and "retrieved_pooled" not in example else "inline"
     return Schema(np.shape(example["latent"]), np.shape(example["prompt_embeds"]),
-                  np.shape(example["pooled"])[-1], k, "noise" in example)
+                  np.shape(example["pooled"])[-1], k, "noise" in example, neighbours,
+                  None if hspace is None else np.shape(hspace)[1:])
 
 
 def parse_example(serialized: tf.Tensor, schema: Schema) -> dict[str, tf.Tensor]:

@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from imagerag_jax import jsonfiles, sharding
-from imagerag_jax.inference import hspace_cache
+from imagerag_jax.retrieval import hspace_cache
 from imagerag_jax.diffusion import sampling
 from imagerag_jax.weights import towers
 from imagerag_jax.diffusion import schedule as schedule_lib

@@ -578,7 +578,8 @@ def lora_trained(pattern: str | None) -> Callable[[str], bool]:
 def train_step_flops(student: Any, teacher: Any, adapter_module: Any, heads: Any, *,
                      latent_shape: Sequence[int], context_len: int, pooled_dim: int, k: int,
                      batch: int = 1, lora_pattern: str | None = None, lora_rank: int = 64,
-                     lpips: Any = None, remat: str = "none", backend: str = "gpu") -> StepFlops:
+                     lpips: Any = None, remat: str = "none", backend: str = "gpu",
+                     retrieved_branch: bool = True) -> StepFlops:
     """FLOPs of `training.step.make_train_step`'s step, by phase, at a (micro-)batch of `batch`.
 
     Args:
@@ -592,6 +593,8 @@ def train_step_flops(student: Any, teacher: Any, adapter_module: Any, heads: Any
         lpips: the `LatentLPIPS` module when the step uses it (weights given and beta > 0), else None.
         remat: the remat policy (`config.remat`); backend: `jax.default_backend()` (matters for
             the 'dots' policies only).
+        retrieved_branch: the step encodes the neighbours (False: their H-space comes in the
+            batch, from the H-space cache, and costs the step nothing).
 
     Phases: the student encoder on x_t and the retrieved branch (the same frozen encoder at t = 0
     on the k neighbours), forward only; the generator's forward (LoRA merge, adapter, decoder,
@@ -608,7 +611,8 @@ def train_step_flops(student: Any, teacher: Any, adapter_module: Any, heads: Any
     ctx = int(context_len)
     phases: dict[str, int] = {}
     phases["student_encoder"] = unet_encoder(student, b, hw, ctx).forward
-    phases["retrieved_branch"] = unet_encoder(student, b * k, hw, ctx).forward if adapter_module is not None else 0
+    encodes_neighbours = adapter_module is not None and retrieved_branch
+    phases["retrieved_branch"] = unet_encoder(student, b * k, hw, ctx).forward if encodes_neighbours else 0
 
     # Generator: LoRA-merged decoder from the edited H-space (constant h, skips, temb, context).
     lora_fn = lora_trained(lora_pattern)
@@ -663,6 +667,9 @@ def train_step_flops_from_setup(setup: Any, shapes: Any, *, batch: int, lora_pat
         remat: the remat policy; backend: `jax.default_backend()`.
         arm: the training arm (`training.step.ARMS`); 'no_adapter' counts no adapter and no
             retrieved branch.
+
+    A schema whose batches carry the neighbours' H-space (`hspace_shape` set) has no retrieved
+    branch in the step.
     """
     # The step uses latent LPIPS only when it is loaded and beta > 0 (training/step.py).
     lp = setup.lpips if setup.lpips is not None and float(setup.beta) > 0 else None
@@ -671,7 +678,8 @@ def train_step_flops_from_setup(setup: Any, shapes: Any, *, batch: int, lora_pat
                             latent_shape=tuple(shapes.latent_shape), context_len=int(shapes.embed_shape[0]),
                             pooled_dim=int(shapes.pooled_dim), k=int(shapes.k), batch=batch,
                             lora_pattern=lora_pattern, lora_rank=int(setup.lora_rank), lpips=lp,
-                            remat=remat, backend=backend)
+                            remat=remat, backend=backend,
+                            retrieved_branch=getattr(shapes, "hspace_shape", None) is None)
 
 
 # ---------------------------------------------------------------------------------------------

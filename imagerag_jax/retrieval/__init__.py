@@ -1,4 +1,5 @@
-"""The retrieval database format (memory-mapped) and nearest-neighbour search (ScaNN, exact, BM25)."""
+"""The retrieval database format (memory-mapped), nearest-neighbour search (ScaNN, exact, BM25) and
+the per-entry H-space cache (`hspace_cache`, imported on its own: it needs JAX)."""
 
 from imagerag_jax.retrieval.database import Database
 from imagerag_jax.retrieval.database import DatabaseError

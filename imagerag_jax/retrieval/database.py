@@ -398,14 +398,16 @@ class Database:
             raise KeyError(f"ids not in the database: {missing.reshape(-1)[:10].tolist()}")
         return self._id_order[pos]
 
-    def gather(self, rows: np.ndarray | Sequence[int]) -> dict[str, np.ndarray]:
-        """Gathers latents, prompt_embeds, pooled and ids of `rows` (any shape) into memory."""
+    def gather(self, rows: np.ndarray | Sequence[int],
+               names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Gathers latents, prompt_embeds, pooled and ids of `rows` (any shape) into memory
+        (only the arrays in `names`, when given: the others are not read)."""
         rows = np.asarray(rows, np.int64)
         flat = rows.reshape(-1)
         # memmap fancy indexing is fastest on sorted unique rows; undo the permutation after.
         uniq, inverse = np.unique(flat, return_inverse=True)
         out = {}
-        for name in ARRAYS:
+        for name in ARRAYS if names is None else names:
             got = np.asarray(getattr(self, name)[uniq])[inverse]
             out[name] = got.reshape(rows.shape + got.shape[1:])
         return out

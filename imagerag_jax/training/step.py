@@ -6,6 +6,7 @@ Latent adversarial distillation with retrieval (paper Sec. 3.3-3.4), as one pure
   x_t = noise (the example's teacher noise when it has one)      [t = 999; n-step: t ~ T_n]
   h, skips, temb = student.encode(x_t, t, text)                   frozen, no backward
   h_retr = student.encode(z0_retr, 0, text_retr)                  frozen, t = 0, k neighbours
+                                            (or the batch's retrieved_hspace, data.neighbour_feed)
   lam = mean_j cos(pooled, pooled_retr_j)                         Eq. 5's lambda
   z_hat = x0(student.decode(h + lam * adapter(h, h_retr), ...; W + LoRA))
   s ~ U{0..999}, eps ~ N(0, I): z_s = add_noise(z0, eps, s), z_hat_s = add_noise(z_hat, eps, s)
@@ -56,9 +57,11 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-# What the step reads from a batch (ids and scores are not used by the objective).
+# What the step reads from a batch (ids and scores are not used by the objective). A batch has
+# either the neighbours' latents and prompt embeddings (the step encodes them) or their H-space
+# (`retrieved_hspace`, gathered from the H-space cache by `data.neighbour_feed`).
 BATCH_FIELDS = ("latent", "noise", "prompt_embeds", "pooled", "retrieved_latents",
-                "retrieved_prompt_embeds", "retrieved_pooled")
+                "retrieved_prompt_embeds", "retrieved_pooled", "retrieved_hspace")
 
 
 @dataclasses.dataclass
@@ -290,10 +293,15 @@ def make_train_step(s: StepSetup, schedule: schedule_lib.NoiseSchedule, mesh: ja
         # Frozen, outside the differentiated function: no backward through the student encoder.
         h, skips, temb = sampling.unet_encode(s.student, student_p, x_t, t, student_context)
         if self_neighbour:
+            if "retrieved_hspace" in batch:
+                raise UserError("self_neighbour replaces neighbour 0's latent, which a batch of "
+                                "cached H-space does not carry; use retrieved_branch='encode'")
             batch = with_self_as_neighbour(batch, z0)
         lam = adapter_lib.retrieval_lambda(pooled, batch["retrieved_pooled"])
         if arm == "no_adapter":
             h_retr = None
+        elif "retrieved_hspace" in batch:  # the encoder's output, computed once per DB entry
+            h_retr = batch_c(batch["retrieved_hspace"].astype(jnp.float32))
         else:
             h_retr = sampling.retrieved_hspace(s.student, student_p, batch["retrieved_latents"],
                                                batch["retrieved_prompt_embeds"])

@@ -48,7 +48,12 @@ State = dict[str, Any]
 # Config fields the jitted functions do not depend on (the loop's); see Trainer._jit_key.
 LOOP_FIELDS = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints",
                "async_checkpoints", "sample_every", "num_samples", "debug_nan_step", "data_dir",
-               "data_mixture", "split", "shuffle_buffer", "synthetic", "global_batch_size", "peak_tflops")
+               "data_mixture", "split", "shuffle_buffer", "synthetic", "global_batch_size", "peak_tflops",
+               "database")
+# Where the train step gets each neighbour's H-space: 'encode' runs the frozen student encoder on
+# the neighbours' latents in the step; 'hspace' gathers it from the database's H-space cache
+# (data/neighbour_feed.py), computed once per database entry.
+RETRIEVED_BRANCHES = ("encode", "hspace")
 # Jitted init/step functions per (config, mesh, shapes): a second Trainer with the same settings
 # (a resumed run, a notebook re-run) reuses them instead of tracing the UNets again.
 _JIT_CACHE: dict[tuple, Any] = {}
@@ -316,8 +321,9 @@ class Trainer:
         def sample(state, frozen, vae_params, batch):
             noise = batch["noise"] if "noise" in batch else jax.random.normal(
                 jax.random.PRNGKey(1234), batch["latent"].shape, jnp.float32)
-            h_retr = sampling.retrieved_hspace(s.student, frozen["student"], batch["retrieved_latents"],
-                                               batch["retrieved_prompt_embeds"])
+            h_retr = batch["retrieved_hspace"] if "retrieved_hspace" in batch else \
+                sampling.retrieved_hspace(s.student, frozen["student"], batch["retrieved_latents"],
+                                          batch["retrieved_prompt_embeds"])
             lam = adapter_lib.retrieval_lambda(batch["pooled"], batch["retrieved_pooled"])
             unet_p = lora.merge(frozen["student"], state["params"]["lora"], s.lora_alpha, s.lora_rank)
             run = lambda l, h=h_retr, p=unet_p: sampling.imagerag_one_step(
@@ -417,6 +423,12 @@ def check_config(config: ml_collections.ConfigDict,
     if config.remat not in step_lib.REMAT_POLICIES:
         raise UserError(f"unknown remat {config.remat!r}; expected one of "
                         f"{sorted(step_lib.REMAT_POLICIES)}")
+    if config.retrieved_branch not in RETRIEVED_BRANCHES:
+        raise UserError(f"unknown retrieved_branch {config.retrieved_branch!r}; expected one of "
+                        f"{', '.join(RETRIEVED_BRANCHES)}")
+    if config.retrieved_branch == "hspace" and config.self_neighbour:
+        raise UserError("self_neighbour puts the example's own latent in as neighbour 0, which the "
+                        "H-space cache does not hold; use retrieved_branch='encode'")
     accum = config.grad_accum_steps
     if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
         raise UserError(f"grad_accum_steps must be an integer >= 1, got {accum!r}")
@@ -447,8 +459,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     """The body of `train_and_evaluate`."""
     from clu import metric_writers
 
-    from imagerag_jax.data import mixture, synthetic
-    from imagerag_jax.data.input_stream import InputStream, data_schema
+    from imagerag_jax.data import mixture, neighbour_feed, synthetic
+    from imagerag_jax.data.input_stream import InputStream, data_schema, retrieval_manifest
 
     mesh = check_config(config)  # a bad value leaves no half-made workdir behind
     workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
@@ -468,15 +480,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
         synthetic.write_synthetic_data(sets[0][0], config)
     # One set reads as its directory (the state of runs before mixtures), several as a mixture.
     data = sets[0][0] if len(sets) == 1 and not config.data_mixture else sets
-    schema = data_schema(data, config.split)
+    stored = data_schema(data, config.split)
+    # Neighbours stored by id, or the H-space branch: each host gathers them from its database.
+    feed_kw = dict(hspace=config.retrieved_branch == "hspace", database=config.database,
+                   student_params=trainer.frozen["student"])
+    manifest = retrieval_manifest(data, config.split)
+    feed = neighbour_feed.open_feed(manifest, stored, **feed_kw)
+    schema = feed.schema(stored) if feed is not None else stored
     trainer.check_schema(schema)
     gb = int(config.global_batch_size)
     shards = sharding.batch_shards(mesh, trainer.rules)  # check_config has checked that gb splits
     fields = step_lib.batch_fields(schema)
-    pipeline_kw = dict(mesh=mesh, batch_axes=sharding.batch_axes(mesh, trainer.rules), fields=fields,
-                       dtype=np.float32)
-    it = InputStream(data, config.split, gb, seed=config.seed,
-                       shuffle_buffer=config.shuffle_buffer, **pipeline_kw)
+    pipeline_kw = dict(mesh=mesh, batch_axes=sharding.batch_axes(mesh, trainer.rules), dtype=np.float32)
+    it = InputStream(data, config.split, gb, seed=config.seed, shuffle_buffer=config.shuffle_buffer,
+                     fields=fields, neighbour_feed=feed, **pipeline_kw)
 
     ckpt = checkpoints.Checkpointer(os.path.join(workdir, checkpoints.DIRECTORY),
                                     config.keep_checkpoints, config.async_checkpoints)
@@ -506,8 +523,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     if sample_every > 0:
         sample = trainer.sample_fn()
         n = -(-max(int(config.num_samples), 1) // shards) * shards
-        sample_batch = next(InputStream(data, config.split, n, seed=config.seed + 1,
-                                          shuffle_buffer=1, **pipeline_kw))
+        # The grids show neighbour 0 as an image: the sample batch has the latents too.
+        sample_feed = neighbour_feed.open_feed(manifest, stored, **feed_kw, with_latents=True)
+        sample_fields = tuple(dict.fromkeys(fields + ("retrieved_latents", "retrieved_prompt_embeds")))
+        sample_batch = next(InputStream(data, config.split, n, seed=config.seed + 1, shuffle_buffer=1,
+                                        fields=sample_fields, neighbour_feed=sample_feed, **pipeline_kw))
 
     def save(at: int) -> None:
         ckpt.save(at, state, data_iter=it.get_state(), config=config_json, frozen=frozen_refs)

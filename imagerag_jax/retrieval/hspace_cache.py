@@ -12,6 +12,9 @@ Layout, beside the database it caches (one folder per encoder fingerprint)::
                     committed count
     hspace.bin      [N, hh, ww, C] float16, headerless C-order (8x8x1280 per entry at SD size)
 
+A float32 cache (``dtype='float32'``, folder ``<fingerprint>-float32``) stores the encoder's
+output exactly: twice the disk, for checks that compare with the encoder computed in the step.
+
 The commit protocol is the database's: a batch is appended (and fsynced), then the manifest is
 atomically replaced with the new count, the only commit point. A killed build resumes at the
 committed count after truncating the uncommitted tail; a database that grew is extended; one that
@@ -45,7 +48,8 @@ CACHE_VERSION = 1
 CACHE_ROOT = "hspace_cache"
 MANIFEST = "manifest.json"
 DATA = "hspace.bin"
-DTYPE = np.float16
+DTYPE = np.float16  # the default storage dtype
+DTYPES = ("float16", "float32")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,18 +58,26 @@ DTYPE = np.float16
 
 
 def encoder_fingerprint(unet_params: Any) -> str:
-    """Fingerprint of the params the H-space depends on (the decoder, hence its LoRA, excluded)."""
-    return towers.fingerprint(towers.encoder_params(unet_params))
+    """Fingerprint of the params the H-space depends on (the decoder, hence its LoRA, excluded).
+
+    Taken of the weights rounded to bfloat16, so one checkpoint has one fingerprint whether it is
+    held in float32 (generation, build-cache) or in bfloat16 (a trainer's `frozen_param_dtype`).
+    """
+    rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16), towers.encoder_params(unet_params))
+    return towers.fingerprint(rounded)
 
 
-def cache_dir(db_path: str, fingerprint: str) -> str:
-    """The cache folder of one encoder fingerprint beside the database at `db_path`."""
-    return os.path.join(db_path, CACHE_ROOT, fingerprint)
+def cache_dir(db_path: str, fingerprint: str, dtype: str = "float16") -> str:
+    """The cache folder of one encoder fingerprint (and storage dtype) beside the database."""
+    if dtype not in DTYPES:
+        raise UserError(f"an H-space cache stores {' or '.join(DTYPES)}, not {dtype!r}")
+    name = fingerprint if dtype == "float16" else f"{fingerprint}-{dtype}"
+    return os.path.join(db_path, CACHE_ROOT, name)
 
 
-def bytes_per_entry(shape: Sequence[int]) -> int:
-    """Bytes one entry's float16 H-space takes on disk."""
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPE).itemsize
+def bytes_per_entry(shape: Sequence[int], dtype: Any = DTYPE) -> int:
+    """Bytes one entry's H-space takes on disk (float16 unless the cache was built otherwise)."""
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
 def size_per_million(shape: Sequence[int]) -> str:
@@ -81,14 +93,15 @@ def size_per_million(shape: Sequence[int]) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _program(unet: Any, batch: jax.sharding.NamedSharding) -> Any:
-    """The jitted encoder of one module and batch sharding (kept: later builds reuse its compile)."""
+def _program(unet: Any, batch: jax.sharding.NamedSharding, dtype: str = "float16") -> Any:
+    """The jitted encoder of one module, batch sharding and output dtype (kept: later builds reuse
+    its compile)."""
     rep = sharding.replicated(batch.mesh)
 
     def encode(p, latents, embeds):
         h = sampling.retrieved_hspace(unet, p, latents[:, None].astype(jnp.float32),
                                       embeds[:, None].astype(jnp.float32))[:, 0]
-        return h.astype(DTYPE)
+        return h.astype(dtype)
 
     return jax.jit(encode, in_shardings=(rep, batch, batch), out_shardings=batch)
 
@@ -100,7 +113,8 @@ class Encoder:
     so that the program compiles once.
     """
 
-    def __init__(self, unet: Any, unet_params: Any, batch_size: int, mesh: Any = None):
+    def __init__(self, unet: Any, unet_params: Any, batch_size: int, mesh: Any = None,
+                 dtype: str = "float16"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if mesh is None:
@@ -111,7 +125,7 @@ class Encoder:
         rep = sharding.replicated(mesh)
         params = towers.encoder_params(unet_params)  # what the fingerprint covers, nothing more
         self.params = sharding.put(params, jax.tree.map(lambda _: rep, params))
-        self._fn = _program(unet, self.sharding)
+        self._fn = _program(unet, self.sharding, dtype)
 
     def output_shape(self, latent_shape: Sequence[int], embed_shape: Sequence[int]
                      ) -> tuple[int, ...]:
@@ -132,9 +146,10 @@ class Encoder:
         return self._fn(self.params, latents, embeds)
 
 
-def make_encoder(unet: Any, unet_params: Any, batch_size: int, mesh: Any = None) -> Encoder:
+def make_encoder(unet: Any, unet_params: Any, batch_size: int, mesh: Any = None,
+                 dtype: str = "float16") -> Encoder:
     """The `Encoder` that `build_cache` runs (a seam for tests that count calls)."""
-    return Encoder(unet, unet_params, batch_size, mesh)
+    return Encoder(unet, unet_params, batch_size, mesh, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,10 +166,10 @@ def _read_manifest(path: str) -> dict[str, Any] | None:
                                  error=UserError, hint=f"delete {path} and rebuild the cache")
     ok = (isinstance(m.get("fingerprint"), str) and isinstance(m.get("count"), int)
           and isinstance(m.get("db"), dict) and isinstance(m.get("shape"), list)
-          and m.get("dtype") == np.dtype(DTYPE).name)
+          and m.get("dtype") in DTYPES)
     if not ok:
         raise UserError(f"{mpath}: not a valid H-space cache manifest (needs fingerprint, count, "
-                        f"db, shape and dtype {np.dtype(DTYPE).name}); delete {path} and rebuild it")
+                        f"db, shape and a dtype of {DTYPES}); delete {path} and rebuild it")
     return m
 
 
@@ -195,26 +210,29 @@ def _truncate(path: str, size: int) -> bool:
 
 
 def build_cache(db_path: str, unet: Any, unet_params: Any, *, batch_size: int = 16,
-                mesh: Any = None, fsync: bool = True, progress: bool = True) -> str:
+                mesh: Any = None, fsync: bool = True, progress: bool = True,
+                dtype: str = "float16") -> str:
     """Computes (or resumes, or extends) the H-space cache of the database at `db_path`; its folder.
 
     `unet`/`unet_params` are the student's (a merged decoder LoRA does not matter). `mesh` splits
-    each batch over its devices (default: every local device on a 'data' axis).
+    each batch over its devices (default: every local device on a 'data' axis). `dtype`: the
+    storage dtype (float32: the encoder's output exactly, for checks; see the module docstring).
     """
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
     db = db_lib.Database.open(db_path)
     fp = encoder_fingerprint(unet_params)
-    path = cache_dir(db_path, fp)
+    path = cache_dir(db_path, fp, dtype)
     os.makedirs(path, exist_ok=True)
-    encoder = make_encoder(unet, unet_params, batch_size, mesh)
+    encoder = make_encoder(unet, unet_params, batch_size, mesh, dtype)
     shape = encoder.output_shape(db.shapes["latents"], db.shapes["prompt_embeds"])
-    row = bytes_per_entry(shape)
+    row = bytes_per_entry(shape, dtype)
     data = os.path.join(path, DATA)
 
     m = _read_manifest(path)
     if m is not None:
         why = ("its fingerprint is not this folder's" if m["fingerprint"] != fp
+               else f"it stores {m['dtype']}, not {dtype}" if m["dtype"] != dtype
                else _mismatch(m, db, shape))
         if why is None and not _truncate(data, m["count"] * row):
             why = f"{data} is shorter than its {m['count']} committed entries"
@@ -227,7 +245,7 @@ def build_cache(db_path: str, unet: Any, unet_params: Any, *, batch_size: int = 
     fresh = m is None
     if fresh:
         m = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "fingerprint": fp, "count": 0,
-             "shape": list(shape), "dtype": np.dtype(DTYPE).name,
+             "shape": list(shape), "dtype": dtype,
              "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     m["db"] = _db_identity(db)
     _write_manifest(path, m, fsync)
@@ -236,7 +254,7 @@ def build_cache(db_path: str, unet: Any, unet_params: Any, *, batch_size: int = 
 
     def commit(start: int, n: int, out: jax.Array) -> None:
         # Data first, manifest last: a crash in between leaves an uncommitted tail only.
-        h = np.ascontiguousarray(np.asarray(out)[:n], DTYPE)
+        h = np.ascontiguousarray(np.asarray(out)[:n], dtype)
         with open(data, "ab") as f:
             f.write(h.tobytes())
             f.flush()
@@ -278,14 +296,15 @@ class HSpaceCache:
         self.fingerprint: str = manifest["fingerprint"]
         self.count: int = int(manifest["count"])
         self.shape: tuple[int, int, int] = tuple(int(d) for d in manifest["shape"])
+        self.dtype = np.dtype(manifest["dtype"])
         full = (self.count, *self.shape)
         if self.count == 0:  # mmap cannot map zero bytes.
-            self._data = np.zeros(full, DTYPE)
+            self._data = np.zeros(full, self.dtype)
         else:
-            self._data = np.memmap(os.path.join(path, DATA), dtype=DTYPE, mode="r", shape=full)
+            self._data = np.memmap(os.path.join(path, DATA), dtype=self.dtype, mode="r", shape=full)
 
     def gather(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
-        """H-space of DB `rows` (any int shape): rows.shape + shape, float16."""
+        """H-space of DB `rows` (any int shape): rows.shape + shape, in the stored dtype."""
         rows = np.asarray(rows, np.int64)
         flat = rows.reshape(-1)
         if flat.size and (flat.min() < 0 or flat.max() >= self.count):
@@ -301,20 +320,21 @@ class HSpaceCache:
 
     def nbytes(self) -> int:
         """Bytes of the committed features on disk."""
-        return self.count * bytes_per_entry(self.shape)
+        return self.count * bytes_per_entry(self.shape, self.dtype)
 
     def describe(self) -> dict[str, Any]:
         """Path, fingerprint, count, shape and size (for logs and manifests)."""
         return {"path": self.path, "fingerprint": self.fingerprint, "count": self.count,
-                "shape": list(self.shape), "bytes": self.nbytes()}
+                "shape": list(self.shape), "dtype": self.dtype.name, "bytes": self.nbytes()}
 
     def __repr__(self) -> str:
         return f"HSpaceCache({self.path!r}, count={self.count}, shape={self.shape})"
 
 
-def open_cache(db_path: str, unet_params: Any = None, *, fingerprint: str | None = None
-               ) -> HSpaceCache | None:
-    """The complete cache of the database for these encoder params (or fingerprint); else None.
+def open_cache(db_path: str, unet_params: Any = None, *, fingerprint: str | None = None,
+               dtype: str = "float16") -> HSpaceCache | None:
+    """The complete cache (of `dtype`) of the database for these encoder params (or fingerprint);
+    else None.
 
     None, with a logging.info line saying why, when there is no cache for this encoder, when it
     is incomplete, or when the database changed since it was built.
@@ -323,17 +343,17 @@ def open_cache(db_path: str, unet_params: Any = None, *, fingerprint: str | None
         raise ValueError("open_cache needs exactly one of unet_params and fingerprint")
     db = db_lib.Database.open(db_path)
     fp = fingerprint if fingerprint is not None else encoder_fingerprint(unet_params)
-    path = cache_dir(db_path, fp)
+    path = cache_dir(db_path, fp, dtype)
     m = _read_manifest(path)
     why = None
     if m is None:
         root = os.path.join(db_path, CACHE_ROOT)
         others = sorted(os.listdir(root)) if os.path.isdir(root) else []
-        others = [o for o in others if o != fp]
+        others = [o for o in others if o != os.path.basename(path)]
         why = f"no H-space cache for encoder {fp} at {path}" + (
             f" (caches exist for other encoders: {', '.join(others)})" if others else "")
-    elif m["fingerprint"] != fp:
-        why = f"{path} holds a cache of encoder {m['fingerprint']}, not {fp}"
+    elif m["fingerprint"] != fp or m["dtype"] != dtype:
+        why = f"{path} holds a {m['dtype']} cache of encoder {m['fingerprint']}, not {fp}'s {dtype}"
     else:
         changed = _mismatch(m, db, None)
         if changed is not None:
@@ -344,7 +364,7 @@ def open_cache(db_path: str, unet_params: Any = None, *, fingerprint: str | None
         else:
             data = os.path.join(path, DATA)
             size = os.path.getsize(data) if os.path.exists(data) else 0
-            if size < m["count"] * bytes_per_entry(m["shape"]):
+            if size < m["count"] * bytes_per_entry(m["shape"], m["dtype"]):
                 why = f"the H-space cache {path} is truncated ({size} bytes for {m['count']} entries)"
     if why is not None:
         logging.info("Not using an H-space cache: %s.", why)

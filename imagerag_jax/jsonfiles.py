@@ -1,7 +1,9 @@
 """The JSON side files of every on-disk format: canonical form, atomic writes, versioned reads.
 
 `atomic_write` is the one way any file of the package is replaced (JSON, text, `np.save`, msgpack):
-a unique temporary name beside the file, fsync, `os.replace`.
+a unique temporary name beside the file, fsync, `os.replace`. A path with a scheme (`gs://`,
+`ram://`, ...) is written and read through `storage` (TensorFlow's filesystems): the temporary
+object is renamed over the file, which object stores commit whole.
 
 Each format (retrieval database, index, TFRecord manifest, export, adapter, judge, iterator
 state) names itself with a ``format`` string and a version; `read_versioned` is the one place
@@ -20,6 +22,8 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 import numpy as np
+
+from imagerag_jax import storage
 
 
 def _default(o: Any) -> Any:
@@ -77,6 +81,16 @@ def atomic_write(path: str, mode: str = "w", *, fsync: bool = True,
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
     tmp = temp_name(path)
+    if storage.is_url(path):
+        try:
+            with storage.open_file(tmp, mode) as f:
+                yield f
+            storage.rename(tmp, path)
+        except BaseException:
+            if storage.exists(tmp):
+                storage.remove(tmp)
+            raise
+        return
     try:
         # 'x': never another writer's file; plain open keeps the usual (umask) permissions.
         with open(tmp, mode.replace("w", "x"), encoding=None if "b" in mode else encoding) as f:
@@ -108,10 +122,10 @@ def write_atomic(path: str, obj: Any, *, sort_keys: bool = True, indent: int = 2
 
 def read(path: str, *, what: str = "file", error: type[Exception] = ValueError) -> dict[str, Any]:
     """The JSON object in `path`; `error` with the path when it is missing or not a JSON object."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise error(f"{path}: no such {what}")
     try:
-        with open(path) as f:
+        with storage.open_file(path) as f:
             obj = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise error(f"{path}: not a readable JSON {what} ({e})") from e

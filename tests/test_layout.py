@@ -11,7 +11,7 @@ PACKAGE = ROOT / "imagerag_jax"
 
 # docs/design.md, "Layout and import floors": a module may import only its floor or below.
 FLOORS = {
-    "errors": 0, "jsonfiles": 0, "config_args": 0, "images": 0,
+    "errors": 0, "jsonfiles": 0, "storage": 0, "config_args": 0, "images": 0,
     "models": 1, "sharding": 1,
     "weights": 2, "retrieval": 2, "diffusion": 2,
     "data": 4,

@@ -17,6 +17,7 @@ from PIL import Image
 
 from imagerag_jax.weights import towers
 from imagerag_jax.data import build_db, encoders, input_stream, precompute, sources, tfrecords
+from imagerag_jax import storage
 from imagerag_jax.errors import UserError
 from imagerag_jax.retrieval import database, index as index_lib
 from imagerag_jax.weights import random_pipeline
@@ -274,6 +275,38 @@ def test_neighbours_by_id_are_the_inline_records_less_their_arrays(workdir, pair
                                           np.asarray(inline[eid][field], np.float32), err_msg=field)
     with pytest.raises(UserError, match="config.neighbours must be one of inline, ids"):
         precompute.precompute(_pairs_config(workdir, pairs, "data_bad", neighbours="links"), workdir)
+
+
+def test_precompute_writes_to_a_non_local_filesystem_and_resumes_there(workdir, pairs, precomputed,
+                                                                       tmp_path, monkeypatch):
+    # ram:// is TensorFlow's in-memory filesystem: what the job writes goes through tf.io.gfile and
+    # jsonfiles' URL paths, as to gs://, and the input stream reads it back there.
+    # The database and index are read from URLs too: staged to local disk (storage.stage).
+    import tensorflow as tf
+    from tests.test_storage import upload
+
+    monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "staging"))
+    urls = {"db.dir": "ram://bucket/precompute/db", "index_dir": "ram://bucket/precompute/index"}
+    upload(os.path.join(workdir, "db"), urls["db.dir"])
+    upload(os.path.join(workdir, "index"), urls["index_dir"])
+    url = "ram://bucket/precompute/data"
+    manifest = precompute.precompute(_pairs_config(workdir, pairs, "unused", data_dir=url, **urls), workdir)
+    assert manifest is not None and not os.path.exists(os.path.join(workdir, "unused"))
+    assert tf.io.gfile.exists(f"{url}/precompute_train.json")
+    assert manifest["index"]["database"]["path"] == urls["db.dir"]  # where the trainer finds it
+    assert os.path.isdir(storage.staging_dir(urls["db.dir"]))
+    local = _read_split(precomputed[0].data_dir)
+    remote = _read_split(url)
+    assert sorted(remote) == sorted(local)
+    for eid, ex in remote.items():
+        for field, value in ex.items():
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(local[eid][field]), err_msg=field)
+    names = sorted(f for f in tf.io.gfile.listdir(url) if f.endswith(".tfrecord"))
+    assert names and all(precompute.shard_done(url, "train", i, 3) for i in range(3))
+    again = precompute.precompute(_pairs_config(workdir, pairs, "unused", data_dir=url, **urls), workdir)
+    assert again["splits"] == manifest["splits"]  # every shard was done: nothing rewritten
+    with pytest.raises(UserError, match="another configuration"):
+        precompute.precompute(_pairs_config(workdir, pairs, "unused", data_dir=url, k=1, **urls), workdir)
 
 
 def test_rerun_skips_finished_shards(workdir, pairs, precomputed):

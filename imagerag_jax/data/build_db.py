@@ -63,7 +63,7 @@ import jax
 import numpy as np
 import tqdm
 
-from imagerag_jax import config_args, jsonfiles
+from imagerag_jax import config_args, jsonfiles, storage
 from imagerag_jax.weights import towers
 from imagerag_jax.data import encoders
 from imagerag_jax.data import sources as sources_lib
@@ -729,8 +729,8 @@ def _index_current(out_dir: str, stamp: dict[str, Any]) -> bool:
 
 
 def index_meta(path: str) -> dict[str, Any]:
-    """The saved index's path, kind, count and config (what manifests record about it)."""
-    with open(os.path.join(path, index_lib.META)) as f:
+    """The saved index's path (a URL as given), kind, count and config (what manifests record)."""
+    with storage.open_file(os.path.join(path, index_lib.META)) as f:
         meta = json.load(f)
-    return {"path": os.path.abspath(path), "kind": meta["kind"], "count": meta["count"],
-            "config": meta["config"]}
+    return {"path": path if storage.is_url(path) else os.path.abspath(path), "kind": meta["kind"],
+            "count": meta["count"], "config": meta["config"]}

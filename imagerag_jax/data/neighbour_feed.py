@@ -12,7 +12,9 @@ frozen student encoder's mid-block output at t = 0, `retrieval.hspace_cache`) in
 and prompt embeddings, so the train step does not run the encoder on the k neighbours; this works
 for records of either kind (inline records carry the ids too).
 
-Both are pure functions of the ids, so a resumed stream gathers the same arrays. The database must
+Both are pure functions of the ids, so a resumed stream gathers the same arrays. A database at a
+URL (`gs://...`, as config.database or as recorded) is staged to each host's local disk first
+(`storage.stage`: once, resumably). The database must
 be the one the records were retrieved from (same entry count and creation time, checked), and
 the cache must be the one of the run's frozen student encoder (its fingerprint, checked).
 Numpy only: no TensorFlow.
@@ -27,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from imagerag_jax import storage
 from imagerag_jax.errors import UserError
 from imagerag_jax.retrieval import database as db_lib
 
@@ -86,6 +89,10 @@ def database_path(manifest: Mapping[str, Any], override: str | None) -> str:
     if not path:
         raise UserError("the training records do not say which database their neighbours come from; "
                         "set config.database to it")
+    if storage.is_url(path):  # memory-mapped: every host reads a local copy
+        if not storage.isdir(path):
+            raise UserError(f"the retrieval database {path} does not exist")
+        return storage.stage(path, what="retrieval database")
     if not os.path.isdir(path):
         raise UserError(f"the retrieval database {path} does not exist on this host"
                         + ("" if override else " (the path the records were precomputed with); copy "

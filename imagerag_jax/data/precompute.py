@@ -1,7 +1,8 @@
 """The precompute job: training pairs -> TFRecord shards of examples with their DB neighbours.
 
 `precompute(config, workdir)` takes an ml_collections config (see `configs/precompute_digits.py`
-for every field) and a workdir; it writes `workdir/data` (or `config.data_dir`): the shards of one
+for every field) and a workdir; it writes `workdir/data` (or `config.data_dir`, a folder or any
+TensorFlow filesystem's URL: `gs://bucket/data`, the job's database and index stay local): the shards of one
 split, their manifest parts and, once every shard exists, `manifest.json`. Each example holds its
 target latent (VAE or teacher), its prompt embeddings and, with `config.k` > 0, its top-k
 neighbours from the database and index that `build_db` wrote.
@@ -45,7 +46,7 @@ import jax
 import numpy as np
 import tqdm
 
-from imagerag_jax import config_args, jsonfiles
+from imagerag_jax import config_args, jsonfiles, storage
 from imagerag_jax.weights import towers
 from imagerag_jax.data import build_db as build_db_lib
 from imagerag_jax.data import encoders
@@ -71,20 +72,23 @@ def shard_done(out_dir: str, split: str, index: int, num_shards: int) -> bool:
     name = tfrecords.shard_name(split, index, num_shards)
     part = os.path.join(out_dir, tfrecords.PARTS_DIR, f"{split}-{index:05d}.json")
     shard = os.path.join(out_dir, name)
-    if not (os.path.exists(part) and os.path.exists(shard)):
+    if not (storage.exists(part) and storage.exists(shard)):  # local, or gs:// and the like
         return False
     try:
-        with open(part) as f:
+        with storage.open_file(part) as f:
             files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, tfrecords.tf.errors.OpError):
         return False
     return (len(files) == 1 and files[0]["name"] == name
-            and files[0]["num_bytes"] == os.path.getsize(shard))
+            and files[0]["num_bytes"] == storage.size(shard))
 
 
 def _open_retriever(db_path: str, idx_path: str, models: towers.JobTowers,
                     exclude_duplicates: bool) -> retriever_lib.Retriever:
-    """The database and index build_db wrote, checked against precompute's encoders."""
+    """The database and index build_db wrote, checked against precompute's encoders (a URL's
+    read from a local copy: `storage.stage`)."""
+    db_path, idx_path = (storage.stage(p, what=w) for p, w in ((db_path, "retrieval database"),
+                                                                (idx_path, "index")))
     db = db_lib.Database(db_path)
     db_lib.check_encoders(db_path, db.manifest, models.encoders())
     hashes = build_db_lib.load_image_hashes(db_path, db.count) if exclude_duplicates else None
@@ -94,7 +98,7 @@ def _open_retriever(db_path: str, idx_path: str, models: towers.JobTowers,
 def _job_description(config: Any, models: towers.JobTowers,
                      teacher: towers.JobTowers | None, num_items: int,
                      retriever: retriever_lib.Retriever | None, index_meta: dict[str, Any],
-                     image_size: int | None) -> dict[str, Any]:
+                     image_size: int | None, db_url: str | None = None) -> dict[str, Any]:
     """What determines the shards' content; a resumed job must match it exactly."""
     get, plain = config_args.get, config_args.plain
     tcfg = plain(get(config, "teacher"))
@@ -111,7 +115,9 @@ def _job_description(config: Any, models: towers.JobTowers,
         desc["teacher"] = {**tcfg, "unet": teacher.unet_id, "text_encoder": teacher.text_encoder_id}
     if retriever is not None:
         db = retriever.database
-        desc["database"] = {"path": os.path.abspath(db.path), "count": db.count,
+        # Where the trainer finds it: its URL when it was staged from one.
+        location = db_url if db_url and storage.is_url(db_url) else os.path.abspath(db.path)
+        desc["database"] = {"path": location, "count": db.count,
                             "created": db.manifest.get("created"), "source": db.manifest.get("source")}
         desc["index"] = {k: index_meta[k] for k in ("kind", "count", "config")}
     return jsonfiles.normalized(desc)
@@ -179,12 +185,12 @@ def precompute(config: Any, workdir: str, process_index: int | None = None,
     else:
         num_items = len(source) if limit is None else min(len(source), limit)
 
-    os.makedirs(out_dir, exist_ok=True)
-    desc = _job_description(config, models, teacher, num_items, retriever, index_meta, image_size)
+    storage.makedirs(out_dir)  # a local folder or an object-storage URL
+    desc = _job_description(config, models, teacher, num_items, retriever, index_meta, image_size,
+                            build_db_lib.db_dir(config, workdir))
     desc_path = os.path.join(out_dir, f"precompute_{split}.json")
-    if os.path.exists(desc_path):
-        with open(desc_path) as f:
-            old = json.load(f)
+    if storage.exists(desc_path):
+        old = jsonfiles.read(desc_path, what="precompute job description", error=UserError)
         old, pinned = _without_paths(old), _without_paths(desc)
         if old != pinned:
             diff = sorted(key for key in set(old) | set(pinned) if old.get(key) != pinned.get(key))

@@ -44,7 +44,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from imagerag_jax import jsonfiles
+from imagerag_jax import jsonfiles, storage
 from imagerag_jax.training import checkpoints
 from imagerag_jax.models import lora
 from imagerag_jax.weights import hub, towers
@@ -119,7 +119,7 @@ def load_run(workdir: str, step: int | None = None, *, check_frozen: bool = True
                           "would change the H-space the adapter was trained on, so it cannot be exported")
     timestep = int(schedule_lib.student_timesteps(int(config.student_steps))[0])
     return RunWeights(
-        workdir=os.path.abspath(workdir), step=step, config=config, config_json=config_json,
+        workdir=workdir if storage.is_url(workdir) else os.path.abspath(workdir), step=step, config=config, config_json=config_json,
         frozen_refs=frozen_refs, student=frozen.student.module, student_params=frozen.student.params,
         vae=frozen.vae.module, vae_params=frozen.vae.params, adapter=adapter,
         adapter_params=params["adapter"], lora_params=lora_params,

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from imagerag_jax import jsonfiles, sharding
+from imagerag_jax import jsonfiles, sharding, storage
 from imagerag_jax.retrieval import hspace_cache
 from imagerag_jax.diffusion import sampling
 from imagerag_jax.weights import towers
@@ -88,6 +88,11 @@ def _open_retrieval(database: Any, index: Any) -> tuple[retriever_lib.Retriever 
         raise UserError("retrieval needs both a database and its index (--database DB --index IDX)")
     if database is None:
         return None, None
+    # Memory-mapped database, ScaNN files: a URL (gs://...) is read from a local copy.
+    if isinstance(database, str) and storage.is_url(database):
+        database = storage.stage(database, what="retrieval database")
+    if isinstance(index, str) and storage.is_url(index):
+        index = storage.stage(index, what="index")
     if isinstance(index, index_lib.Index):
         return retriever_lib.Retriever.open(database, index), "(in memory)"
     path = os.fspath(index)
@@ -234,7 +239,7 @@ class RagPipeline:
         """
         from imagerag_jax.export import to_diffusers
 
-        if not os.path.isdir(workdir):
+        if not storage.isdir(workdir):  # a local folder or a URL (gs://...)
             raise UserError(f"{workdir} is not a folder: pass a training workdir (--run W)")
         run = to_diffusers.load_run(workdir, step)
         text, text_p, tok_dir, text_source = towers.text_tower(run.config)

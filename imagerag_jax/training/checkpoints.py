@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import jax
 import orbax.checkpoint as ocp
 
+from imagerag_jax import storage
 from imagerag_jax.errors import UserError
 
 STATE_ITEMS = ("params", "gen_opt_state", "disc_opt_state", "train_meta")
@@ -127,10 +128,11 @@ class Checkpointer:
 
 def _read_only_manager(workdir: str, error: type[Exception]) -> ocp.CheckpointManager:
     """A read-only manager of workdir/checkpoints (never creates, cleans or deletes anything)."""
-    directory = os.path.join(os.path.abspath(workdir), DIRECTORY)
-    if not os.path.isdir(workdir):
+    # A local folder or a URL (gs://...), which orbax reads itself.
+    directory = os.path.join(workdir if storage.is_url(workdir) else os.path.abspath(workdir), DIRECTORY)
+    if not storage.isdir(workdir):
         raise error(f"workdir {workdir} does not exist")
-    if not os.path.isdir(directory):
+    if not storage.isdir(directory):
         raise error(f"{workdir} has no {DIRECTORY}/ folder: not a training workdir, or the run "
                     "saved no checkpoint yet")
     options = ocp.CheckpointManagerOptions(create=False, read_only=True, cleanup_tmp_directories=False,

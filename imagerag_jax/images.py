@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import textwrap
 from typing import Sequence
 
 import numpy as np
+
+from imagerag_jax import storage
 
 # Grids for people: the smaller side of a cell in pixels, and the caption size in points.
 MIN_CELL = 96
@@ -33,12 +36,18 @@ def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> n
 
 
 def save_png(image: np.ndarray, path: str) -> str:
-    """Write one uint8 HxWxC (C in 1, 3, 4) image as PNG, creating the folder."""
+    """Write one uint8 HxWxC (C in 1, 3, 4) image as PNG, creating the folder (`path` may be a URL)."""
     from PIL import Image
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if image.shape[-1] == 1:
         image = image[..., 0]
+    if storage.is_url(path):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        with storage.open_file(path, "wb") as f:
+            f.write(buffer.getvalue())
+        return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(image).save(path)
     return path
 

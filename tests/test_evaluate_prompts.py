@@ -283,6 +283,24 @@ def test_killed_run_resumes_without_redoing_batches(full, pipe, tmp_path):
     assert again.calls == 0 and summary["complete"] and summary["skipped"] == 4
 
 
+def test_outputs_at_a_url_are_a_local_runs_and_resume_there(full, pipe):
+    # ram:// is TensorFlow's in-memory filesystem, reached through storage as gs:// is.
+    import tensorflow as tf
+
+    url = "ram://evaluate-test/eval"
+    summary = ep.evaluate_prompts(pipe, PROMPTS, url, batch_size=BATCH, seed=SEED,
+                                  process_index=0, process_count=1)
+    assert summary["complete"] and summary["generated"] == 4
+    local = snapshot(full[0])
+    for name in ["index.jsonl", "run.json"] + [ep.image_file(i) for i in range(4)]:
+        with tf.io.gfile.GFile(f"{url}/{name}", "rb") as f:
+            assert f.read() == local[name], name
+    assert tf.io.gfile.exists(f"{url}/metrics.json") and tf.io.gfile.exists(f"{url}/metrics.md")
+    again = Counting(pipe)
+    summary = ep.evaluate_prompts(again, PROMPTS, url, batch_size=BATCH, seed=SEED)
+    assert again.calls == 0 and summary["complete"] and summary["skipped"] == 4
+
+
 def test_two_hosts_give_the_images_of_one(full, pipe, tmp_path):
     out = str(tmp_path / "eval")
     first = ep.evaluate_prompts(pipe, PROMPTS, out, batch_size=BATCH, seed=SEED,

@@ -44,7 +44,7 @@ import jax
 import numpy as np
 import tqdm
 
-from imagerag_jax import jsonfiles
+from imagerag_jax import jsonfiles, storage
 from imagerag_jax.evaluation import metrics as metrics_lib
 from imagerag_jax import images as image_utils
 from imagerag_jax.errors import UserError
@@ -192,7 +192,7 @@ def image_file(i: int) -> str:
 
 def _read_png(path: str) -> np.ndarray:
     from PIL import Image  # pylint: disable=g-import-not-at-top
-    with Image.open(path) as im:
+    with storage.open_file(path, "rb") as f, Image.open(io.BytesIO(f.read())) as im:
         return np.asarray(im.convert("RGB"))
 
 
@@ -221,9 +221,9 @@ def _pin_settings(out_dir: str, settings: dict[str, Any], batch_size: int | None
     """
     path = os.path.join(out_dir, "run.json")
     fresh = not _record_names(out_dir)
-    if not os.path.exists(path):
+    if not storage.exists(path):
         images = os.path.join(out_dir, IMAGES_DIR)
-        if not fresh or (os.path.isdir(images) and os.listdir(images)):
+        if not fresh or (storage.isdir(images) and storage.listdir(images)):
             raise UserError(f"{out_dir} holds {'batch records' if not fresh else 'images/'} but no "
                             f"run.json: it is not an evaluation folder of this tool; use a new --out")
     elif not fresh:
@@ -236,7 +236,7 @@ def _pin_settings(out_dir: str, settings: dict[str, Any], batch_size: int | None
             raise UserError(f"{out_dir} holds an evaluation with other settings (differs in "
                             f"{', '.join(diff)}); use a new --out or delete it")
         return settings
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     jsonfiles.write_atomic(path, {"format": RUN_FORMAT, "version": VERSION, "settings": settings})
     return settings
 
@@ -244,7 +244,9 @@ def _pin_settings(out_dir: str, settings: dict[str, Any], batch_size: int | None
 def _record_names(out_dir: str) -> list[str]:
     """The batch record files in out_dir (temporaries of interrupted writes excluded)."""
     folder = os.path.join(out_dir, BATCHES_DIR)
-    return sorted(n for n in os.listdir(folder) if n.endswith(".json")) if os.path.isdir(folder) else []
+    if not storage.isdir(folder):
+        return []
+    return sorted(n for n in storage.listdir(folder) if n.endswith(".json") and not n.startswith("."))
 
 
 def _read_records(out_dir: str) -> dict[int, dict[str, Any]]:
@@ -255,7 +257,7 @@ def _read_records(out_dir: str) -> dict[int, dict[str, Any]]:
         path = os.path.join(out_dir, BATCHES_DIR, name)
         rec = jsonfiles.read_versioned(path, BATCH_FORMAT, VERSION, what="batch record",
                                        error=UserError, hint="delete it to regenerate the batch")
-        missing = [f for f in rec["files"] if not os.path.isfile(os.path.join(out_dir, f))]
+        missing = [f for f in rec["files"] if not storage.isfile(os.path.join(out_dir, f))]
         if missing:
             raise UserError(f"{path}: its image {missing[0]} is missing; delete the record to "
                             f"regenerate the batch")
@@ -529,8 +531,8 @@ def evaluate_prompts(pipe: Any, prompts: Sequence[str], out_dir: str, *,
     metrics = (_Metrics(reference, inception, clip, pipe.image_size, reference_names, aesthetic)
                if pi == 0 else None)
 
-    os.makedirs(os.path.join(out_dir, IMAGES_DIR), exist_ok=True)
-    os.makedirs(os.path.join(out_dir, BATCHES_DIR), exist_ok=True)
+    storage.makedirs(os.path.join(out_dir, IMAGES_DIR))  # a local folder or a URL (gs://...)
+    storage.makedirs(os.path.join(out_dir, BATCHES_DIR))
     done = {i for rec in _read_records(out_dir).values() for i in rec["indices"]}
     mine = list(range(pi, len(prompts), pc))
     todo = [i for i in mine if i not in done]

@@ -79,7 +79,16 @@ def test_source_streams_filters_and_counts_every_skip(tmp_path):
                                      "pwatermark": 1, "corrupt shard": 1}
     assert src.skipped.examples["corrupt shard"] == [os.path.join(str(tmp_path / "shards"), "00002.tar")]
     assert src.skipped.examples["pwatermark"][0].endswith("00000.tar:000000009")
-    # Raw items = examples + skips, and len() says so without decoding anything.
+    # Raw items = examples + skips, and len() says so without decoding anything: from
+    # img2dataset's <shard>_stats.json without opening a shard, else from the members' headers.
+    def no_reading(*args, **kwargs):
+        raise AssertionError("len() opened a shard")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(img2dataset, "_samples", no_reading)
+        assert len(img2dataset.WebDatasetSource(pattern)) == len(examples) + src.skipped.total
+    for shard in src.shards[1:]:
+        os.remove(img2dataset.stats_path(shard))
     assert len(img2dataset.WebDatasetSource(pattern)) == len(examples) + src.skipped.total
     # Unset filters keep the undersized and the watermarked items; a filter on absent metadata drops all.
     loose = img2dataset.WebDatasetSource(pattern)
@@ -242,4 +251,10 @@ def test_shard_cut_at_a_header_boundary_is_counted(tmp_path):
         # The sample still open at the cut (000020001: more of its members may be lost) is dropped.
         assert ids[-2:] == [10003, 20000] and len(ids) == 11, garble
         assert src.skipped.as_dict() == {"corrupt shard": 1}
+        # img2dataset's stats count the 3 samples it wrote to the shard: an upper bound once it is
+        # cut; streamed, the shard's 2 whole samples and its damage.
+        assert len(img2dataset.WebDatasetSource(pattern)) == 13
+        stats = img2dataset.stats_path(last)
+        os.rename(stats, stats + ".away")
         assert len(img2dataset.WebDatasetSource(pattern)) == 12
+        os.rename(stats + ".away", stats)

@@ -127,6 +127,30 @@ class _FilteredSource(sources.Source):
         return example_id, self._finish(image), caption
 
 
+def stats_path(shard: str) -> str:
+    """img2dataset's stats file of a shard: `00042.tar` -> `00042_stats.json`."""
+    folder, name = os.path.split(shard)
+    return os.path.join(folder, name.split(".", 1)[0] + "_stats.json")
+
+
+def _shard_len(path: str) -> int:
+    """A shard's raw items: from its stats file when it has a readable one, else streamed."""
+    try:
+        with open(stats_path(path)) as f:
+            successes = json.load(f).get("successes")
+        if isinstance(successes, int) and successes >= 0:
+            return successes
+    except (OSError, ValueError, AttributeError):
+        pass
+    n = 0
+    try:
+        for _ in _samples(path, read=False):
+            n += 1
+    except (tarfile.TarError, EOFError, OSError, zlib.error):
+        n += 1  # the shard's 'corrupt shard' item
+    return n
+
+
 class WebDatasetSource(_FilteredSource):
     """Examples of img2dataset webdataset shards (see the module docstring)."""
 
@@ -139,17 +163,12 @@ class WebDatasetSource(_FilteredSource):
         self._len: int | None = None
 
     def __len__(self) -> int:
-        """Raw items: samples plus one per damaged shard (an upper bound where a shard is cut
-        inside a sample: the cut sample is counted here and read as the shard's skip)."""
+        """Raw items, shard by shard: the samples img2dataset wrote (`successes` in the shard's
+        `<shard>_stats.json`), read without opening the shard; a shard without stats is streamed
+        (members' headers only): its samples plus one item if it is damaged. An upper bound where
+        a shard was damaged after img2dataset wrote it, or is cut inside a sample."""
         if self._len is None:
-            n = 0
-            for path in self.shards:
-                try:
-                    for _ in _samples(path, read=False):
-                        n += 1
-                except (tarfile.TarError, EOFError, OSError, zlib.error):
-                    n += 1  # the shard's 'corrupt shard' item
-            self._len = n
+            self._len = sum(_shard_len(path) for path in self.shards)
         return self._len
 
     def __iter__(self) -> Iterator[sources.Example]:

@@ -10,10 +10,12 @@ URL by `stage`, which copies the folder to local disk once, resumably, and says 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
 import tempfile
+import zlib
 from typing import IO, Any
 
 STAGING_ENV = "IMAGERAG_STAGING_DIR"  # where `stage` copies URLs to (default: the temp dir)
@@ -88,13 +90,25 @@ def remove(path: str) -> None:
         os.remove(path)
 
 
-def _walk(root: str) -> list[tuple[str, int]]:
-    """(relative path, bytes) of every file under the URL folder `root`."""
+STAGED = ".imagerag-staged.json"  # in a staged copy: what each file was copied from
+
+
+SMALL = 1 << 20  # files up to this size are also identified by their content's CRC-32
+
+
+def _walk(root: str) -> list[tuple[str, list[int]]]:
+    """(relative path, identity) of every file under the URL folder `root`: [bytes, modification
+    time ns, CRC-32 of the content for small files (manifests: rewritten in place, same size)]."""
     out = []
     for parent, _, files in _gfile().walk(root):
         for name in files:
             path = os.path.join(parent, name)
-            out.append((os.path.relpath(path, root), size(path)))
+            st = _gfile().stat(path)
+            ident = [int(st.length), int(st.mtime_nsec)]
+            if st.length <= SMALL:
+                with _gfile().GFile(path, "rb") as f:
+                    ident.append(zlib.crc32(f.read()))
+            out.append((os.path.relpath(path, root), ident))
     return sorted(out)
 
 
@@ -106,12 +120,21 @@ def staging_dir(url: str) -> str:
     return os.path.join(root, f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:12]}")
 
 
-def stage(path: str, *, what: str = "folder", progress: bool = True) -> str:
+def stage(path: str, *, what: str = "folder", progress: bool = True, dest: str | None = None,
+          exclude: tuple[str, ...] = ()) -> str:
     """A local copy of the folder at `path` (itself when local): for formats read by memory map.
 
-    Resumable: a file already staged with the source's size is not copied again, and each file is
-    copied under a temporary name first, so a killed staging leaves no truncated file. A file the
-    source no longer holds is removed from the copy. Logs what it copies, where and how much.
+    Resumable: a file already staged from the same source file (size and modification time, as
+    recorded in the copy's `.imagerag-staged.json`) is not copied again, and each file is copied
+    under a temporary name first, so a killed staging leaves no truncated file. A file the source
+    no longer holds is removed from the copy. Logs what it copies, where and how much.
+
+    Args:
+        path: a local folder (returned as is) or a URL.
+        what: what it is, for messages.
+        progress: show a progress bar.
+        dest: the local folder to copy to (default `staging_dir(path)`).
+        exclude: top-level names under `path` that are neither copied nor removed from the copy.
     """
     if not is_url(path):
         return path
@@ -120,29 +143,62 @@ def stage(path: str, *, what: str = "folder", progress: bool = True) -> str:
     gfile = _gfile()
     if not gfile.isdir(path):
         raise FileNotFoundError(f"{path}: no such {what}")
-    local = staging_dir(path)
-    files = _walk(path)
-    todo = [(rel, n) for rel, n in files
-            if not (os.path.isfile(os.path.join(local, rel)) and os.path.getsize(os.path.join(local, rel)) == n)]
-    wanted = {rel for rel, _ in files}
+    local = dest or staging_dir(path)
+    excluded = lambda rel: rel.split(os.sep, 1)[0] in exclude  # noqa: E731
+    files = [(rel, ident) for rel, ident in _walk(path) if not excluded(rel)]
+    try:
+        with open(os.path.join(local, STAGED)) as f:
+            staged = json.load(f)
+    except (OSError, ValueError):
+        staged = {}
+    todo = [(rel, ident) for rel, ident in files
+            if not (staged.get(rel) == ident and os.path.isfile(os.path.join(local, rel))
+                    and os.path.getsize(os.path.join(local, rel)) == ident[0])]
+    wanted = {rel for rel, _ in files} | {STAGED}
     if os.path.isdir(local):
         for parent, _, names in os.walk(local):
             for name in names:
                 rel = os.path.relpath(os.path.join(parent, name), local)
-                if rel not in wanted:
+                if rel not in wanted and not excluded(rel):
                     os.remove(os.path.join(parent, name))
-    total = sum(n for _, n in todo)
+    total = sum(ident[0] for _, ident in todo)
     logging.info("Staging the %s %s to %s: %d of %d files to copy (%.1f MB).", what, path, local,
                  len(todo), len(files), total / 1e6)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"staging {what}", disable=not progress,
               leave=False) as bar:
-        for rel, n in todo:
+        for rel, ident in todo:
             dst = os.path.join(local, rel)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             tmp = f"{dst}.staging"
             with gfile.GFile(os.path.join(path, rel), "rb") as src, open(tmp, "wb") as out:
                 shutil.copyfileobj(src, out, 8 << 20)
             os.replace(tmp, dst)
-            bar.update(n)
+            staged[rel] = ident
+            with open(os.path.join(local, STAGED), "w") as f:  # after each file: resumable
+                json.dump(staged, f)
+            bar.update(ident[0])
     os.makedirs(local, exist_ok=True)
     return local
+
+
+def publish(local: str, url: str, *, last: str | None = None, exclude: tuple[str, ...] = (),
+            what: str = "folder") -> None:
+    """Copies the local folder `local` to `url`: the inverse of `stage`, for jobs that write there.
+
+    Every file is copied (a rerun copies again: an object store offers no cheap way to tell an
+    unchanged file); `last` (a top-level file name, e.g. a done marker) is uploaded after
+    everything else, so a reader that sees it sees the rest. `exclude`: top-level names left out.
+    """
+    gfile = _gfile()
+    files = []
+    for parent, _, names in os.walk(local):
+        for name in names:
+            rel = os.path.relpath(os.path.join(parent, name), local)
+            if rel.split(os.sep, 1)[0] not in exclude and rel != STAGED:
+                files.append(rel)
+    files.sort(key=lambda rel: (rel == last, rel))
+    for rel in files:
+        dst = os.path.join(url, rel)
+        gfile.makedirs(os.path.dirname(dst))
+        gfile.copy(os.path.join(local, rel), dst, overwrite=True)
+    logging.info("Published the %s %s to %s (%d files).", what, local, url, len(files))

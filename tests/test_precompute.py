@@ -127,6 +127,45 @@ def test_build_db_resume_equals_uninterrupted(workdir, built):
                                   build_db.load_image_hashes(b.path))
 
 
+def test_two_hosts_build_through_a_bucket_what_one_process_builds(workdir, built, tmp_path,
+                                                                   monkeypatch):
+    # Two hosts, run as separate jobs, share no folder: each has its own workdir and local copies
+    # ($IMAGERAG_STAGING_DIR); the parts, the merged database and the index go through a bucket
+    # (a file:// URL: TensorFlow's filesystem layer, as gs:// is reached).
+    bucket = f"file://{tmp_path / 'bucket'}"
+    remote = {"db.dir": f"{bucket}/db", "index_dir": f"{bucket}/index", "db.num_parts": 2}
+    for host in (1, 0):  # process 0 last: it fetches part 1 from the bucket and merges
+        monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / f"host{host}"))
+        summary = build_db.build_db(make_config(**remote), str(tmp_path / f"work{host}"),
+                                    process_index=host, process_count=2)
+        assert summary["parts"]["written"] == [host]
+    assert summary["path"] == remote["db.dir"] and summary["count"] == DB_LIMIT
+    assert summary["index"]["path"] == remote["index_dir"]
+    assert not os.path.exists(tmp_path / "host1" / os.path.basename(storage.staging_dir(remote["index_dir"])))
+
+    monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "reader"))
+    got = database.Database(storage.stage(remote["db.dir"]))
+    want = database.Database(os.path.join(workdir, "db"))
+    assert got.count == want.count == DB_LIMIT
+    np.testing.assert_array_equal(got.ids, want.ids)
+    assert got.captions() == want.captions()
+    np.testing.assert_array_equal(build_db.load_image_hashes(got.path), build_db.load_image_hashes(want.path))
+    for name in ("latents", "prompt_embeds", "pooled"):  # other batches: float16 ulps at most
+        np.testing.assert_allclose(np.asarray(getattr(got, name), np.float32),
+                                   np.asarray(getattr(want, name), np.float32), atol=2e-3, rtol=2e-3)
+    index = index_lib.Index.load(storage.stage(remote["index_dir"]))
+    ref = index_lib.Index.load(os.path.join(workdir, "index"))
+    np.testing.assert_array_equal(index.search(np.asarray(want.pooled), 4)[0],
+                                  ref.search(np.asarray(want.pooled), 4)[0])
+    assert got.manifest["extra"]["skipped"] == want.manifest["extra"]["skipped"]
+
+    # A rerun of host 0 elsewhere (a fresh local copy) encodes nothing: both parts are published.
+    monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "host0-again"))
+    again = build_db.build_db(make_config(**remote), str(tmp_path / "work0b"), process_index=0,
+                              process_count=2)
+    assert again["added"] == 0 and again["parts"]["written"] == [] and again["count"] == DB_LIMIT
+
+
 def test_build_db_refuses_to_resume_over_other_weights_at_the_same_path(tmp_path):
     """The towers' label is their path: new weights there must not append to the old rows."""
     weights, path = str(tmp_path / "pipe"), str(tmp_path / "db")

@@ -71,8 +71,19 @@ def test_stage_copies_a_url_folder_once_and_resumes(tmp_path, monkeypatch):
     assert open(os.path.join(local, "new.bin"), "rb").read() == b"new"
     assert not os.path.exists(os.path.join(local, "sub", "c.bin.staging"))
     assert os.stat(os.path.join(local, "sub", "b.bin")).st_mtime_ns == before  # not copied again
+    # A source file rewritten with the same size (a rebuilt database) is copied again.
+    tf.io.gfile.remove(f"{url}/sub/b.bin")
+    with tf.io.gfile.GFile(f"{url}/sub/b.bin", "wb") as f:
+        f.write(b"0123456789")
+    storage.stage(url, progress=False)
+    assert open(os.path.join(local, "sub", "b.bin"), "rb").read() == b"0123456789"
     with pytest.raises(FileNotFoundError, match="no such"):
         storage.stage("ram://storage-test/none")
+
+    # publish: the inverse, its marker last; excluded names stay behind.
+    (src / "done.json").write_text("{}")
+    storage.publish(str(src), "ram://storage-test/published", last="done.json", exclude=("sub",))
+    assert storage.listdir("ram://storage-test/published") == ["a.bin", "done.json", "manifest.json"]
 
 
 def test_neighbours_from_a_database_at_a_url(tmp_path, monkeypatch):

@@ -18,7 +18,12 @@ for every field) and a workdir. Default locations: `workdir/db` (database, `conf
     shared filesystem that every host must see (a part built by another configuration is refused
     with one error), concatenates the parts in order into the database directory (ids, rows,
     captions, hashes and skip counts as a one-process build writes them; the manifest's
-    `extra.merged_from_parts` records which parts) and builds the index. The other processes wait
+    `extra.merged_from_parts` records which parts) and builds the index. With `config.db.dir` (and
+    `config.index_dir`) at a URL (gs://...), nothing is shared but the bucket: every process
+    builds in its local copies (`storage.staging_dir`), publishes each finished part to
+    `<url>/parts/` (its done marker last), process 0 fetches the others' parts from there, merges,
+    indexes and publishes the database (its manifest last) and the index; a part published by an
+    earlier run on another machine is fetched, not encoded again. The other processes wait
     for both, so that a following job on any host can read them. With explicit
     `process_index`/`process_count` (hosts run as separate jobs) nobody waits: process 0, rerun
     after the others finished, concatenates. A part layout is pinned to its configuration (source,
@@ -56,7 +61,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -327,9 +332,17 @@ def build_db(config: Any, workdir: str, process_index: int | None = None,
     job = _job(config, workdir)
     num_parts = int(config_args.get(config_args.get(config, "db"), "num_parts", 0)) or pc
     index_cfg, idx_dir = config_args.get(config, "index"), index_dir(config, workdir)
+    # A database or index at a URL (gs://...) is built in this host's local copy (memory-mapped
+    # files) and published there; the hosts of a build in parts exchange their parts through it.
+    remote = _Remote(job.path, idx_dir) if storage.is_url(job.path) or storage.is_url(idx_dir) else None
+    if remote is not None:
+        job.path, idx_dir = remote.local_db, remote.local_index
     if num_parts == 1 and pc == 1:
-        return _build_one(job, idx_dir, index_cfg)
-    return _build_parts(job, num_parts, pi, pc, distributed, idx_dir, index_cfg)
+        if remote is not None:
+            remote.fetch_db(job.path)  # resume from what was published
+        summary = _build_one(job, idx_dir, index_cfg)
+        return summary if remote is None else remote.publish(job.path, idx_dir, summary)
+    return _build_parts(job, num_parts, pi, pc, distributed, idx_dir, index_cfg, remote)
 
 
 def _build_one(job: _Job, idx_dir: str, index_cfg: Any) -> dict[str, Any]:
@@ -606,19 +619,26 @@ def _wait(ready: Callable[[], Any], timeout_s: float, what: Callable[[], str]) -
 
 
 def _build_parts(job: _Job, num_parts: int, pi: int, pc: int, distributed: bool, idx_dir: str,
-                 index_cfg: Any) -> dict[str, Any]:
+                 index_cfg: Any, remote: _Remote | None = None) -> dict[str, Any]:
     """Every process writes its parts; process 0 concatenates them and builds the index."""
     num_items = _num_raw_items(job)
     desc = _job_description(job, num_items, num_parts)
     paths = [part_dir(job.path, i, num_parts) for i in range(num_parts)]
     mine = sources_lib.host_ranges(num_parts, pi, pc)
-    todo = _todo_parts(job, paths, mine, desc, distributed)
+    if remote is not None and not job.overwrite:
+        remote.fetch_parts(paths, mine)  # finished on another machine: not encoded again
+    todo = _todo_parts(job, paths, mine, desc, distributed, remote)
     logging.info("build_db: process %d/%d owns parts %s of %d (raw items %d); %d to write.",
                  pi, pc, mine, num_parts, num_items, len(todo))
     bounds = sources_lib.position_bounds(num_items, num_parts)
     added = _encode_parts(job, todo, bounds, num_parts, desc, pi) if todo else 0
+    if remote is not None:
+        remote.publish_parts(paths, [i for i in mine if i in todo or not remote.part_published(paths[i])])
     summary = {"path": job.path, "count": None, "added": added, "skipped": None, "index": None,
                "parts": {"num_parts": num_parts, "mine": mine, "written": todo}}
+    if remote is not None:
+        return _build_parts_remote(job, remote, paths, desc, pi, distributed, idx_dir, index_cfg,
+                                   summary)
     if pi == 0:
         db = _concatenate_parts(job, paths, desc, distributed)
         if db is not None:
@@ -638,7 +658,7 @@ def _build_parts(job: _Job, num_parts: int, pi: int, pc: int, distributed: bool,
 
 
 def _todo_parts(job: _Job, paths: Sequence[str], mine: Sequence[int], desc: dict[str, Any],
-                distributed: bool) -> list[int]:
+                distributed: bool, remote: _Remote | None = None) -> list[int]:
     """This process's parts to (re)write: the unfinished ones, or all with config.db.overwrite."""
     if not job.overwrite:
         _check_parts(job, [paths[i] for i in mine], desc)
@@ -646,6 +666,8 @@ def _todo_parts(job: _Job, paths: Sequence[str], mine: Sequence[int], desc: dict
     for i in mine:
         if os.path.exists(os.path.join(paths[i], PART_DONE)):
             os.remove(os.path.join(paths[i], PART_DONE))
+        if remote is not None:
+            remote.unpublish_part(paths[i])
     if distributed:  # no host may read another's stale marker before its owner removed it
         from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
         multihost_utils.sync_global_devices(f"build_db overwrite {os.path.abspath(job.path)}")
@@ -653,13 +675,20 @@ def _todo_parts(job: _Job, paths: Sequence[str], mine: Sequence[int], desc: dict
 
 
 def _concatenate_parts(job: _Job, paths: Sequence[str], desc: dict[str, Any],
-                       distributed: bool) -> db_lib.Database | None:
-    """Process 0: the database made of every finished part (None: some are not finished yet)."""
+                       distributed: bool, refresh: Callable[[], None] = lambda: None
+                       ) -> db_lib.Database | None:
+    """Process 0: the database made of every finished part (None: some are not finished yet).
+
+    `refresh` runs before every look at the parts (a remote build fetches the finished ones).
+    """
     def missing() -> str:
         return f"parts {[i for i, p in enumerate(paths) if _read_done(p) is None]} of other processes"
 
-    records = (_wait(lambda: _records(job, paths, desc), job.wait_timeout_s, missing)
-               if distributed else _records(job, paths, desc))
+    def ready() -> list[dict[str, Any]] | None:
+        refresh()
+        return _records(job, paths, desc)
+
+    records = _wait(ready, job.wait_timeout_s, missing) if distributed else ready()
     if records is None:
         logging.info("build_db: %s not finished yet; rerun process 0 once they are.", missing())
         return None
@@ -676,6 +705,95 @@ def _complete(job: _Job, paths: Sequence[str], desc: dict[str, Any], idx_dir: st
         return None
     db = db_lib.Database(job.path)
     return db if _index_current(idx_dir, _index_stamp(job.path, db, index_cfg)) else None
+
+
+def _build_parts_remote(job: _Job, remote: _Remote, paths: Sequence[str], desc: dict[str, Any],
+                        pi: int, distributed: bool, idx_dir: str, index_cfg: Any,
+                        summary: dict[str, Any]) -> dict[str, Any]:
+    """The end of a build in parts at a URL: process 0 fetches the other parts from it, merges,
+    indexes and publishes; the others (one launch) wait for the published database."""
+    if pi == 0:
+        refresh = lambda: remote.fetch_parts(paths, range(len(paths)))  # noqa: E731
+        db = _concatenate_parts(job, paths, desc, distributed, refresh)
+        if db is None:
+            return summary
+        build_index(job.path, idx_dir, index_cfg)
+        skipped = db.manifest["extra"].get("skipped", {})
+        logging.info("build_db: %s holds %d entries from %d parts; skipped inputs: %s",
+                     remote.url, db.count, len(paths), skipped or "none")
+        return remote.publish(job.path, idx_dir, {**summary, "count": db.count, "skipped": skipped})
+    if not distributed:  # separate jobs: process 0, run after the others, merges
+        return summary
+    m = _wait(lambda: remote.published(paths), job.wait_timeout_s,
+              lambda: f"process 0 to publish the database {remote.url}")
+    skipped = m["extra"].get("skipped", {})
+    return {**summary, "path": remote.url, "count": m["count"], "skipped": skipped,
+            "index": index_meta(remote.index_url)}
+
+
+class _Remote:
+    """A database (and index) at a URL, built in this host's local copies (`storage.staging_dir`).
+
+    A part is published (`<url>/parts/part-i/`, its done marker last) when its owner finishes it,
+    and fetched by process 0 (or by an owner that lost its local copy) when its marker is there:
+    the hosts share no filesystem, only the bucket. The merged database is published with its
+    manifest last, after the index.
+    """
+
+    def __init__(self, url: str, index_url: str):
+        self.url, self.index_url = url, index_url
+        self.local_db = storage.staging_dir(url) if storage.is_url(url) else url
+        self.local_index = storage.staging_dir(index_url) if storage.is_url(index_url) else index_url
+
+    def _part_url(self, local_part: str) -> str:
+        return os.path.join(self.url, PARTS_DIR, os.path.basename(local_part))
+
+    def fetch_db(self, local: str) -> None:
+        """The published database (without its parts) into `local`, where there is one."""
+        if storage.is_url(self.url) and storage.exists(os.path.join(self.url, db_lib.MANIFEST)):
+            storage.stage(self.url, dest=local, exclude=(PARTS_DIR,), what="retrieval database")
+
+    def part_published(self, local_part: str) -> bool:
+        return storage.exists(os.path.join(self._part_url(local_part), PART_DONE))
+
+    def fetch_parts(self, paths: Sequence[str], indices: Iterable[int]) -> None:
+        """Stages every part of `indices` that is published and not complete locally."""
+        for i in indices:
+            if _read_done(paths[i]) is None and self.part_published(paths[i]):
+                storage.stage(self._part_url(paths[i]), dest=paths[i], what=f"database part {i}")
+
+    def unpublish_part(self, local_part: str) -> None:
+        """Removes a part's published marker (it is being rebuilt)."""
+        marker = os.path.join(self._part_url(local_part), PART_DONE)
+        if storage.exists(marker):
+            storage.remove(marker)
+
+    def publish_parts(self, paths: Sequence[str], indices: Sequence[int]) -> None:
+        for i in indices:
+            if _read_done(paths[i]) is not None:
+                storage.publish(paths[i], self._part_url(paths[i]), last=PART_DONE,
+                                what=f"database part {i}")
+
+    def published(self, paths: Sequence[str]) -> dict[str, Any] | None:
+        """The published database's manifest once it is the merge of the published parts."""
+        try:
+            m = jsonfiles.read(os.path.join(self.url, db_lib.MANIFEST))
+            markers = [jsonfiles.read(os.path.join(self._part_url(p), PART_DONE)) for p in paths]
+        except ValueError:  # not there (yet)
+            return None
+        records = [{"name": os.path.basename(p), "count": marker["count"], "created": marker["created"]}
+                   for p, marker in zip(paths, markers)]
+        ok = (m.get("extra") or {}).get(MERGED_KEY) == jsonfiles.normalized(records)
+        return m if ok else None
+
+    def publish(self, local_db: str, local_index: str, summary: dict[str, Any]) -> dict[str, Any]:
+        """Uploads the index, then the database (its manifest last); the summary names the URLs."""
+        if storage.is_url(self.index_url):
+            storage.publish(local_index, self.index_url, last=INDEX_STAMP, what="index")
+        if storage.is_url(self.url):
+            storage.publish(local_db, self.url, last=db_lib.MANIFEST, exclude=(PARTS_DIR,),
+                            what="retrieval database")
+        return {**summary, "path": self.url, "index": index_meta(self.index_url)}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ A path with a scheme (`gs://bucket/x`, `s3://`, TensorFlow's in-memory `ram://`)
 TensorFlow's filesystems (`tf.io.gfile`, imported only then, so the core stays importable without
 TensorFlow); any other path is the local filesystem through `os`. The formats that must be local
 (the memory-mapped retrieval database and its H-space cache, ScaNN's index files) are read from a
-URL by `stage`, which copies the folder to local disk once, resumably, and says so.
+URL by `stage`, which copies the folder to local disk once, resumably, and says so; a job that
+builds such a format for a URL builds it locally and uploads it with `publish`.
 """
 
 from __future__ import annotations

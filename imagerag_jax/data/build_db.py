@@ -670,7 +670,8 @@ def _todo_parts(job: _Job, paths: Sequence[str], mine: Sequence[int], desc: dict
             remote.unpublish_part(paths[i])
     if distributed:  # no host may read another's stale marker before its owner removed it
         from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-        multihost_utils.sync_global_devices(f"build_db overwrite {os.path.abspath(job.path)}")
+        where = remote.url if remote is not None else os.path.abspath(job.path)  # same on every host
+        multihost_utils.sync_global_devices(f"build_db overwrite {where}")
     return list(mine)
 
 

@@ -80,7 +80,7 @@ GROUP_SECONDS = {
     "test_build_db_multihost": 83, "test_miniature_prediction": 76, "test_sharding": 71,
     "test_benchmark_gpu": 69, "test_grad_accum": 65, "test_flops": 59,
     "test_benchmark_precompute": 55, "test_single_file": 48, "test_cli": 47, "test_aot": 43,
-    "test_record_options": 95, "test_pipeline": 40, "test_precompute": 38, "test_judge": 35, "test_benchmark_rag": 35,
+    "test_record_options": 95, "test_pipeline": 40, "test_precompute": 110, "test_judge": 35, "test_benchmark_rag": 35,
     "test_webdataset": 29, "test_text_sides": 21, "test_readme_api": 21, "test_export": 21,
     "test_weight_errors": 20, "test_encoders_devices": 20, "test_hub": 19, "test_export_runtime": 19,
 }

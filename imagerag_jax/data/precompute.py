@@ -2,7 +2,8 @@
 
 `precompute(config, workdir)` takes an ml_collections config (see `configs/precompute_digits.py`
 for every field) and a workdir; it writes `workdir/data` (or `config.data_dir`, a folder or any
-TensorFlow filesystem's URL: `gs://bucket/data`, the job's database and index stay local): the shards of one
+TensorFlow filesystem's URL such as `gs://bucket/data`; a database and index at URLs are read from
+local copies, `storage.stage`): the shards of one
 split, their manifest parts and, once every shard exists, `manifest.json`. Each example holds its
 target latent (VAE or teacher), its prompt embeddings and, with `config.k` > 0, its top-k
 neighbours from the database and index that `build_db` wrote.

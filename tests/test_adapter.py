@@ -29,6 +29,19 @@ def with_random_out(params: dict, seed: int = 7) -> dict:
     return params
 
 
+def assert_runtime_matches(model, h_tgt, h_retr, out) -> None:
+    """The PyTorch runtime `model` (NCHW) on the NHWC inputs gives the JAX output `out` to the
+    fp32 parity bar (max abs error <= 1e-4 of the output's scale)."""
+    import torch
+
+    with torch.no_grad():
+        got = model(torch.from_numpy(np.transpose(np.asarray(h_tgt), (0, 3, 1, 2)).copy()),
+                    torch.from_numpy(np.transpose(np.asarray(h_retr), (0, 1, 4, 2, 3)).copy()))
+    got = np.transpose(got.numpy(), (0, 2, 3, 1))
+    scale = np.abs(out).max()
+    assert np.abs(got - out).max() <= 1e-4 * scale, np.abs(got - out).max() / scale
+
+
 # ------------------------------------------------------------------------------------------------
 # Adapter.
 # ------------------------------------------------------------------------------------------------
@@ -182,12 +195,7 @@ def test_sincos_adapter_matches_the_torch_runtime():
     out = np.asarray(jax.jit(adapter.apply)({"params": params}, h_tgt, h_retr))
     model = rt.HSpaceAdapter(C, 4, positional="sincos")
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in to_torch.torch_state_dict(params).items()})
-    with torch.no_grad():
-        got = model(torch.from_numpy(np.transpose(np.asarray(h_tgt), (0, 3, 1, 2)).copy()),
-                    torch.from_numpy(np.transpose(np.asarray(h_retr), (0, 1, 4, 2, 3)).copy()))
-    got = np.transpose(got.numpy(), (0, 2, 3, 1))
-    scale = np.abs(out).max()
-    assert np.abs(got - out).max() <= 1e-4 * scale, np.abs(got - out).max() / scale
+    assert_runtime_matches(model, h_tgt, h_retr, out)
     assert to_torch.adapter_config(adapter, C)["positional"] == "sincos"
 
 
@@ -453,12 +461,7 @@ def test_transformer_adapter_export_matches_the_torch_runtime(tmp_path):
     to_torch.save_adapter(adapter, params, C, str(tmp_path / "adapter"))
     model = rt.load_adapter(str(tmp_path / "adapter"))
     assert (model.block, model.config["block"], model.config["groups"]) == ("transformer", "transformer", GROUPS)
-    with torch.no_grad():
-        got = model(torch.from_numpy(np.transpose(np.asarray(h_tgt), (0, 3, 1, 2)).copy()),
-                    torch.from_numpy(np.transpose(np.asarray(h_retr), (0, 1, 4, 2, 3)).copy()))
-    got = np.transpose(got.numpy(), (0, 2, 3, 1))
-    scale = np.abs(out).max()
-    assert np.abs(got - out).max() <= 1e-4 * scale, np.abs(got - out).max() / scale
+    assert_runtime_matches(model, h_tgt, h_retr, out)
     back = from_config(model.config)
     assert (back.block, back.groups, back.num_heads) == ("transformer", GROUPS, 4)
 

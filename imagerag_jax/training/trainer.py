@@ -482,10 +482,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     data = sets[0][0] if len(sets) == 1 and not config.data_mixture else sets
     stored = data_schema(data, config.split)
     # Neighbours stored by id, or the H-space branch: each host gathers them from its database.
-    feed_kw = dict(hspace=config.retrieved_branch == "hspace", database=config.database,
-                   student_params=trainer.frozen["student"])
-    manifest = retrieval_manifest(data, config.split)
-    feed = neighbour_feed.open_feed(manifest, stored, **feed_kw)
+    feed = neighbour_feed.open_feed(retrieval_manifest(data, config.split), stored,
+                                    hspace=config.retrieved_branch == "hspace",
+                                    database=config.database, student_params=trainer.frozen["student"])
     schema = feed.schema(stored) if feed is not None else stored
     trainer.check_schema(schema)
     gb = int(config.global_batch_size)
@@ -524,7 +523,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
         sample = trainer.sample_fn()
         n = -(-max(int(config.num_samples), 1) // shards) * shards
         # The grids show neighbour 0 as an image: the sample batch has the latents too.
-        sample_feed = neighbour_feed.open_feed(manifest, stored, **feed_kw, with_latents=True)
+        # The same database and cache, opened once (staged, checked, fingerprinted).
+        sample_feed = None if feed is None else neighbour_feed.NeighbourFeed(
+            feed.database, feed.cache, with_latents=True)
         sample_fields = tuple(dict.fromkeys(fields + ("retrieved_latents", "retrieved_prompt_embeds")))
         sample_batch = next(InputStream(data, config.split, n, seed=config.seed + 1, shuffle_buffer=1,
                                         fields=sample_fields, neighbour_feed=sample_feed, **pipeline_kw))
